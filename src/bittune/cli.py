@@ -1,0 +1,173 @@
+"""The ``bittune`` command line.
+
+Each command parses its arguments, calls one library function, and prints the result. User errors
+(:class:`bittune.errors.BittuneError`) become one message on stderr and exit code 2, without a traceback;
+``--debug`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bittune.errors import BittuneError
+
+app = typer.Typer(
+    name="bittune",
+    help="Fine-tune language models cheaply and shrink them without losing quality.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value, e.g. --set train.max_steps=50 (repeatable)."),
+]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    _state["debug"] = debug
+    # Hub ids work for users with a network; on an offline machine they fail fast instead of retrying.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
+) -> None:
+    """Fine-tune a model as described by CONFIG."""
+    from bittune.config import load_config
+    from bittune.recipes.finetune import train as run_train
+
+    cfg = load_config(config, set_ or [])
+    result = run_train(cfg, resume=resume)
+    print(json.dumps({"run_dir": str(result.run_dir), "final_dir": str(result.final_dir)}))
+
+
+@app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    set_: SetOption = None,
+) -> None:
+    """Check a config and its data (counts rows, tokens, truncation) without training."""
+    from bittune.config import load_config
+    from bittune.validate import validate_run
+
+    cfg = load_config(config, set_ or [])
+    report = validate_run(cfg)
+    from rich.table import Table
+
+    table = Table(title=f"{config}: config OK")
+    for col in ("split", "rows", "kept", "tokens", "target tokens", "truncated", "dropped"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, st in report["stats"].items():
+        table.add_row(split, *(str(st[k]) for k in ("rows", "kept", "tokens", "target_tokens", "truncated", "dropped")))
+    con = _console()
+    con.print(table)
+    if report.get("label_names"):
+        con.print(f"labels: {', '.join(report['label_names'])}")
+    for warning in report["warnings"]:
+        con.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="Run directory, model folder, adapter folder or hub id.")],
+    data: Annotated[str | None, typer.Option(help="Data file (default: the run's eval data).")] = None,
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder to apply on MODEL.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="Data format (default: the run's).")] = None,
+    template: Annotated[str | None, typer.Option(help="Chat template (default: the run's, or auto).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Token limit per row.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8,
+) -> None:
+    """Loss and perplexity (causal LM) or accuracy and F1 (classifier) of a model on data."""
+    from bittune.inference import evaluate_on_data
+
+    result = evaluate_on_data(
+        model, data=data, adapter=adapter, fmt=fmt, template=template, max_length=max_length, batch_size=batch_size
+    )
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Run directory, model folder or hub id.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message (or raw text with --raw).")],
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder to apply on MODEL.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    template: Annotated[str, typer.Option(help="auto (the tokenizer's), chatml, llama2 or alpaca.")] = "auto",
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as plain text, without a template.")] = False,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Generate a reply from a base model, a tuned run, or base + adapter."""
+    from bittune.inference import generate_text
+
+    print(
+        generate_text(
+            model,
+            prompt,
+            adapter=adapter,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            template=template,
+            system_prompt=system,
+            raw=raw,
+            seed=seed,
+        )
+    )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes its run and report.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A much smaller run, for a smoke test.")] = False,
+) -> None:
+    """The embedded default: SmolLM2-135M-Instruct learns TREC question types, measured before and after."""
+    from bittune.demo.run import run_demo
+
+    run_demo(out, quick=quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``bittune`` command; turns user errors into one clean message."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except BittuneError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is intact; resume with --resume", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

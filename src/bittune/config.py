@@ -1,0 +1,292 @@
+"""Typed run configuration: YAML in, validated pydantic models out.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelled key is an error rather than a silently
+ignored setting. :func:`load_config` reports *all* problems at once, each with its dotted path and, when it comes
+from the YAML file, the line it is on. ``--set a.b=c`` overrides are parsed as YAML scalars, so they are typed
+exactly like the same value written in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bittune.errors import ConfigError
+
+Task = Literal["causal-lm", "classification"]
+Method = Literal["full", "lora"]
+DataFormat = Literal["text", "completion", "alpaca", "chat", "classification"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to start from."""
+
+    path: str = Field(description="Local directory or Hugging Face hub id.")
+    task: Task = "causal-lm"
+    num_labels: int | None = Field(None, gt=1, description="Classification only; default: from the data.")
+    trust_remote_code: bool = False
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it."
+    )
+    attn_implementation: Literal["sdpa", "eager"] | None = None
+
+
+class LoraConfig(_Section):
+    """LoRA adapter settings (used when ``method: lora``)."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how it becomes token rows."""
+
+    train: str = Field(description="File (.jsonl/.json/.csv/.parquet) or hub dataset id.")
+    eval: str | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Held out from train when no eval file.")
+    format: DataFormat = "chat"
+    template: Literal["auto", "chatml", "llama2", "alpaca"] = Field(
+        "auto", description="auto: the tokenizer's own chat template."
+    )
+    system_prompt: str | None = None
+    max_length: int = Field(1024, gt=1)
+    packing: bool = False
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completions only).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Canonical field -> your column name.")
+    split: str = "train"
+    max_rows: int | None = Field(None, gt=0)
+
+
+class TrainConfig(_Section):
+    """Optimisation and loop settings."""
+
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(None, gt=0, description="Steps between evals; default: at the end only.")
+    save_every: int | None = Field(None, gt=0, description="Steps between checkpoints; default: none.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk (the best one is kept too).")
+    log_every: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: no on CPU (fp32 is ~50x faster there), bf16 on a GPU that supports it."
+    )
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class RunConfig(_Section):
+    """A whole run: ``bittune train`` reads one of these from YAML."""
+
+    model: ModelConfig
+    method: Method = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        problems = []
+        if (self.model.task == "classification") != (self.data.format == "classification"):
+            problems.append(
+                f"model.task is '{self.model.task}' but data.format is '{self.data.format}': "
+                "use data.format 'classification' exactly when model.task is 'classification'"
+            )
+        if self.model.num_labels is not None and self.model.task != "classification":
+            problems.append("model.num_labels is only for model.task 'classification'")
+        if self.data.packing and self.model.task == "classification":
+            problems.append("data.packing only applies to causal-lm training")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE", hint="write e.g. --set train.max_steps=50")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item!r}: empty key", hint="write e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a nested dict (values parsed as YAML, so typed like the file)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{k}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A SafeLoader that remembers the line of every mapping key, for error messages."""
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+
+    try:
+        root = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_errors(
+    exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], raw: dict[str, Any]
+) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        # Union types add the member name to the path; drop those synthetic parts.
+        loc = tuple(p for p in loc if not p.startswith(("list[", "literal[", "function-")))
+        dotted = ".".join(loc) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = raw
+            for p in loc[:-1]:
+                parent = parent.get(p, {}) if isinstance(parent, dict) else {}
+            model = _section_model(loc[:-1])
+            known = list(model.model_fields) if model else []
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+            if known:
+                msg += f"; known keys here: {', '.join(known)}"
+        elif err["type"] == "missing":
+            msg = "required but missing"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        line = None
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        where = f"{source}:{line}: " if line else ""
+        out.append(f"{where}{dotted}: {msg}")
+    return out
+
+
+def _section_model(path: tuple[str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config.
+
+    Args:
+        path: YAML file.
+        overrides: ``"dotted.key=value"`` strings; values are parsed as YAML.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: listing every problem, each with its dotted path (and YAML line where known).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="pass the path of a YAML run config")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})", hint="save the config as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}", hint="fix the YAML syntax on that line") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty", hint="see configs/ for complete examples")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, source=str(path), lines=_key_lines(text))
+
+
+def config_from_dict(
+    raw: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    source: str = "<config>",
+    lines: dict[tuple[str, ...], int] | None = None,
+) -> RunConfig:
+    """Validate a config given as a nested dict (after applying overrides). See :func:`load_config`."""
+    raw = apply_overrides(raw, overrides)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = _format_errors(exc, source, lines or {}, raw)
+        n = len(problems)
+        raise ConfigError(
+            f"{source}: {n} problem{'s' if n > 1 else ''} in the config:\n" + "\n".join(f"  - {p}" for p in problems),
+            hint="correct the keys listed above (see README 'Config reference')",
+        ) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

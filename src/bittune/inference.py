@@ -1,0 +1,120 @@
+"""Use a trained model: evaluate it on data, or generate text with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bittune.errors import BittuneError
+
+
+def _run_config(path: str) -> dict[str, Any] | None:
+    """The resolved config of a bittune run directory, or None for a plain model folder / hub id."""
+    f = Path(path) / "run_config.yaml"
+    return yaml.safe_load(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+
+def evaluate_on_data(
+    model_path: str,
+    *,
+    data: str | None = None,
+    adapter: str | None = None,
+    fmt: str | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Evaluate a model (folder, hub id, adapter or run dir) on a data file.
+
+    Settings not given here (data file, format, template, max length) come from the run's config when
+    ``model_path`` is a bittune run directory.
+
+    Returns:
+        ``eval_loss`` and ``eval_perplexity`` (causal LM) or ``eval_loss``, ``eval_accuracy`` and
+        ``eval_f1_macro`` (classifier), plus ``rows``.
+    """
+    from bittune.data import make_collator, prepare_data
+    from bittune.model import load_for_inference
+    from bittune.training.evaluate import evaluate
+
+    run = _run_config(model_path) or {}
+    run_data = run.get("data", {})
+    data = data or run_data.get("eval")
+    if data is None:
+        raise BittuneError(
+            f"no evaluation data for {model_path}", hint="pass --data FILE (the run had no separate eval file)"
+        )
+    model, tokenizer, task = load_for_inference(model_path, adapter=adapter)
+    label_names = None
+    if task == "classification":
+        id2label = model.config.id2label
+        label_names = [id2label[i] for i in range(len(id2label))]
+    prepared = prepare_data(
+        train=data,
+        eval=None,
+        eval_fraction=0.0,
+        fmt=fmt or run_data.get("format") or ("classification" if task == "classification" else "chat"),
+        template=template or run_data.get("template") or "auto",
+        max_length=max_length or run_data.get("max_length") or 1024,
+        packing=False,
+        train_on_prompt=run_data.get("train_on_prompt", False),
+        system_prompt=run_data.get("system_prompt"),
+        columns=run_data.get("columns") or {},
+        split=run_data.get("split") or "train",
+        max_rows=None,
+        tokenizer=tokenizer,
+        task=task,
+        seed=0,
+        label_names=label_names,
+    )
+    collate = make_collator(task, tokenizer.pad_token_id, False)
+    rows = prepared.train
+    batches = (collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
+    device = next(model.parameters()).device
+    result: dict[str, Any] = dict(evaluate(model, batches, task=task, device=device))
+    result["rows"] = len(rows)
+    result["data"] = data
+    return result
+
+
+def generate_text(
+    model_path: str,
+    prompt: str,
+    *,
+    adapter: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    template: str = "auto",
+    system_prompt: str | None = None,
+    raw: bool = False,
+    seed: int = 0,
+) -> str:
+    """Generate a reply to ``prompt`` (rendered with the chat template unless ``raw``); returns the new text."""
+    import torch
+
+    from bittune.data import render_prompt
+    from bittune.model import load_for_inference
+
+    model, tokenizer, task = load_for_inference(model_path, adapter=adapter)
+    if task != "causal-lm":
+        raise BittuneError(f"{model_path} is a classifier; generate needs a causal LM", hint="use `bittune eval`")
+    if raw:
+        text = prompt
+    else:
+        text = render_prompt([{"role": "user", "content": prompt}], tokenizer, template, system_prompt)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=raw)
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(
+            **{k: v.to(device) for k, v in enc.items()},
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,257 @@
+"""Load models and tokenizers, attach LoRA, and pick device and dtype.
+
+Components here take plain arguments, not the config object, so they can be used on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bittune.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    import torch
+
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "train.device is 'cuda' but no CUDA GPU is visible", hint="set train.device to 'auto' or 'cpu'"
+        )
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(preference)
+
+
+def resolve_dtype(preference: str, device: torch.device, *, trainable_base: bool) -> torch.dtype:
+    """Pick the weights dtype.
+
+    On CPU everything runs in float32: bf16/fp16 matmuls are ~50x slower there. On a GPU a frozen base (LoRA)
+    is stored in bf16 (or fp16 without bf16 support); weights that are trained in full stay float32 and mixed
+    precision does the fast compute, since pure bf16 AdamW updates lose small steps to rounding.
+    """
+    import torch
+
+    if preference != "auto":
+        return getattr(torch, preference)
+    if device.type != "cuda" or trainable_base:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_mixed_precision(preference: str, device: torch.device) -> str:
+    """``auto`` = no autocast on CPU, bf16 (or fp16) on a GPU."""
+    import torch
+
+    if preference != "auto":
+        if preference != "no" and device.type != "cuda":
+            raise ModelLoadError(
+                f"train.mixed_precision '{preference}' needs a GPU; on CPU bf16/fp16 compute is ~50x slower than fp32",
+                hint="set train.mixed_precision to 'auto' or 'no'",
+            )
+        return preference
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _check_source(path: str) -> None:
+    """Fail early, with a clear message, on paths that cannot be a model."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(
+                f"model.path {path} is a file, not a model directory",
+                hint="point model.path at a folder with config.json (a GGUF file must be converted first)",
+            )
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ModelLoadError(
+                f"model.path {path} has no config.json, so it is not a Hugging Face model folder",
+                hint="point model.path at the folder written by save_pretrained (or a bittune run's model/)",
+            )
+        return
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelLoadError(
+            f"model.path {path} does not exist", hint="fix the path, or use a hub id like 'owner/name'"
+        )
+
+
+def _hub_error(path: str, exc: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(exc).__name__}: {exc}"
+    return ModelLoadError(
+        f"could not load model '{path}' ({why})",
+        hint="check the id or path; without a network, download it once elsewhere and point model.path at the folder",
+    )
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """Load a tokenizer and make sure it can pad.
+
+    A missing pad token is set to eos. That is safe here because bittune builds labels from the template's
+    spans, never by masking ``input_ids == pad_id`` — which would also mask every real eos.
+    """
+    from transformers import AutoTokenizer
+
+    _check_source(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(path, exc) from None
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: str,
+    *,
+    task: str,
+    dtype: torch.dtype,
+    label_names: list[str] | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    pad_token_id: int | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM or a sequence classifier from a folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_source(path)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": revision}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if task == "classification":
+        if not label_names:
+            raise ModelLoadError("classification needs label names from the data")
+        kwargs["num_labels"] = len(label_names)
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(path, exc) from None
+    if task == "classification" and pad_token_id is not None and model.config.pad_token_id is None:
+        # Decoder classifiers find the last real token through pad_token_id.
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    *,
+    task: str,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | str,
+    bias: str = "none",
+    modules_to_save: list[str] | None = None,
+) -> Any:
+    """Wrap ``model`` in a PEFT LoRA model; only the adapter (and the classifier head) train."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias=bias,
+        modules_to_save=modules_to_save,
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"lora.target_modules {target_modules!r} does not fit this model: {exc}",
+            hint="use 'all-linear' or names of Linear layers printed by print(model)",
+        ) from None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def load_for_inference(
+    path: str, *, adapter: str | None = None, device: str = "auto", trust_remote_code: bool = False
+) -> tuple[Any, Any, str]:
+    """Load a model to evaluate or generate with: a model folder, a PEFT adapter folder, or a bittune run dir.
+
+    Returns:
+        (model in eval mode, tokenizer, task)
+    """
+    root = Path(path)
+    if (root / "run_config.yaml").is_file():  # a bittune run directory
+        if (root / "adapter" / "adapter_config.json").is_file():
+            adapter, root = str(root / "adapter"), root / "adapter"
+        elif (root / "model" / "config.json").is_file():
+            root = root / "model"
+        else:
+            raise ModelLoadError(
+                f"run directory {path} has no finished adapter/ or model/ yet",
+                hint="let the run finish, or resume it with `bittune train CONFIG --resume`",
+            )
+    if (root / "adapter_config.json").is_file() and adapter is None:
+        adapter = str(root)
+    base = str(root)
+    if adapter is not None:
+        with open(Path(adapter) / "adapter_config.json", encoding="utf-8") as f:
+            acfg = json.load(f)
+        if base == adapter:
+            base = acfg.get("base_model_name_or_path") or ""
+        task = "classification" if acfg.get("task_type") == "SEQ_CLS" else "causal-lm"
+    else:
+        cfg_file = root / "config.json"
+        archs = json.loads(cfg_file.read_text()).get("architectures", []) if cfg_file.is_file() else []
+        task = "classification" if any("SequenceClassification" in a for a in archs) else "causal-lm"
+    dev = resolve_device(device)
+    dtype = resolve_dtype("auto", dev, trainable_base=False)
+    tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
+    label_names = None
+    if task == "classification":
+        label_file = Path(adapter or base) / "labels.json"
+        if label_file.is_file():
+            label_names = json.loads(label_file.read_text())
+        else:
+            cfg = json.loads((Path(base) / "config.json").read_text())
+            id2label = cfg.get("id2label") or {}
+            label_names = [id2label[k] for k in sorted(id2label, key=int)]
+    model = load_model(
+        base,
+        task=task,
+        dtype=dtype,
+        label_names=label_names,
+        trust_remote_code=trust_remote_code,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(dev).eval()
+    return model, tokenizer, task

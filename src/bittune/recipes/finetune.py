@@ -1,0 +1,399 @@
+"""The fine-tuning recipe: full or LoRA, causal-LM SFT or sequence classification.
+
+This file is the whole training loop, on purpose: read it top to bottom to know what a run does. It wires the
+components (config, data, model, optimizer, checkpoints, metrics) and owns no clever abstraction of its own.
+
+Flow: set seeds -> tokenize data -> load model (+ LoRA) -> AdamW + schedule -> [resume] -> loop over optimizer
+steps (each = ``grad_accum`` micro-batches whose losses are normalised by the step's total target tokens) ->
+eval / checkpoint / log -> save the adapter or model atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bittune.config import RunConfig, dump_config
+from bittune.errors import BittuneError, ConfigError
+
+FINAL_DIRS = ("adapter", "model")
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or deliberately stopped) run leaves behind."""
+
+    run_dir: Path
+    final_dir: Path | None
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    stopped_early: bool = False
+
+
+def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices of each micro-batch in ``epoch``: a fresh permutation per epoch, derived from the seed alone.
+
+    Deriving the order from (seed, epoch) instead of a running generator is what lets a resumed run rebuild the
+    exact remaining batches from the position stored in the checkpoint.
+    """
+    import torch
+
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def _check_output_dir(run_dir: Path, resume: bool) -> None:
+    if resume or not run_dir.exists():
+        return
+    held = [n for n in ("checkpoints", *FINAL_DIRS, "metrics.jsonl") if (run_dir / n).exists()]
+    if held:
+        raise ConfigError(
+            f"output_dir {run_dir} already holds a run ({', '.join(held)})",
+            hint="pass --resume to continue it, or choose a new output_dir (bittune never overwrites a run)",
+        )
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain periodic lines in logs (CI, nohup, make demo | tee)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, total // 20)
+        self.bar = None
+        if enabled and self.tty:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str, eta_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total}  {info}  eta {eta_s / 60:.1f} min", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(
+    cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None = None, progress: bool = True
+) -> TrainResult:
+    """Run the fine-tuning recipe described by ``cfg``.
+
+    Args:
+        cfg: A validated run config.
+        resume: Continue from the latest complete checkpoint in ``cfg.output_dir``.
+        stop_after_step: Stop after this optimizer step as if the process had been killed (no final save).
+            Used to test that resuming reproduces an uninterrupted run bit for bit.
+        progress: Show a progress bar / progress lines.
+
+    Returns:
+        Where the run's outputs are and its final metrics.
+    """
+    import torch
+    from accelerate import Accelerator
+    from transformers import set_seed
+
+    from bittune.data import make_collator, prepare_data
+    from bittune.model import (
+        attach_lora,
+        count_parameters,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+        resolve_mixed_precision,
+    )
+    from bittune.training.checkpoint import (
+        atomic_dir,
+        atomic_write_text,
+        list_checkpoints,
+        load_checkpoint,
+        prune_checkpoints,
+        save_checkpoint,
+    )
+    from bittune.training.evaluate import count_targets, evaluate, model_inputs
+    from bittune.training.loss import loss_sum
+    from bittune.training.metrics import MetricsLog, truncate_after
+    from bittune.training.optim import build_optimizer, build_scheduler
+
+    tcfg, task, full = cfg.train, cfg.model.task, cfg.method == "full"
+    run_dir = Path(cfg.output_dir)
+    _check_output_dir(run_dir, resume)
+    if resume and any((run_dir / d).is_dir() for d in FINAL_DIRS):
+        raise BittuneError(f"the run in {run_dir} has already finished", hint="start a new run with another output_dir")
+
+    # --- device, precision, seeds -------------------------------------------------------------------------
+    device = resolve_device(tcfg.device)
+    mixed_precision = resolve_mixed_precision(tcfg.mixed_precision, device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    device = accelerator.device
+    set_seed(tcfg.seed)
+
+    # --- data ---------------------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    data = prepare_data(
+        train=cfg.data.train,
+        eval=cfg.data.eval,
+        eval_fraction=cfg.data.eval_fraction,
+        fmt=cfg.data.format,
+        template=cfg.data.template,
+        max_length=cfg.data.max_length,
+        packing=cfg.data.packing,
+        train_on_prompt=cfg.data.train_on_prompt,
+        system_prompt=cfg.data.system_prompt,
+        columns=cfg.data.columns,
+        split=cfg.data.split,
+        max_rows=cfg.data.max_rows,
+        tokenizer=tokenizer,
+        task=task,
+        seed=tcfg.seed,
+    )
+    if not data.train:
+        raise BittuneError(f"no training rows left in {cfg.data.train} after tokenization")
+    label_names = data.label_names
+    if task == "classification" and cfg.model.num_labels and cfg.model.num_labels != len(label_names or []):
+        raise ConfigError(
+            f"model.num_labels is {cfg.model.num_labels} but the data has {len(label_names or [])} labels "
+            f"({', '.join(label_names or [])})",
+            hint="remove model.num_labels (it is read from the data) or fix the labels",
+        )
+    collate = make_collator(task, tokenizer.pad_token_id, data.packed)
+
+    # --- model --------------------------------------------------------------------------------------------
+    model = load_model(
+        cfg.model.path,
+        task=task,
+        dtype=resolve_dtype(cfg.model.dtype, device, trainable_base=full),
+        label_names=label_names,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+        attn_implementation=cfg.model.attn_implementation,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not full:
+        model = attach_lora(
+            model,
+            task=task,
+            r=cfg.lora.r,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            bias=cfg.lora.bias,
+            modules_to_save=cfg.lora.modules_to_save,
+        )
+    trainable, total = count_parameters(model)
+
+    # --- schedule -----------------------------------------------------------------------------------------
+    micro_per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / tcfg.grad_accum)
+    total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
+    warmup = tcfg.warmup_steps or int(tcfg.warmup_ratio * total_steps)
+    optimizer = build_optimizer(
+        model,
+        lr=tcfg.lr,
+        weight_decay=tcfg.weight_decay,
+        betas=(tcfg.adam_beta1, tcfg.adam_beta2),
+        eps=tcfg.adam_eps,
+    )
+    scheduler = build_scheduler(optimizer, kind=tcfg.scheduler, warmup_steps=warmup, total_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # --- run directory and resume -------------------------------------------------------------------------
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = run_dir / "checkpoints"
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "best_eval_loss": None,
+        "best_step": None,
+    }
+    if resume and (ckpts := list_checkpoints(ckpt_root)):
+        state = load_checkpoint(
+            ckpts[-1],
+            model=accelerator.unwrap_model(model),
+            full=full,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        truncate_after(run_dir / "metrics.jsonl", state["step"])
+    elif resume:
+        truncate_after(run_dir / "metrics.jsonl", 0)
+    atomic_write_text(run_dir / "run_config.yaml", dump_config(cfg))
+    if label_names:
+        atomic_write_text(run_dir / "labels.json", json.dumps(label_names))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    eval_bs = tcfg.eval_batch_size or tcfg.batch_size
+
+    def eval_batches():
+        for i in range(0, len(data.eval), eval_bs):
+            yield collate(data.eval[i : i + eval_bs])
+
+    def run_eval(step: int) -> dict[str, float]:
+        if not data.eval:
+            return {}
+        result = evaluate(model, eval_batches(), task=task, device=device, autocast=accelerator.autocast)
+        metrics.log({"step": step, **result})
+        if state["best_eval_loss"] is None or result["eval_loss"] < state["best_eval_loss"]:
+            state["best_eval_loss"], state["best_step"] = result["eval_loss"], step
+        return result
+
+    bar = _Progress(total_steps, state["step"], progress)
+    bar.note(
+        f"bittune: {cfg.method} {task} on {device.type} ({mixed_precision} mixed precision), "
+        f"{trainable:,} of {total:,} parameters trainable; {len(data.train)} train / {len(data.eval)} eval rows; "
+        f"{total_steps} steps of {tcfg.batch_size}x{tcfg.grad_accum}"
+    )
+    for split, st in data.stats.items():
+        if st.truncated or st.dropped:
+            bar.note(f"  {split}: {st.truncated} rows truncated to {cfg.data.max_length} tokens, {st.dropped} dropped")
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    model.train()
+    step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+    last_eval: dict[str, float] = {}
+    stopped = False
+    t_start = time.perf_counter()
+    steps_this_session = 0
+    while step < total_steps and not stopped:
+        micro = epoch_batches(len(data.train), tcfg.batch_size, tcfg.seed, epoch)
+        groups = [micro[i : i + tcfg.grad_accum] for i in range(0, len(micro), tcfg.grad_accum)]
+        for group_index in range(start_in_epoch, len(groups)):
+            t0 = time.perf_counter()
+            batches = [collate([data.train[i] for i in idx]) for idx in groups[group_index]]
+            # Normalise by the targets of the whole step, so accumulation equals one big batch.
+            n_targets = sum(count_targets(task, b["labels"]) for b in batches)
+            n_tokens = sum(int(b.get("attention_mask", b["input_ids"]).ne(0).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                with accelerator.autocast():
+                    logits = model(**model_inputs(batch, device)).logits
+                loss = loss_sum(task, logits, batch["labels"].to(device)) / n_targets
+                accelerator.backward(loss)
+                step_loss += loss.item()
+            if tcfg.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(params, tcfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_this_session += 1
+            state.update(step=step, epoch=epoch, step_in_epoch=group_index + 1)
+            if group_index + 1 == len(groups):
+                state.update(epoch=epoch + 1, step_in_epoch=0)
+
+            dt = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / steps_this_session * (total_steps - step)
+            if step % tcfg.log_every == 0 or step == total_steps:
+                metrics.log(
+                    {
+                        "step": step,
+                        "epoch": epoch + (group_index + 1) / len(groups),
+                        "loss": step_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": n_tokens / dt,
+                        "elapsed_s": round(elapsed, 3),
+                    }
+                )
+            bar.update(step, f"loss {step_loss:.4f}  {n_tokens / dt:,.0f} tok/s", eta)
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
+                last_eval = run_eval(step)
+                if last_eval:
+                    bar.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
+                save_checkpoint(
+                    ckpt_root / f"step-{step}",
+                    model=accelerator.unwrap_model(model),
+                    full=full,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    state=dict(state),
+                )
+                best = {f"step-{state['best_step']}"} if state["best_step"] else set()
+                prune_checkpoints(ckpt_root, tcfg.keep_last, keep=best)
+            if stop_after_step is not None and step >= stop_after_step and step < total_steps:
+                stopped = True
+                break
+            if step >= total_steps:
+                break
+        epoch, start_in_epoch = state["epoch"], state["step_in_epoch"]
+    bar.close()
+
+    if stopped:
+        metrics.close()
+        return TrainResult(run_dir=run_dir, final_dir=None, steps=step, stopped_early=True)
+
+    # --- final eval and save ------------------------------------------------------------------------------
+    last_eval = run_eval(step) or last_eval
+    unwrapped = accelerator.unwrap_model(model)
+    final_dir = run_dir / ("model" if full else "adapter")
+
+    def write_final(tmp: Path) -> None:
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if label_names:
+            (tmp / "labels.json").write_text(json.dumps(label_names))
+
+    if not full and Path(cfg.model.path).exists():
+        # An absolute base path keeps the adapter loadable from any working directory.
+        unwrapped.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
+    atomic_dir(final_dir, write_final)
+    summary = {
+        "steps": step,
+        "method": cfg.method,
+        "task": task,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+        "data": {k: vars(v) for k, v in data.stats.items()},
+        "best_eval_loss": state["best_eval_loss"],
+        "best_step": state["best_step"],
+        "final_dir": str(final_dir),
+        **last_eval,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    metrics.close()
+    bar.note(
+        f"done: {step} steps; outputs in {final_dir}"
+        + ("".join(f", {k} {v:.4f}" for k, v in last_eval.items()) if last_eval else "")
+    )
+    return TrainResult(run_dir=run_dir, final_dir=final_dir, final_metrics=summary, steps=step)

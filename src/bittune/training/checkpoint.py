@@ -1,0 +1,210 @@
+"""Checkpoints that are either complete or absent.
+
+A checkpoint is written into a hidden temporary folder beside its final place, flushed to disk, and renamed into
+place in one step; a ``COMPLETE`` marker written last guards against copies made by other tools. A run killed at
+any moment therefore leaves the previous checkpoint untouched and no folder that looks finished but is not.
+
+Layout of ``checkpoints/step-N/``::
+
+    weights.safetensors   trainable tensors (LoRA: the adapter and saved modules; full: every weight)
+    optimizer.pt          optimizer state (tensors and plain values; loaded with weights_only=True)
+    scheduler.json        learning-rate scheduler state
+    rng.pt                python, numpy, torch (and CUDA) generator states
+    state.json            step, data position, best eval so far
+    COMPLETE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bittune.errors import CheckpointError
+
+COMPLETE = "COMPLETE"
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (the rename itself) to disk where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    """Create directory ``final`` atomically: ``write(tmp)`` fills a temp dir that is then renamed into place.
+
+    An existing ``final`` is replaced only after the new one is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        (tmp / COMPLETE).write_text("ok\n")
+        _fsync_tree(tmp)
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so readers see the old or the new content, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random generator the loop touches, in a form ``torch.load(weights_only=True)`` accepts."""
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    rng: dict[str, Any] = {
+        "python": [version, list(state), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def trainable_state(model: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint must hold: all weights for full fine-tuning, else only trainable ones."""
+    if full:
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    full: bool,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> Path:
+    """Write a complete checkpoint to ``path`` atomically (see module docstring)."""
+    from safetensors.torch import save_file
+
+    tensors = trainable_state(model, full)
+
+    def write(tmp: Path) -> None:
+        # Tied weights (embeddings shared with lm_head) are stored once per name; clone breaks the sharing that
+        # safetensors refuses to serialise. Loading writes into the model's own tensors, so sharing survives.
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / "weights.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        torch.save(capture_rng(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+    return atomic_dir(path, write)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / "state.json").is_file()
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Half-written temp folders are ignored (and never trusted)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and is_complete(p):
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def load_checkpoint(
+    path: Path, *, model: torch.nn.Module, full: bool, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; returns its ``state.json``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete", hint="delete it; resume uses the previous one")
+    try:
+        tensors = load_file(path / "weights.safetensors")
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        sched_state = json.loads((path / "scheduler.json").read_text())
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, SafetensorError, RuntimeError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc})",
+            hint="delete that step folder and resume again: the previous checkpoint is used",
+        ) from None
+    expected = trainable_state(model, full)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            hint="resume with the same model and method as the run that wrote it",
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            expected[name].copy_(value)
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
+    restore_rng(rng)
+    return state
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int, keep: set[str] = frozenset()) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (and those named in ``keep``)."""
+    ckpts = list_checkpoints(ckpt_root)
+    for p in ckpts[:-keep_last] if keep_last else ckpts:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""Evaluation: token-weighted loss and perplexity for causal LMs; loss, accuracy and macro-F1 for classifiers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from bittune.training.loss import loss_sum
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a collated batch (labels are handled by bittune's own loss)."""
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+def count_targets(task: str, labels: torch.Tensor) -> int:
+    """Loss terms in a batch: shifted non-ignored tokens (causal) or rows (classification)."""
+    if task == "classification":
+        return int(labels.numel())
+    return int((labels[:, 1:] != -100).sum())
+
+
+def macro_f1(preds: list[int], golds: list[int], num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over classes that occur in gold or predictions."""
+    scores = []
+    for c in range(num_classes):
+        tp = sum(1 for p, g in zip(preds, golds) if p == c and g == c)
+        fp = sum(1 for p, g in zip(preds, golds) if p == c and g != c)
+        fn = sum(1 for p, g in zip(preds, golds) if p != c and g == c)
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    task: str,
+    device: torch.device,
+    autocast: Callable[[], Any] | None = None,
+) -> dict[str, float]:
+    """Run ``model`` over ``batches`` and return metrics (prefixed ``eval_``)."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_targets = 0.0, 0
+    preds: list[int] = []
+    golds: list[int] = []
+    num_classes = 0
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        if autocast is None:
+            logits = model(**model_inputs(batch, device)).logits
+        else:
+            with autocast():
+                logits = model(**model_inputs(batch, device)).logits
+        total_loss += float(loss_sum(task, logits, labels))
+        total_targets += count_targets(task, labels)
+        if task == "classification":
+            num_classes = logits.size(-1)
+            preds.extend(logits.argmax(-1).tolist())
+            golds.extend(labels.tolist())
+    model.train(was_training)
+    if total_targets == 0:
+        return {}
+    loss = total_loss / total_targets
+    out = {"eval_loss": loss}
+    if task == "classification":
+        out["eval_accuracy"] = sum(p == g for p, g in zip(preds, golds)) / len(golds)
+        out["eval_f1_macro"] = macro_f1(preds, golds, num_classes)
+    else:
+        out["eval_perplexity"] = math.exp(min(loss, 50.0))
+    return out

@@ -1,0 +1,108 @@
+"""The command line: clean errors (one message, exit 2, no traceback, nothing written) and the happy paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import color_chat_rows, write_jsonl
+
+REPO = Path(__file__).parent.parent
+
+
+def bittune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "bittune", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+def write_config(path: Path, model: str, data: str, out: str, extra: str = "") -> Path:
+    path.write_text(
+        f"model:\n  path: {model}\nmethod: lora\ndata:\n  train: {data}\n  format: chat\n  max_length: 64\n"
+        f"train:\n  max_steps: 3\n  batch_size: 4\n{extra}output_dir: {out}\n"
+    )
+    return path
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_import_bittune_is_light():
+    code = "import sys, bittune, bittune.errors, bittune.config; print(sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', 'datasets', 'bitsandbytes', 'gguf') if m in sys.modules))"  # noqa: E501
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_bad_config_lists_all_problems_and_writes_nothing(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  path: m\ndata:\n  train: t.jsonl\ntrain:\n  lr: 0\n  bogus: 1\noutput_dir: out\n")
+    proc = bittune("train", str(cfg), cwd=tmp_path)
+    assert_clean_error(proc, "2 problems", "train.lr", "train.bogus: unknown key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path_is_a_clean_error(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", color_chat_rows(4))
+    cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "no-such-model"), str(data), str(tmp_path / "out"))
+    proc = bittune("train", str(cfg))
+    assert_clean_error(proc, "model.path", "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    data = write_jsonl(tmp_path / "d.jsonl", color_chat_rows(4))
+    cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "empty"), str(data), str(tmp_path / "out"))
+    assert_clean_error(bittune("train", str(cfg)), "no config.json")
+
+
+def test_malformed_data_line_is_a_clean_error(tmp_path, tiny_llama_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": []}\n{not json\n')
+    cfg = write_config(tmp_path / "c.yaml", str(tiny_llama_dir), str(data), str(tmp_path / "out"))
+    proc = bittune("train", str(cfg))
+    assert_clean_error(proc, f"{data}:2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: m}\n")
+    proc = bittune("--debug", "train", str(cfg))
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_validate_train_eval_generate(tmp_path, tiny_llama_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", color_chat_rows(24))
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(tiny_llama_dir), str(data), str(out))
+
+    proc = bittune("validate", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert "train" in proc.stderr and "24" in proc.stderr
+
+    proc = bittune("train", str(cfg), "--set", "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["final_dir"] == str(out / "adapter")
+
+    proc = bittune("eval", str(out), "--data", str(data))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["rows"] == 24 and result["eval_perplexity"] > 1
+
+    proc = bittune("generate", str(out), "--prompt", "What color is the sky?", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+
+    proc = bittune("eval", str(out))  # the run had no eval file: say what to pass
+    assert_clean_error(proc, "--data")
