@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import color_chat_rows, write_jsonl
 
 REPO = Path(__file__).parent.parent

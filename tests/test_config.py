@@ -48,7 +48,13 @@ def test_missing_required_sections():
 def test_overrides_are_typed_like_yaml():
     cfg = config_from_dict(
         minimal(),
-        ["train.max_steps=50", "lora.r=8", "train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "data.packing=true"],
+        [
+            "train.max_steps=50",
+            "lora.r=8",
+            "train.lr=1e-4",
+            "lora.target_modules=[q_proj, v_proj]",
+            "data.packing=true",
+        ],
     )
     assert cfg.train.max_steps == 50 and cfg.lora.r == 8 and cfg.train.lr == pytest.approx(1e-4)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.packing is True
@@ -68,7 +74,7 @@ def test_override_unknown_key_is_an_error():
 def test_contradictory_options_are_refused():
     raw = minimal()
     raw["model"]["task"] = "classification"
-    with pytest.raises(ConfigError, match="data.format 'classification' exactly when"):
+    with pytest.raises(ConfigError, match=r"data\.format 'classification' exactly when"):
         config_from_dict(raw)
     with pytest.raises(ConfigError, match="warmup_steps or warmup_ratio"):
         config_from_dict(minimal(), ["train.warmup_steps=5", "train.warmup_ratio=0.1"])

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import color_chat_rows, sentiment_rows, write_jsonl
 
 from bittune.config import config_from_dict
 from bittune.recipes.finetune import train
 from bittune.training.metrics import read_metrics
+from helpers import color_chat_rows, sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.e2e
 

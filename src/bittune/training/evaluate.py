@@ -11,9 +11,11 @@ import torch
 from bittune.training.loss import loss_sum
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """What the model's forward takes from a collated batch (labels are handled by bittune's own loss)."""
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The forward's keyword arguments from a collated batch, on ``device`` (labels go to bittune's own loss)."""
+    from bittune.data import model_inputs as forward_kwargs
+
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_kwargs(batch).items()}
 
 
 def count_targets(task: str, labels: torch.Tensor) -> int:
