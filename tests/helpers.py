@@ -47,16 +47,16 @@ def make_tokenizer(pad_equals_eos: bool = False) -> Any:
     return fast
 
 
-def make_tiny_llama(path: Path, tokenizer: Any, seed: int = 0, layers: int = 2) -> Path:
-    """Save a random 2-layer Llama (hidden 32) and its tokenizer to ``path``."""
+def make_tiny_llama(path: Path, tokenizer: Any, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    """Save a random Llama (default: 2 layers, hidden 32) and its tokenizer to ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -9,6 +9,7 @@ exactly like the same value written in the file.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bittune.errors import ConfigError
 
 Task = Literal["causal-lm", "classification"]
-Method = Literal["full", "lora"]
+Method = Literal["full", "lora", "qlora"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 DataFormat = Literal["text", "completion", "alpaca", "chat", "classification"]
 
 
@@ -49,6 +51,23 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None
+
+
+class QuantConfig(_Section):
+    """How the frozen base is stored for ``method: qlora`` (LoRA on a k-bit base, through bitsandbytes)."""
+
+    bits: Literal[4, 8] = 4
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (NF4 suits normally distributed weights).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit block scales too (~0.37 bit/param saved).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU (bf16 is ~50x slower there), bf16 on a GPU that supports it."
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_options(self) -> QuantConfig:
+        if self.bits == 8 and {"type", "double_quant"} & self.model_fields_set:
+            raise ValueError("quant.type and quant.double_quant apply to 4-bit only; remove them for bits: 8")
+        return self
 
 
 class DataConfig(_Section):
@@ -93,6 +112,9 @@ class TrainConfig(_Section):
     save_every: int | None = Field(None, gt=0, description="Steps between checkpoints; default: none.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk (the best one is kept too).")
     log_every: int = Field(1, gt=0)
+    optimizer: Optimizer = Field(
+        "adamw", description="adamw (torch); adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes)."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: no on CPU (fp32 is ~50x faster there), bf16 on a GPU that supports it."
@@ -111,6 +133,7 @@ class RunConfig(_Section):
     model: ModelConfig
     method: Method = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig | None = Field(None, description="Base quantization; only with method: qlora.")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str
@@ -127,6 +150,17 @@ class RunConfig(_Section):
             problems.append("model.num_labels is only for model.task 'classification'")
         if self.data.packing and self.model.task == "classification":
             problems.append("data.packing only applies to causal-lm training")
+        if self.method == "qlora" and self.quant is None:
+            self.__dict__["quant"] = QuantConfig()  # defaults: 4-bit NF4 with double quant
+        if self.quant is not None and self.method != "qlora":
+            problems.append(
+                f"quant is set but method is '{self.method}': a k-bit base can only be trained through an adapter; "
+                "use method: qlora (LoRA on the quantized base), or remove quant"
+            )
+        needs_bnb = self.method == "qlora" or self.train.optimizer != "adamw"
+        if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+            what = "method: qlora" if self.method == "qlora" else f"train.optimizer: {self.train.optimizer}"
+            problems.append(f"{what} needs bitsandbytes, which is not installed: pip install 'bittune[kbit]'")
         if problems:
             raise ValueError("; ".join(problems))
         return self

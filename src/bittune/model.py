@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from bittune.errors import ModelLoadError
 
+# Written beside a QLoRA adapter: how its base was quantized in training (PEFT's own files do not say).
+QUANT_FILE = "bittune_quantization.json"
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -60,6 +63,41 @@ def resolve_mixed_precision(preference: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_compute_dtype(preference: str, device: torch.device) -> torch.dtype:
+    """Compute dtype of k-bit layers: float32 on CPU, bf16 on a GPU that has it, else fp16.
+
+    An explicit value that cannot work well on the device is refused rather than silently slow.
+    """
+    import torch
+
+    if preference == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type != "cuda" and preference != "float32":
+        raise ModelLoadError(
+            f"quant.compute_dtype {preference} on CPU: half-precision matmuls run ~50x slower than float32 here",
+            hint="set quant.compute_dtype to auto or float32",
+        )
+    if preference == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError("quant.compute_dtype bfloat16: this GPU has no bf16 support", hint="use auto or float16")
+    return getattr(torch, preference)
+
+
+def bnb_config(*, bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> Any:
+    """A transformers ``BitsAndBytesConfig`` for a 4-bit (NF4/FP4) or 8-bit frozen base."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def _check_source(path: str) -> None:
@@ -123,14 +161,25 @@ def load_model(
     revision: str | None = None,
     attn_implementation: str | None = None,
     pad_token_id: int | None = None,
+    quantization: Any = None,
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM or a sequence classifier from a folder or hub id."""
+    """Load a causal LM or a sequence classifier from a folder or hub id.
+
+    Args:
+        quantization: A ``BitsAndBytesConfig`` (see :func:`bnb_config`) to store the linear layers in k-bit;
+            the model is then placed on ``device`` while loading, as bitsandbytes quantizes on placement.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _check_source(path)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        on_gpu = device is not None and device.type == "cuda"
+        kwargs["device_map"] = {"": (device.index or 0) if on_gpu else "cpu"}
     if task == "classification":
         if not label_names:
             raise ModelLoadError("classification needs label names from the data")
@@ -182,6 +231,26 @@ def attach_lora(
         ) from None
 
 
+def prepare_kbit_base(model: PreTrainedModel, *, gradient_checkpointing: bool) -> PreTrainedModel:
+    """Freeze a k-bit base for adapter training, keeping its unquantized weights in the dtype they were loaded in.
+
+    ``peft.prepare_model_for_kbit_training`` upcasts every unquantized weight (embeddings, norms, head) to
+    float32. Under bf16 autocast a float32 norm weight turns the whole residual stream into float32, and on a
+    1.1B Llama that made QLoRA peak higher than plain bf16 LoRA (15.1 vs 13.4 GB, BENCHMARKS.md). Frozen weights
+    receive no updates, so float32 buys them nothing; the trainable LoRA weights are float32 anyway (PEFT casts
+    adapters up). Only fp16 norms are upcast, since fp16 overflows in the RMS.
+    """
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype == torch.float16 and param.ndim == 1:
+            param.data = param.data.float()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors counted once."""
     seen: set[int] = set()
@@ -230,6 +299,17 @@ def load_for_inference(
         task = "classification" if any("SequenceClassification" in a for a in archs) else "causal-lm"
     dev = resolve_device(device)
     dtype = resolve_dtype("auto", dev, trainable_base=False)
+    quantization = None
+    quant_file = Path(adapter) / QUANT_FILE if adapter else None
+    if quant_file is not None and quant_file.is_file():
+        # The adapter was trained on a k-bit base: load the base the same way, or its outputs would differ.
+        q = json.loads(quant_file.read_text())
+        quantization = bnb_config(
+            bits=q["bits"],
+            quant_type=q["type"],
+            double_quant=q["double_quant"],
+            compute_dtype=resolve_compute_dtype(q["compute_dtype"], dev),
+        )
     tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
     label_names = None
@@ -248,10 +328,14 @@ def load_for_inference(
         label_names=label_names,
         trust_remote_code=trust_remote_code,
         pad_token_id=tokenizer.pad_token_id,
+        quantization=quantization,
+        device=dev,
     )
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    model.to(dev).eval()
+    if quantization is None:
+        model.to(dev)
+    model.eval()
     return model, tokenizer, task

@@ -123,10 +123,14 @@ def train(
 
     from bittune.data import make_collator, prepare_data
     from bittune.model import (
+        QUANT_FILE,
         attach_lora,
+        bnb_config,
         count_parameters,
         load_model,
         load_tokenizer,
+        prepare_kbit_base,
+        resolve_compute_dtype,
         resolve_device,
         resolve_dtype,
         resolve_mixed_precision,
@@ -141,6 +145,7 @@ def train(
     )
     from bittune.training.evaluate import count_targets, evaluate, model_inputs
     from bittune.training.loss import loss_sum
+    from bittune.training.memory import peak_memory_mb, reset_peak, weights_footprint
     from bittune.training.metrics import MetricsLog, truncate_after
     from bittune.training.optim import build_optimizer, build_scheduler
 
@@ -188,6 +193,14 @@ def train(
     collate = make_collator(task, tokenizer.pad_token_id, data.packed)
 
     # --- model --------------------------------------------------------------------------------------------
+    quantization, qcfg = None, cfg.quant
+    if qcfg is not None:  # method: qlora -- the frozen base is stored in 4 or 8 bits by bitsandbytes
+        quantization = bnb_config(
+            bits=qcfg.bits,
+            quant_type=qcfg.type,
+            double_quant=qcfg.double_quant,
+            compute_dtype=resolve_compute_dtype(qcfg.compute_dtype, device),
+        )
     model = load_model(
         cfg.model.path,
         task=task,
@@ -197,9 +210,17 @@ def train(
         revision=cfg.model.revision,
         attn_implementation=cfg.model.attn_implementation,
         pad_token_id=tokenizer.pad_token_id,
+        quantization=quantization,
+        device=device,
     )
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    if tcfg.gradient_checkpointing:
+    if quantization is not None:
+        import warnings
+
+        # bitsandbytes warns on every 8-bit matmul that it casts its input; once per run says nothing new.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        model = prepare_kbit_base(model, gradient_checkpointing=tcfg.gradient_checkpointing)
+    elif tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not full:
         model = attach_lora(
@@ -213,6 +234,7 @@ def train(
             modules_to_save=cfg.lora.modules_to_save,
         )
     trainable, total = count_parameters(model)
+    footprint = weights_footprint(model)
 
     # --- schedule -----------------------------------------------------------------------------------------
     micro_per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
@@ -225,6 +247,8 @@ def train(
         weight_decay=tcfg.weight_decay,
         betas=(tcfg.adam_beta1, tcfg.adam_beta2),
         eps=tcfg.adam_eps,
+        name=tcfg.optimizer,
+        device=device,
     )
     scheduler = build_scheduler(optimizer, kind=tcfg.scheduler, warmup_steps=warmup, total_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -282,6 +306,7 @@ def train(
             bar.note(f"  {split}: {st.truncated} rows truncated to {cfg.data.max_length} tokens, {st.dropped} dropped")
 
     # --- the loop -----------------------------------------------------------------------------------------
+    reset_peak(device)
     model.train()
     step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
     last_eval: dict[str, float] = {}
@@ -331,6 +356,7 @@ def train(
                         "grad_norm": grad_norm,
                         "tokens_per_s": n_tokens / dt,
                         "elapsed_s": round(elapsed, 3),
+                        **peak_memory_mb(device),
                     }
                 )
             bar.update(step, f"loss {step_loss:.4f}  {n_tokens / dt:,.0f} tok/s", eta)
@@ -371,6 +397,8 @@ def train(
         tokenizer.save_pretrained(tmp)
         if label_names:
             (tmp / "labels.json").write_text(json.dumps(label_names))
+        if qcfg is not None:
+            (tmp / QUANT_FILE).write_text(json.dumps(qcfg.model_dump()))
 
     if not full and Path(cfg.model.path).exists():
         # An absolute base path keeps the adapter loadable from any working directory.
@@ -382,6 +410,11 @@ def train(
         "task": task,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "memory": {
+            **peak_memory_mb(device),
+            "weights_mb_by_dtype": {k: round(v / 2**20, 2) for k, v in footprint.items()},
+            "weights_mb": round(sum(footprint.values()) / 2**20, 2),
+        },
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
         "data": {k: vars(v) for k, v in data.stats.items()},

@@ -1,0 +1,63 @@
+"""Memory accounting: what the weights occupy by dtype, and the peak a run reached."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections import defaultdict
+
+import torch
+
+MB = 1024**2
+
+
+def weights_footprint(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes held by parameters and buffers, by storage dtype.
+
+    bitsandbytes keeps 4-bit weights packed two per uint8 and their block scales (absmax, and with double quant
+    the scales of the scales) in a side ``quant_state`` that is neither a parameter nor a buffer; those are
+    counted under ``quant_state`` so the total is what the weights really occupy.
+    """
+    out: dict[str, int] = defaultdict(int)
+    seen: set[int] = set()
+    tensors = [*model.parameters(), *model.buffers()]
+    for t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            out["quant_state"] += _quant_state_bytes(state)
+        scb = getattr(t, "SCB", None)  # 8-bit row scales
+        if isinstance(scb, torch.Tensor):
+            out["quant_state"] += scb.numel() * scb.element_size()
+    return dict(out)
+
+
+def _quant_state_bytes(state: object) -> int:
+    total = 0
+    for name in ("absmax", "code", "offset"):
+        t = getattr(state, name, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        total += _quant_state_bytes(nested)
+    return total
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (CPU) and, on a GPU, peak CUDA memory allocated by torch."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+    out = {"peak_rss_mb": round(rss_bytes / MB, 1)}
+    if device.type == "cuda":
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / MB, 1)
+        out["peak_cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / MB, 1)
+    return out

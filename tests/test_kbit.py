@@ -1,0 +1,142 @@
+"""QLoRA (4-bit NF4/FP4) and 8-bit LoRA on CPU through bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bittune.config import config_from_dict
+from bittune.errors import ConfigError
+from bittune.recipes.finetune import train
+from helpers import color_chat_rows, write_jsonl
+from test_recipe import first_last, losses, run_config
+
+bnb = pytest.importorskip("bitsandbytes")
+
+# These train on the CPU path on purpose (fp32 compute, CPU-only refusals). One process holds one accelerate
+# device, so on a GPU machine they are left to CI and the GPU paths are covered by test_gpu.py.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-path test; see test_gpu.py on a GPU")
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", color_chat_rows(64))
+
+
+@cpu_only
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "quant,optimizer",
+    [({"bits": 4, "type": "nf4"}, "adamw"), ({"bits": 4, "type": "fp4"}, "adamw_8bit"), ({"bits": 8}, "adamw")],
+    ids=["nf4", "fp4-adamw8bit", "int8"],
+)
+def test_kbit_lora_trains_on_cpu(tiny_llama_dir, chat_file, tmp_path, quant, optimizer):
+    raw = run_config(
+        tiny_llama_dir,
+        chat_file,
+        tmp_path / "run",
+        method="qlora",
+        quant=quant,
+        train={"optimizer": optimizer, "device": "cpu"},
+    )
+    result = train(config_from_dict(raw), progress=False)
+    start, end = first_last(losses(result.run_dir))
+    assert end < 0.7 * start, (start, end)
+    memory = result.final_metrics["memory"]
+    assert memory["peak_rss_mb"] > 0 and memory["weights_mb"] > 0
+    stored = "uint8" if quant["bits"] == 4 else "int8"
+    assert memory["weights_mb_by_dtype"][stored] > 0
+    saved = json.loads((result.final_dir / "bittune_quantization.json").read_text())
+    assert saved["bits"] == quant["bits"]
+
+
+@cpu_only
+@pytest.mark.e2e
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny_llama_dir, chat_file, tmp_path, bits):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from bittune.model import load_for_inference
+
+    raw = run_config(
+        tiny_llama_dir,
+        chat_file,
+        tmp_path / "run",
+        method="qlora",
+        quant={"bits": bits},
+        train={"max_steps": 5, "device": "cpu"},
+    )
+    result = train(config_from_dict(raw), progress=False)
+    if bits == 4:
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=q, device_map={"": "cpu"})
+    stock = PeftModel.from_pretrained(base, result.final_dir).eval()
+    ours, _, _ = load_for_inference(str(result.run_dir), device="cpu")
+    ids = torch.tensor([[1, 5, 9, 20, 33, 4, 17]])
+    with torch.no_grad():
+        a, b = stock(input_ids=ids).logits, ours(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    lora_b = [p for n, p in ours.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapter is not a no-op
+
+
+def test_double_quant_shrinks_the_stored_scales(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bittune.model import bnb_config
+    from bittune.training.memory import weights_footprint
+    from helpers import make_tiny_llama
+
+    # Wide layers: on a 32-wide toy the fixed per-layer tables of double quant outweigh what it saves.
+    model_dir = make_tiny_llama(tmp_path / "wide", tokenizer, hidden=512, layers=1)
+
+    def footprint(double: bool) -> dict[str, int]:
+        q = bnb_config(bits=4, quant_type="nf4", double_quant=double, compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, device_map={"": "cpu"})
+        n4 = sum(p.numel() * 2 for p in model.parameters() if p.dtype == torch.uint8)  # two weights per byte
+        return weights_footprint(model), n4
+
+    (single, n4), (double, _) = footprint(False), footprint(True)
+    assert single["uint8"] == double["uint8"] == n4 // 2
+    # One float32 scale per 64 weights (0.5 bit/weight) becomes one uint8 per 64 plus a float32 per 256 blocks.
+    assert single["quant_state"] >= n4 // 64 * 4
+    assert double["quant_state"] < 0.5 * single["quant_state"]
+
+
+def test_incompatible_options_are_refused_at_config_time():
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o"}
+    with pytest.raises(ConfigError, match="use method: qlora"):
+        config_from_dict({**base, "method": "full", "quant": {"bits": 4}})
+    with pytest.raises(ConfigError, match="apply to 4-bit only"):
+        config_from_dict({**base, "method": "qlora", "quant": {"bits": 8, "type": "fp4"}})
+    cfg = config_from_dict({**base, "method": "qlora"})
+    assert cfg.quant.bits == 4 and cfg.quant.type == "nf4" and cfg.quant.double_quant
+
+
+@cpu_only
+def test_paged_optimizer_is_refused_on_cpu(tiny_llama_dir, chat_file, tmp_path):
+    raw = run_config(
+        tiny_llama_dir, chat_file, tmp_path / "run", train={"optimizer": "paged_adamw_8bit", "device": "cpu"}
+    )
+    with pytest.raises(ConfigError, match="paged_adamw_8bit pages optimizer state"):
+        train(config_from_dict(raw), progress=False)
+
+
+@cpu_only
+def test_half_precision_compute_is_refused_on_cpu(tiny_llama_dir, chat_file, tmp_path):
+    from bittune.errors import ModelLoadError
+
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method="qlora", quant={"compute_dtype": "bfloat16"})
+    with pytest.raises(ModelLoadError, match="50x slower"):
+        train(config_from_dict(raw), progress=False)
+    assert not (tmp_path / "run").exists()
