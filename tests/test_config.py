@@ -118,3 +118,18 @@ def test_fixed_dotted_names_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_example_configs_validate(path):
     load_config(path)
+
+
+def test_every_config_key_is_documented_in_the_readme():
+    from bittune.config import DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    sections = {
+        "model": ModelConfig,
+        "lora": LoraConfig,
+        "quant": QuantConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+    }
+    missing = [f"{s}.{k}" for s, m in sections.items() for k in m.model_fields if f"`{s}.{k}`" not in readme]
+    assert not missing, f"README config reference lacks: {missing}"

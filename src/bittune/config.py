@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bittune.errors import ConfigError
 
@@ -22,6 +22,11 @@ Task = Literal["causal-lm", "classification"]
 Method = Literal["full", "lora", "qlora"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 DataFormat = Literal["text", "completion", "alpaca", "chat", "classification"]
+
+
+def _expand(path: str | None) -> str | None:
+    """``~/x`` -> ``/home/me/x``: YAML has no shell to do it, and users write paths as in their shell."""
+    return str(Path(path).expanduser()) if path and path.startswith("~") else path
 
 
 class _Section(BaseModel):
@@ -40,6 +45,11 @@ class ModelConfig(_Section):
         "auto", description="Weights dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it."
     )
     attn_implementation: Literal["sdpa", "eager"] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _expand_home(cls, v: str) -> str:
+        return _expand(v)
 
 
 class LoraConfig(_Section):
@@ -87,6 +97,11 @@ class DataConfig(_Section):
     columns: dict[str, str] = Field(default_factory=dict, description="Canonical field -> your column name.")
     split: str = "train"
     max_rows: int | None = Field(None, gt=0)
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _expand_home(cls, v: str | None) -> str | None:
+        return _expand(v)
 
 
 class TrainConfig(_Section):
@@ -137,6 +152,11 @@ class RunConfig(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_home(cls, v: str) -> str:
+        return _expand(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
