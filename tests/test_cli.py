@@ -107,3 +107,31 @@ def test_validate_train_eval_generate(tmp_path, tiny_llama_dir):
 
     proc = bittune("eval", str(out))  # the run had no eval file: say what to pass
     assert_clean_error(proc, "--data")
+
+
+def test_hub_id_resolves_from_the_local_hub_cache_offline(tmp_path, tiny_llama_dir):
+    """A hub id goes through the same loader as a folder: lay a model out as the hub cache does, offline."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_llama_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    code = (
+        "from bittune.model import load_model, load_tokenizer; import torch;"
+        "t = load_tokenizer('acme/tiny-llama');"
+        "m = load_model('acme/tiny-llama', task='causal-lm', dtype=torch.float32);"
+        "print(type(m).__name__, len(t))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "LlamaForCausalLM"
+    # And an id that is not in the cache is one clean error, not a traceback from the hub client.
+    cfg = write_config(tmp_path / "c.yaml", "acme/not-cached", str(tmp_path / "d.jsonl"), str(tmp_path / "o"))
+    write_jsonl(tmp_path / "d.jsonl", color_chat_rows(4))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bittune", "train", str(cfg)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert_clean_error(proc, "acme/not-cached", "HF_HUB_OFFLINE")

@@ -425,8 +425,14 @@ def train(
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     metrics.close()
+    mem = summary["memory"]
+    peak = mem.get("peak_cuda_allocated_mb", mem["peak_rss_mb"])
     bar.note(
         f"done: {step} steps; outputs in {final_dir}"
         + ("".join(f", {k} {v:.4f}" for k, v in last_eval.items()) if last_eval else "")
+        + f"\n  memory: peak {'CUDA allocated' if 'peak_cuda_allocated_mb' in mem else 'RSS'} {peak:,.0f} MB; "
+        + f"weights {mem['weights_mb']:,.1f} MB ("
+        + ", ".join(f"{k} {v:,.1f}" for k, v in mem["weights_mb_by_dtype"].items())
+        + f"); {trainable:,} trainable parameters"
     )
     return TrainResult(run_dir=run_dir, final_dir=final_dir, final_metrics=summary, steps=step)
