@@ -127,6 +127,9 @@ class TrainConfig(_Section):
     save_every: int | None = Field(None, gt=0, description="Steps between checkpoints; default: none.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk (the best one is kept too).")
     log_every: int = Field(1, gt=0)
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="NaN/inf loss or gradient: stop (checkpoints kept), or skip that step's update."
+    )
     optimizer: Optimizer = Field(
         "adamw", description="adamw (torch); adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes)."
     )

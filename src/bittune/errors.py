@@ -41,3 +41,11 @@ class ModelLoadError(BittuneError):
 
 class CheckpointError(BittuneError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class StorageError(BittuneError):
+    """Writing to disk failed (disk full, permissions); the previous complete state is untouched."""
+
+
+class NonFiniteError(BittuneError):
+    """Training produced a NaN or infinite loss or gradient."""

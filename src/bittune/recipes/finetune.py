@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bittune.config import RunConfig, dump_config
-from bittune.errors import BittuneError, ConfigError
+from bittune.errors import BittuneError, ConfigError, NonFiniteError
 
 FINAL_DIRS = ("adapter", "model")
+MAX_SKIPS_IN_A_ROW = 10  # with on_nonfinite: skip, this many bad steps in a row means the run has diverged
 
 
 @dataclass
@@ -148,6 +149,7 @@ def train(
     from bittune.training.memory import peak_memory_mb, reset_peak, weights_footprint
     from bittune.training.metrics import MetricsLog, truncate_after
     from bittune.training.optim import build_optimizer, build_scheduler
+    from bittune.training.runlock import RunLock
 
     tcfg, task, full = cfg.train, cfg.model.task, cfg.method == "full"
     run_dir = Path(cfg.output_dir)
@@ -256,6 +258,8 @@ def train(
 
     # --- run directory and resume -------------------------------------------------------------------------
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    lock.acquire()
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {
         "step": 0,
@@ -311,6 +315,7 @@ def train(
     step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
     last_eval: dict[str, float] = {}
     stopped = False
+    skipped_in_a_row = 0
     t_start = time.perf_counter()
     steps_this_session = 0
     while step < total_steps and not stopped:
@@ -334,7 +339,29 @@ def train(
             else:
                 grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            # A NaN/inf loss or gradient would poison the weights and every later checkpoint: stop with the last
+            # good checkpoint on disk, or (train.on_nonfinite: skip) drop this step's update and go on.
+            bad = "loss" if not math.isfinite(step_loss) else "grad_norm" if not math.isfinite(grad_norm) else None
+            if bad is None:
+                optimizer.step()
+                skipped_in_a_row = 0
+            else:
+                skipped_in_a_row += 1
+                where = f"step {step + 1} (epoch {epoch}, batch group {group_index})"
+                kept = list_checkpoints(ckpt_root)
+                last_good = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+                if tcfg.on_nonfinite == "stop" or skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    metrics.log({"step": step + 1, "nonfinite": bad, "action": "stop"})
+                    metrics.close()
+                    bar.close()
+                    lock.release()
+                    raise NonFiniteError(
+                        f"non-finite {bad} ({step_loss if bad == 'loss' else grad_norm}) at {where}; {last_good}",
+                        hint="lower train.lr, set train.max_grad_norm, check the data rows of that step, "
+                        "or set train.on_nonfinite: skip",
+                    )
+                metrics.log({"step": step + 1, "nonfinite": bad, "action": "skipped"})
+                bar.note(f"skipped the update of {where}: non-finite {bad}")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -385,6 +412,7 @@ def train(
 
     if stopped:
         metrics.close()
+        lock.release()
         return TrainResult(run_dir=run_dir, final_dir=None, steps=step, stopped_early=True)
 
     # --- final eval and save ------------------------------------------------------------------------------
@@ -435,4 +463,5 @@ def train(
         + ", ".join(f"{k} {v:,.1f}" for k, v in mem["weights_mb_by_dtype"].items())
         + f"); {trainable:,} trainable parameters"
     )
+    lock.release()
     return TrainResult(run_dir=run_dir, final_dir=final_dir, final_metrics=summary, steps=step)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bittune.errors import CheckpointError
+from bittune.errors import CheckpointError, StorageError
 
 COMPLETE = "COMPLETE"
 
@@ -76,6 +76,12 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(
+            f"could not write {final}: {exc.strerror or exc}",
+            hint="free disk space (or fix permissions) and run again; the previous complete state is untouched",
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,139 @@
+"""Nothing lost under bad numbers, full disks or a second job; nothing secret written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bittune.config import config_from_dict
+from bittune.errors import BittuneError, NonFiniteError, StorageError
+from bittune.recipes.finetune import train
+from bittune.training.metrics import read_metrics
+from helpers import color_chat_rows, write_jsonl
+from test_recipe import run_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", color_chat_rows(64))
+
+
+def poison_loss_at(monkeypatch, bad_calls: set[int]) -> None:
+    """Make the loss NaN on the given forward passes (1-based), as a diverging run would."""
+    import bittune.training.loss as loss_module
+
+    real = loss_module.loss_sum
+    calls = {"n": 0}
+
+    def fake(task, logits, labels):
+        calls["n"] += 1
+        out = real(task, logits, labels)
+        return out * float("nan") if calls["n"] in bad_calls else out
+
+    monkeypatch.setattr(loss_module, "loss_sum", fake)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    poison_loss_at(monkeypatch, {5})
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 10, "save_every": 2})
+    with pytest.raises(NonFiniteError) as err:
+        train(config_from_dict(raw), progress=False)
+    msg = str(err.value)
+    assert "non-finite loss" in msg and "at step 5" in msg and "checkpoints/step-4" in msg
+    assert "on_nonfinite: skip" in msg
+    assert (tmp_path / "run" / "checkpoints" / "step-4" / "COMPLETE").is_file()
+    assert not (tmp_path / "run" / "adapter").exists()
+    # The run can be resumed from the good checkpoint once the cause is gone.
+    monkeypatch.undo()
+    result = train(config_from_dict(raw), resume=True, progress=False)
+    assert result.steps == 10 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_nan_loss_skip_drops_only_that_update(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    poison_loss_at(monkeypatch, {3})
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 6, "on_nonfinite": "skip"})
+    result = train(config_from_dict(raw), progress=False)
+    assert result.steps == 6
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {"step": 3, "nonfinite": "loss", "action": "skipped"} in records
+    from safetensors.torch import load_file
+
+    weights = load_file(result.final_dir / "adapter_model.safetensors")
+    assert all(bool(v.isfinite().all()) for v in weights.values())
+
+
+def test_disk_full_mid_checkpoint_keeps_the_previous_one(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real(tensors, path, *args, **kwargs)  # half a file, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 10, "save_every": 3})
+    with pytest.raises(StorageError, match="No space left on device"):
+        train(config_from_dict(raw), progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-3"]  # no temp folder left behind
+    monkeypatch.undo()
+    assert train(config_from_dict(raw), resume=True, progress=False).steps == 10
+
+
+def test_second_job_on_the_same_output_dir_is_refused(tiny_llama_dir, chat_file, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename, "started": "now"}))
+        raw = run_config(tiny_llama_dir, chat_file, run, train={"max_steps": 2})
+        with pytest.raises(BittuneError, match=rf"in use by another bittune job \(pid {other.pid}"):
+            train(config_from_dict(raw), progress=False)
+    finally:
+        other.kill()
+        other.wait()
+    # The holder is gone: its lock is stale and the next job takes over, and releases it at the end.
+    result = train(config_from_dict(raw), progress=False)
+    assert result.steps == 2 and not (run / ".lock").exists()
+
+
+def test_corrupt_checkpoint_is_a_clean_error(tiny_llama_dir, chat_file, tmp_path):
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 6, "save_every": 2})
+    train(config_from_dict(raw), stop_after_step=4, progress=False)
+    weights = tmp_path / "run" / "checkpoints" / "step-4" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    from bittune.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"checkpoints/step-4 is corrupt") as err:
+        train(config_from_dict(raw), resume=True, progress=False)
+    assert "delete that step folder" in str(err.value)
+
+
+def test_hub_token_never_reaches_any_output(tiny_llama_dir, chat_file, tmp_path):
+    token = "hf_PLANTEDsecret0123456789abcdefXYZ"
+    env = {**os.environ, "HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token, "HF_HUB_OFFLINE": "1"}
+    cfg = tmp_path / "c.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 3})))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bittune", "train", str(cfg)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert token not in proc.stdout + proc.stderr
+    for f in (tmp_path / "run").rglob("*"):
+        if f.is_file():
+            assert token.encode() not in f.read_bytes(), f
