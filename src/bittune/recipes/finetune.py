@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,50 +56,6 @@ def _check_output_dir(run_dir: Path, resume: bool) -> None:
             f"output_dir {run_dir} already holds a run ({', '.join(held)})",
             hint="pass --resume to continue it, or choose a new output_dir (bittune never overwrites a run)",
         )
-
-
-class _Progress:
-    """A rich progress bar on a terminal; plain periodic lines in logs (CI, nohup, make demo | tee)."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.tty = sys.stderr.isatty()
-        self.every = max(1, total // 20)
-        self.bar = None
-        if enabled and self.tty:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-            )
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, info: str, eta_s: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total}  {info}  eta {eta_s / 60:.1f} min", file=sys.stderr, flush=True)
-
-    def note(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.console.print(text)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def train(
@@ -149,6 +104,7 @@ def train(
     from bittune.training.memory import peak_memory_mb, reset_peak, weights_footprint
     from bittune.training.metrics import MetricsLog, truncate_after
     from bittune.training.optim import build_optimizer, build_scheduler
+    from bittune.training.progress import ProgressReporter
     from bittune.training.runlock import RunLock
 
     tcfg, task, full = cfg.train, cfg.model.task, cfg.method == "full"
@@ -299,7 +255,7 @@ def train(
             state["best_eval_loss"], state["best_step"] = result["eval_loss"], step
         return result
 
-    bar = _Progress(total_steps, state["step"], progress)
+    bar = ProgressReporter(total_steps, state["step"], progress)
     bar.note(
         f"bittune: {cfg.method} {task} on {device.type} ({mixed_precision} mixed precision), "
         f"{trainable:,} of {total:,} parameters trainable; {len(data.train)} train / {len(data.eval)} eval rows; "
