@@ -16,32 +16,16 @@ def validate_run(cfg: RunConfig) -> dict[str, Any]:
     """
     from transformers import AutoConfig
 
-    from bittune.data import prepare_data
     from bittune.errors import ModelLoadError
     from bittune.model import load_tokenizer
+    from bittune.recipes.finetune import prepare_run_data
 
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     try:
         AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.path {cfg.model.path}: cannot read its config ({exc})") from None
-    data = prepare_data(
-        train=cfg.data.train,
-        eval=cfg.data.eval,
-        eval_fraction=cfg.data.eval_fraction,
-        fmt=cfg.data.format,
-        template=cfg.data.template,
-        max_length=cfg.data.max_length,
-        packing=cfg.data.packing,
-        train_on_prompt=cfg.data.train_on_prompt,
-        system_prompt=cfg.data.system_prompt,
-        columns=cfg.data.columns,
-        split=cfg.data.split,
-        max_rows=cfg.data.max_rows,
-        tokenizer=tokenizer,
-        task=cfg.model.task,
-        seed=cfg.train.seed,
-    )
+    data = prepare_run_data(cfg, tokenizer)
     warnings = []
     for split, st in data.stats.items():
         if st.truncated:

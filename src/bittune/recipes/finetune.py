@@ -47,6 +47,30 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[l
     return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
+def prepare_run_data(cfg: RunConfig, tokenizer: Any) -> Any:
+    """Read and tokenize the data a run config names (``bittune.data.prepare_data`` with its settings)."""
+    from bittune.data import prepare_data
+
+    d = cfg.data
+    return prepare_data(
+        train=d.train,
+        eval=d.eval,
+        eval_fraction=d.eval_fraction,
+        fmt=d.format,
+        template=d.template,
+        max_length=d.max_length,
+        packing=d.packing,
+        train_on_prompt=d.train_on_prompt,
+        system_prompt=d.system_prompt,
+        columns=d.columns,
+        split=d.split,
+        max_rows=d.max_rows,
+        tokenizer=tokenizer,
+        task=cfg.model.task,
+        seed=cfg.train.seed,
+    )
+
+
 def _check_output_dir(run_dir: Path, resume: bool) -> None:
     if resume or not run_dir.exists():
         return
@@ -77,7 +101,7 @@ def train(
     from accelerate import Accelerator
     from transformers import set_seed
 
-    from bittune.data import make_collator, prepare_data
+    from bittune.data import make_collator
     from bittune.model import (
         QUANT_FILE,
         attach_lora,
@@ -122,23 +146,7 @@ def train(
 
     # --- data ---------------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    data = prepare_data(
-        train=cfg.data.train,
-        eval=cfg.data.eval,
-        eval_fraction=cfg.data.eval_fraction,
-        fmt=cfg.data.format,
-        template=cfg.data.template,
-        max_length=cfg.data.max_length,
-        packing=cfg.data.packing,
-        train_on_prompt=cfg.data.train_on_prompt,
-        system_prompt=cfg.data.system_prompt,
-        columns=cfg.data.columns,
-        split=cfg.data.split,
-        max_rows=cfg.data.max_rows,
-        tokenizer=tokenizer,
-        task=task,
-        seed=tcfg.seed,
-    )
+    data = prepare_run_data(cfg, tokenizer)
     if not data.train:
         raise BittuneError(f"no training rows left in {cfg.data.train} after tokenization")
     label_names = data.label_names
