@@ -137,3 +137,29 @@ def test_hub_token_never_reaches_any_output(tiny_llama_dir, chat_file, tmp_path)
     for f in (tmp_path / "run").rglob("*"):
         if f.is_file():
             assert token.encode() not in f.read_bytes(), f
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    import bittune.training.checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        folder = root / f"step-{step}"
+        folder.mkdir(parents=True)
+        for name in ("weights.safetensors", "optimizer.pt", "state.json", "COMPLETE"):
+            (folder / name).write_text("x")
+
+    def killed_midway(path, ignore_errors=False):
+        next(Path(path).iterdir()).unlink()  # the delete got as far as one file...
+        raise KeyboardInterrupt  # ...when the process died
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune_checkpoints(root, keep_last=2)
+    monkeypatch.undo()
+    names = sorted(p.name for p in root.iterdir())
+    assert names[1:] == ["step-2", "step-3"] and names[0].startswith(".del-step-1-")
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-2", "step-3"]
+    (root / ".tmp-step-4-999").mkdir()  # and a checkpoint write that was killed
+    ckpt.sweep_stale_temp(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]

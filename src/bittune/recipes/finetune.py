@@ -122,6 +122,7 @@ def train(
         load_checkpoint,
         prune_checkpoints,
         save_checkpoint,
+        sweep_stale_temp,
     )
     from bittune.training.evaluate import count_targets, evaluate, model_inputs
     from bittune.training.loss import loss_sum
@@ -225,6 +226,8 @@ def train(
     lock = RunLock(run_dir)
     lock.acquire()
     ckpt_root = run_dir / "checkpoints"
+    for folder in (run_dir, ckpt_root):  # half-written folders of a killed job: never trusted, now removed
+        sweep_stale_temp(folder)
     state: dict[str, Any] = {
         "step": 0,
         "epoch": 0,

@@ -72,7 +72,7 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
             old = final.parent / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # a kill here leaves only a hidden .old-* folder
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)
@@ -208,9 +208,29 @@ def load_checkpoint(
     return state
 
 
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that a kill midway never leaves a half-deleted folder under its real name.
+
+    The folder is first renamed to a hidden ``.del-*`` name (one atomic step), then deleted; leftovers of a kill
+    are swept by :func:`sweep_stale_temp` on the next start.
+    """
+    doomed = path.parent / f".del-{path.name}-{os.getpid()}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def sweep_stale_temp(folder: Path) -> None:
+    """Remove ``.tmp-*``/``.old-*``/``.del-*`` folders left by killed jobs. Call only while holding the run lock."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_dir() and p.name.startswith((".tmp-", ".old-", ".del-")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def prune_checkpoints(ckpt_root: Path, keep_last: int, keep: set[str] = frozenset()) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (and those named in ``keep``)."""
     ckpts = list_checkpoints(ckpt_root)
     for p in ckpts[:-keep_last] if keep_last else ckpts:
         if p.name not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_dir(p)
