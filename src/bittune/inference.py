@@ -95,11 +95,14 @@ def generate_text(
     import torch
 
     from bittune.data import render_prompt
-    from bittune.model import load_for_inference
+    from bittune.model import load_for_inference, resolve_inference_source
 
-    model, tokenizer, task = load_for_inference(model_path, adapter=adapter)
-    if task != "causal-lm":
-        raise BittuneError(f"{model_path} is a classifier; generate needs a causal LM", hint="use `bittune eval`")
+    if resolve_inference_source(model_path, adapter)[2] != "causal-lm":  # before loading any weights
+        raise BittuneError(
+            f"{model_path} is a classifier (sequence classification); generate needs a causal LM",
+            hint="use `bittune eval MODEL --data FILE` for classifiers",
+        )
+    model, tokenizer, _ = load_for_inference(model_path, adapter=adapter)
     if raw:
         text = prompt
     else:

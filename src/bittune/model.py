@@ -265,13 +265,11 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_for_inference(
-    path: str, *, adapter: str | None = None, device: str = "auto", trust_remote_code: bool = False
-) -> tuple[Any, Any, str]:
-    """Load a model to evaluate or generate with: a model folder, a PEFT adapter folder, or a bittune run dir.
+def resolve_inference_source(path: str, adapter: str | None = None) -> tuple[str, str | None, str]:
+    """Where the weights of a model folder, adapter folder or run directory are, and its task; reads no weights.
 
     Returns:
-        (model in eval mode, tokenizer, task)
+        (base model path or hub id, adapter folder or None, task)
     """
     root = Path(path)
     if (root / "run_config.yaml").is_file():  # a bittune run directory
@@ -297,6 +295,18 @@ def load_for_inference(
         cfg_file = root / "config.json"
         archs = json.loads(cfg_file.read_text()).get("architectures", []) if cfg_file.is_file() else []
         task = "classification" if any("SequenceClassification" in a for a in archs) else "causal-lm"
+    return base, adapter, task
+
+
+def load_for_inference(
+    path: str, *, adapter: str | None = None, device: str = "auto", trust_remote_code: bool = False
+) -> tuple[Any, Any, str]:
+    """Load a model to evaluate or generate with: a model folder, a PEFT adapter folder, or a bittune run dir.
+
+    Returns:
+        (model in eval mode, tokenizer, task)
+    """
+    base, adapter, task = resolve_inference_source(path, adapter)
     dev = resolve_device(device)
     dtype = resolve_dtype("auto", dev, trainable_base=False)
     quantization = None
@@ -318,9 +328,11 @@ def load_for_inference(
         if label_file.is_file():
             label_names = json.loads(label_file.read_text())
         else:
-            cfg = json.loads((Path(base) / "config.json").read_text())
-            id2label = cfg.get("id2label") or {}
-            label_names = [id2label[k] for k in sorted(id2label, key=int)]
+            from transformers import AutoConfig
+
+            # transformers leaves default labels (LABEL_0, ...) out of config.json; AutoConfig restores them.
+            cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+            label_names = [cfg.id2label[i] for i in range(cfg.num_labels)]
     model = load_model(
         base,
         task=task,

@@ -72,7 +72,12 @@ def prepare_run_data(cfg: RunConfig, tokenizer: Any) -> Any:
 
 
 def _check_output_dir(run_dir: Path, resume: bool) -> None:
-    if resume or not run_dir.exists():
+    if not run_dir.exists():
+        return
+    from bittune.training.runlock import RunLock
+
+    RunLock(run_dir).check()  # another live job: refuse now, before loading anything
+    if resume:
         return
     held = [n for n in ("checkpoints", *FINAL_DIRS, "metrics.jsonl") if (run_dir / n).exists()]
     if held:
@@ -97,6 +102,17 @@ def train(
     Returns:
         Where the run's outputs are and its final metrics.
     """
+    from bittune.training.runlock import RunLock
+
+    lock = RunLock(Path(cfg.output_dir))
+    try:
+        return _train(cfg, lock, resume=resume, stop_after_step=stop_after_step, progress=progress)
+    finally:
+        lock.release()  # on errors too; a killed process leaves a lock that the next job finds stale
+
+
+def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | None, progress: bool) -> TrainResult:
+    """The body of :func:`train`; ``lock`` is taken once the run directory is created."""
     import torch
     from accelerate import Accelerator
     from transformers import set_seed
@@ -128,9 +144,8 @@ def train(
     from bittune.training.loss import loss_sum
     from bittune.training.memory import peak_memory_mb, reset_peak, weights_footprint
     from bittune.training.metrics import MetricsLog, truncate_after
-    from bittune.training.optim import build_optimizer, build_scheduler
+    from bittune.training.optim import build_optimizer, build_scheduler, check_optimizer_device
     from bittune.training.progress import ProgressReporter
-    from bittune.training.runlock import RunLock
 
     tcfg, task, full = cfg.train, cfg.model.task, cfg.method == "full"
     run_dir = Path(cfg.output_dir)
@@ -140,6 +155,7 @@ def train(
 
     # --- device, precision, seeds -------------------------------------------------------------------------
     device = resolve_device(tcfg.device)
+    check_optimizer_device(tcfg.optimizer, device)  # refuse before minutes of loading
     mixed_precision = resolve_mixed_precision(tcfg.mixed_precision, device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
     device = accelerator.device
@@ -223,7 +239,6 @@ def train(
 
     # --- run directory and resume -------------------------------------------------------------------------
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
     lock.acquire()
     ckpt_root = run_dir / "checkpoints"
     for folder in (run_dir, ckpt_root):  # half-written folders of a killed job: never trusted, now removed
@@ -398,7 +413,6 @@ def train(
     if not full and Path(cfg.model.path).exists():
         # An absolute base path keeps the adapter loadable from any working directory.
         unwrapped.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
-    atomic_dir(final_dir, write_final)
     summary = {
         "steps": step,
         "method": cfg.method,
@@ -418,7 +432,9 @@ def train(
         "final_dir": str(final_dir),
         **last_eval,
     }
+    # summary.json first: a kill between the two leaves no adapter/, so --resume finishes the run again.
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_dir(final_dir, write_final)
     metrics.close()
     mem = summary["memory"]
     peak = mem.get("peak_cuda_allocated_mb", mem["peak_rss_mb"])

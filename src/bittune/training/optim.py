@@ -12,6 +12,15 @@ from bittune.errors import ConfigError
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
+def check_optimizer_device(name: str, device: torch.device | None) -> None:
+    """Paged optimizers page state out of GPU memory: refuse them on CPU (bitsandbytes would quietly not page)."""
+    if name.startswith("paged_") and (device is None or device.type != "cuda"):
+        raise ConfigError(
+            f"train.optimizer {name} pages optimizer state out of GPU memory, and this run is on the CPU",
+            hint="use train.optimizer adamw_8bit (small state, works on CPU) or adamw",
+        )
+
+
 def build_optimizer(
     model: torch.nn.Module,
     *,
@@ -43,11 +52,7 @@ def build_optimizer(
         raise ValueError("the model has no trainable parameters")
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
-    if name.startswith("paged_") and (device is None or device.type != "cuda"):
-        raise ConfigError(
-            f"train.optimizer {name} pages optimizer state out of GPU memory, and this run is on the CPU",
-            hint="use train.optimizer adamw_8bit (small state, works on CPU) or adamw",
-        )
+    check_optimizer_device(name, device)
     import bitsandbytes as bnb
 
     cls = {

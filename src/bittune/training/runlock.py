@@ -42,12 +42,7 @@ class RunLock:
             except FileExistsError:
                 holder = self._read()
                 if holder and self._is_live(holder):
-                    raise BittuneError(
-                        f"output_dir {self.path.parent} is in use by another bittune job "
-                        f"(pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')})",
-                        hint="wait for that job to finish or choose another output_dir; if no such job runs, "
-                        f"delete {self.path}",
-                    ) from None
+                    raise self._in_use(holder) from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
@@ -55,6 +50,19 @@ class RunLock:
             self.held = True
             return
         raise BittuneError(f"could not take the lock {self.path}", hint="delete it if no bittune job uses it")
+
+    def check(self) -> None:
+        """Raise if a live job holds the lock; takes nothing (used before any work starts)."""
+        holder = self._read() if self.path.exists() else None
+        if holder and self._is_live(holder):
+            raise self._in_use(holder)
+
+    def _in_use(self, holder: dict) -> BittuneError:
+        return BittuneError(
+            f"output_dir {self.path.parent} is in use by another bittune job "
+            f"(pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')})",
+            hint=f"wait for that job to finish or choose another output_dir; if no such job runs, delete {self.path}",
+        )
 
     def _read(self) -> dict | None:
         try:
