@@ -148,6 +148,25 @@ def demo(
     run_demo(out, quick=quick)
 
 
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    set_: SetOption = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: the config's train.device).")] = None,
+    matmul_tflops: Annotated[
+        float | None, typer.Option(help="Matmul rate to plan with (default: measured on this device).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Estimate peak memory and time per step of CONFIG before training, and whether it fits."""
+    from bittune.config import load_config
+    from bittune.plan import estimate
+
+    cfg = load_config(config, set_ or [])
+    report = estimate(cfg, device=device, matmul_flops=matmul_tflops * 1e12 if matmul_tflops else None)
+    print(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``bittune`` command; turns user errors into one clean message."""
     try:

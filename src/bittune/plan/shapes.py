@@ -1,4 +1,4 @@
-"""The shape of a model from its ``config.json`` alone: which Linear layers it has, and how many parameters of each kind.
+"""A model's shape from its ``config.json`` alone: its Linear layers, and how many parameters of each kind.
 
 Llama-style decoders (Llama, Qwen2, Mistral) and BERT encoders are counted from the config numbers (hidden size,
 intermediate size, heads, kv heads, vocab, layers, tied embeddings). Any other architecture is instantiated on the
@@ -70,7 +70,9 @@ class ModelShape:
     @property
     def linear_params(self) -> int:
         """Parameters of all Linear layers that bitsandbytes quantizes (blocks and pooler; not the head)."""
-        return self.layers * sum(lin.params for lin in self.layer_linears) + sum(lin.params for lin in self.other_linears)
+        return self.layers * sum(lin.params for lin in self.layer_linears) + sum(
+            lin.params for lin in self.other_linears
+        )
 
     @property
     def head_params(self) -> int:
@@ -223,9 +225,12 @@ def meta_shape(config: Any, *, task: str = "causal-lm", num_labels: int = 2) -> 
     linear_param_names: set[str] = set()
     for name in names:
         module = model.get_submodule(name) if name else model
-        if not isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear):
+            lin = Linear(name, module.in_features, module.out_features, module.bias is not None)
+        elif type(module).__name__ == "Conv1D":  # GPT-2 style: a Linear with a transposed (in, out) weight
+            lin = Linear(name, module.weight.shape[0], module.weight.shape[1], module.bias is not None)
+        else:
             continue
-        lin = Linear(name, module.in_features, module.out_features, module.bias is not None)
         if module is head_module or name == last_param:
             head = lin
             continue
@@ -244,7 +249,7 @@ def meta_shape(config: Any, *, task: str = "causal-lm", num_labels: int = 2) -> 
     layer_linears = by_layer[min(by_layer)] if by_layer else []
     layers = len(by_layer)
     # Blocks that differ (rare: e.g. MoE interleaving) are folded into "other" Linear layers.
-    for idx, lins in by_layer.items():
+    for lins in by_layer.values():
         if lins != layer_linears:
             others.extend(lins)
             layers -= 1

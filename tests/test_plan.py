@@ -1,0 +1,329 @@
+"""``bittune plan``: parameter counts, weights, activations and the CLI, on tiny in-process configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bittune.config import config_from_dict
+from bittune.plan import estimate, model_shape
+from bittune.plan.activations import ActivationSpec, layer_bytes_per_token
+from bittune.plan.shapes import meta_shape
+from helpers import color_chat_rows, write_jsonl
+
+LLAMA = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=160,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+def llama_config(layers: int = 2, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, **{**LLAMA, **kw})
+
+
+def config_dir(tmp_path: Path, config, name: str = "m") -> Path:
+    """A model folder with only config.json: planning must not need weights."""
+    path = tmp_path / name
+    config.save_pretrained(path)
+    return path
+
+
+def plan_cfg(model_dir: Path, **sections):
+    raw = {
+        "model": {"path": str(model_dir)},
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": "unused.jsonl", "format": "chat", "max_length": 64, "packing": True},
+        "train": {"batch_size": 4, "device": "cpu"},
+        "output_dir": "unused",
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return config_from_dict(raw)
+
+
+def plan(model: Path, **sections):
+    # A fixed matmul rate: these tests are about memory, and skip the probe.
+    return estimate(plan_cfg(model, **sections), matmul_flops=1e11)
+
+
+def test_more_layers_need_more_memory(tmp_path):
+    small = plan(config_dir(tmp_path, llama_config(2), "l2"))
+    big = plan(config_dir(tmp_path, llama_config(6), "l6"))
+    assert big.peak_mb > small.peak_mb
+    assert big.component("activations") > small.component("activations")
+    assert big.total_parameters > small.total_parameters
+
+
+def test_longer_rows_need_more_activation_memory(tmp_path):
+    model = config_dir(tmp_path, llama_config(2))
+    short = plan(model, data={"max_length": 64})
+    long = plan(model, data={"max_length": 256})
+    assert long.component("activations") > 2 * short.component("activations")
+    assert long.component("logits + loss") == pytest.approx(4 * short.component("logits + loss"), rel=0.05)
+
+
+def test_gradient_checkpointing_saves_activation_memory(tmp_path):
+    model = config_dir(tmp_path, llama_config(8))
+    plain = plan(model, data={"max_length": 256})
+    ckpt = plan(model, data={"max_length": 256}, train={"gradient_checkpointing": True})
+    assert ckpt.component("activations") < plain.component("activations") / 3
+    assert ckpt.peak_mb < plain.peak_mb
+    assert ckpt.flops_per_step > plain.flops_per_step  # the recompute
+
+
+def test_kbit_weights_are_smaller_and_double_quant_smaller_still(tmp_path):
+    model = config_dir(tmp_path, llama_config(4, hidden_size=256, intermediate_size=512))
+    fp32 = plan(model).component("weights")
+    int8 = plan(model, method="qlora", quant={"bits": 8}).component("weights")
+    nf4 = plan(model, method="qlora", quant={"bits": 4, "double_quant": False}).component("weights")
+    nf4_dq = plan(model, method="qlora", quant={"bits": 4, "double_quant": True}).component("weights")
+    assert nf4_dq < nf4 < int8 < fp32
+
+
+def test_full_fine_tuning_trains_every_parameter(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(2)
+    report = plan(config_dir(tmp_path, config), method="full")
+    n = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert report.trainable_parameters == report.total_parameters == n
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["down_proj"]])
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_counts_match_peft(tmp_path, targets, tied):
+    from transformers import LlamaForCausalLM
+
+    from bittune.model import attach_lora, count_parameters
+
+    config = llama_config(3, tie_word_embeddings=tied)
+    report = plan(config_dir(tmp_path, config), lora={"r": 8, "target_modules": targets})
+    peft_model = attach_lora(
+        LlamaForCausalLM(config), task="causal-lm", r=8, alpha=16, dropout=0.0, target_modules=targets
+    )
+    assert (report.trainable_parameters, report.total_parameters) == count_parameters(peft_model)
+
+
+def test_classification_counts_match_peft(tiny_bert_dir, tiny_llama_dir):
+    from bittune.model import attach_lora, count_parameters, load_model
+
+    for folder in (tiny_bert_dir, tiny_llama_dir):
+        for method in ("lora", "full"):
+            cfg = plan_cfg(
+                folder,
+                method=method,
+                model={"task": "classification", "num_labels": 3},
+                data={"format": "classification", "packing": False},
+            )
+            report = estimate(cfg, matmul_flops=1e11)
+            model = load_model(str(folder), task="classification", dtype=torch.float32, label_names=["a", "b", "c"])
+            if method == "lora":
+                lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+                model = attach_lora(model, task="classification", **lora)
+            counted = count_parameters(model)
+            assert (report.trainable_parameters, report.total_parameters) == counted, (folder.name, method)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        llama_config(2),
+        llama_config(2, tie_word_embeddings=False),
+        llama_config(2, attention_bias=True, mlp_bias=True),
+    ],
+    ids=["llama-tied", "llama-untied", "llama-bias"],
+)
+def test_config_formula_matches_a_meta_device_count(config):
+    formula = model_shape(config)
+    meta = meta_shape(config)
+    assert formula.source == "config" and meta.source == "meta"
+    assert formula.total_params == meta.total_params
+    assert formula.linear_params == meta.linear_params
+
+
+def test_qwen2_and_bert_formulas_match_meta_counts():
+    from transformers import BertConfig, Qwen2Config
+
+    qwen = Qwen2Config(**{**LLAMA, "num_hidden_layers": 2})
+    assert model_shape(qwen).total_params == meta_shape(qwen).total_params
+    bert = BertConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    formula = model_shape(bert, task="classification", num_labels=3)
+    assert formula.total_params == meta_shape(bert, task="classification", num_labels=3).total_params
+
+
+def test_unknown_architecture_falls_back_to_meta_count(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    shape = model_shape(config)
+    assert shape.source == "meta" and shape.layers == 2
+    assert shape.total_params == sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
+    report = plan(config_dir(tmp_path, config), method="full")
+    assert report.shape_source == "meta" and any("meta-device" in n for n in report.notes)
+
+
+def test_kbit_weights_match_the_loaded_footprint(tiny_llama_dir):
+    """The 4-bit/8-bit weight bytes, scales included, equal what bitsandbytes really allocates."""
+    pytest.importorskip("bitsandbytes")
+    from bittune.model import bnb_config, load_model
+    from bittune.training.memory import weights_footprint
+
+    for quant in ({"bits": 4, "double_quant": True}, {"bits": 4, "double_quant": False}, {"bits": 8}):
+        report = plan(tiny_llama_dir, method="qlora", quant=quant)
+        q = bnb_config(
+            bits=quant["bits"],
+            quant_type="nf4",
+            double_quant=quant.get("double_quant", False),
+            compute_dtype=torch.float32,
+        )
+        model = load_model(
+            str(tiny_llama_dir), task="causal-lm", dtype=torch.float32, quantization=q, device=torch.device("cpu")
+        )
+        real = weights_footprint(model)
+        expected = {k: v * 2**20 for k, v in report.weights_mb_by_dtype.items()}
+        lora = report.trainable_parameters * 4  # the plan includes the float32 adapters; the bare model has none
+        expected["float32"] -= lora
+        assert set(real) == set(expected), quant
+        for key, value in real.items():
+            assert expected[key] == pytest.approx(value, abs=0.006 * 2**20), (quant, key)
+
+
+def _saved_bytes_per_layer(config, *, method: str, batch: dict, tokens: int) -> float:
+    """Bytes autograd saves per block per token (difference of a 1- and a 3-block model, parameters excluded)."""
+    from transformers import LlamaForCausalLM
+
+    from bittune.model import attach_lora
+    from bittune.training.loss import loss_sum
+
+    totals = []
+    for layers in (1, 3):
+        torch.manual_seed(0)
+        config.num_hidden_layers = layers
+        model = LlamaForCausalLM(config)
+        model.config.use_cache = False
+        if method == "lora":
+            model = attach_lora(model, task="causal-lm", r=8, alpha=16, dropout=0.0, target_modules="all-linear")
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, seen=seen, params=params) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(**batch).logits
+            loss_sum("causal-lm", logits, batch["input_ids"])
+        totals.append(sum(seen.values()))
+    return (totals[1] - totals[0]) / 2 / tokens
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_activation_formula_matches_what_autograd_saves(method, packed):
+    config = llama_config(1)
+    b, t = 2, 32
+    ids = torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(0))
+    if packed:  # two examples per row: a block-diagonal mask is built and k/v are repeated for sdpa
+        batch = {"input_ids": ids, "position_ids": torch.arange(t).remainder(16).expand(b, t), "use_cache": False}
+    else:  # no padding: no mask, grouped-query attention inside sdpa
+        batch = {"input_ids": ids, "attention_mask": torch.ones(b, t, dtype=torch.long)}
+    measured = _saved_bytes_per_layer(config, method=method, batch=batch, tokens=b * t)
+    spec = ActivationSpec(
+        act_bytes=4,
+        resid_bytes=4,
+        full=method == "full",
+        lora_rank_per_layer=8 * 7 if method == "lora" else 0,
+        mask=packed,
+        seq=t,
+        checkpointing=False,
+    )
+    assert layer_bytes_per_token(model_shape(config), spec) == pytest.approx(measured, rel=0.03)
+
+
+def test_report_renders_and_serializes(tmp_path):
+    report = plan(config_dir(tmp_path, llama_config(2)), method="qlora")
+    text = report.table()
+    assert "peak RSS" in text and "activations" in text and "fits:" in text
+    data = json.loads(json.dumps(report.as_dict()))
+    assert data["peak_mb"] == report.peak_mb and data["device"] == "cpu"
+    assert report.seconds_per_step and report.seconds_per_step > 0
+
+
+def test_missing_model_config_is_a_user_error(tmp_path):
+    from bittune.errors import BittuneError
+
+    with pytest.raises(BittuneError, match="cannot read the config"):
+        plan(tmp_path / "nowhere")
+
+
+def _write_yaml(path: Path, raw: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_cli_plan_prints_a_table(tmp_path):
+    model = config_dir(tmp_path, llama_config(2))
+    raw = {
+        "model": {"path": str(model)},
+        "method": "lora",
+        "data": {"train": "unused.jsonl", "format": "chat", "max_length": 64},
+        "output_dir": str(tmp_path / "run"),
+    }
+    cfg = _write_yaml(tmp_path / "cfg.yaml", raw)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "bittune", "plan", str(cfg), "--device", "cpu", "--set", "train.batch_size=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "peak RSS" in proc.stdout and "fits:" in proc.stdout and "micro-batch 2 x 64" in proc.stdout
+    proc = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["batch_size"] == 2
+
+
+@pytest.mark.e2e
+def test_estimate_is_near_a_real_runs_peak(tiny_llama_dir, tmp_path):
+    """A tiny LoRA run in its own process: the estimate is within a loose factor of the measured peak RSS.
+
+    On a tiny model the process baseline dominates, so this checks the runtime constant and that nothing is
+    wildly off, without timing anything (the machine may be busy).
+    """
+    data = write_jsonl(tmp_path / "chat.jsonl", color_chat_rows(32))
+    raw = {
+        "model": {"path": str(tiny_llama_dir)},
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(data), "format": "chat", "max_length": 64},
+        "train": {"batch_size": 4, "max_steps": 3, "device": "cpu"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    cfg = _write_yaml(tmp_path / "cfg.yaml", raw)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bittune", "train", str(cfg)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads((tmp_path / "run" / "summary.json").read_text())["memory"]["peak_rss_mb"]
+    estimated = estimate(config_from_dict(raw), matmul_flops=1e11).peak_mb
+    assert measured / 2 < estimated < measured * 2, (estimated, measured)
