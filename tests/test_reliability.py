@@ -163,3 +163,17 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
     (root / ".tmp-step-4-999").mkdir()  # and a checkpoint write that was killed
     ckpt.sweep_stale_temp(root)
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
+
+
+def test_peak_rss_of_a_job_excludes_the_process_that_started_it():
+    """Linux carries ru_maxrss across fork and exec: a job started by a 1 GB parent must not report 1 GB."""
+    code = (
+        "import subprocess, sys\n"
+        "big = bytearray(1024**3)\n"
+        "for i in range(0, len(big), 4096): big[i] = 1\n"
+        "child = 'from bittune.training.memory import peak_memory_mb; import torch; "
+        'print(peak_memory_mb(torch.device("cpu"))["peak_rss_mb"])\'\n'
+        "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert float(out.stdout.strip()) < 800, out.stdout

@@ -52,11 +52,26 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _peak_rss_bytes() -> int:
+    """Peak RSS of this process image.
+
+    Linux's ``ru_maxrss`` survives fork and exec, so a job started from a big parent (a test runner, a notebook)
+    would report the parent's size; ``VmHWM`` in /proc belongs to this process image alone.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
     """Peak resident memory of this process (CPU) and, on a GPU, peak CUDA memory allocated by torch."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
-    out = {"peak_rss_mb": round(rss_bytes / MB, 1)}
+    out = {"peak_rss_mb": round(_peak_rss_bytes() / MB, 1)}
     if device.type == "cuda":
         out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / MB, 1)
         out["peak_cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / MB, 1)
