@@ -40,6 +40,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "QLoRA NF4": {"method": "qlora", "quant": NF4},
     "QLoRA NF4 + grad ckpt": {"method": "qlora", "quant": NF4, "train": {"gradient_checkpointing": True}},
 }
+# CPU only: the same runs with glibc's mmap threshold fixed at 1 MiB, so freed activation blocks go back to the
+# kernel instead of staying in the heap (bittune plan models both allocator behaviours).
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+CPU_EXTRA: dict[str, dict[str, Any]] = {
+    "LoRA fp32, malloc threshold 1 MiB": {"method": "lora", "env": FIXED_MALLOC},
+    "QLoRA NF4, malloc threshold 1 MiB": {"method": "qlora", "quant": NF4, "env": FIXED_MALLOC},
+}
 # With --paged on a GPU, the k-bit configs use bitsandbytes' paged optimizers (as QLoRA does).
 PAGED = {
     "LoRA 8-bit base": "paged_adamw_32bit",
@@ -113,6 +120,8 @@ def run_config(model: Path, data: Path, out: Path, overrides: dict[str, Any], ar
         "output_dir": str(out),
     }
     for key, value in overrides.items():
+        if key == "env":
+            continue
         if isinstance(value, dict):
             raw.setdefault(key, {}).update(value)
         else:
@@ -120,8 +129,8 @@ def run_config(model: Path, data: Path, out: Path, overrides: dict[str, Any], ar
     return raw
 
 
-def train_and_measure(raw: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
-    """Train ``raw`` in a fresh ``python -m bittune train`` process and read what it measured."""
+def train_and_measure(raw: dict[str, Any], work: Path, name: str, env: dict | None = None) -> dict[str, Any]:
+    """Train ``raw`` in a fresh ``python -m bittune train`` process (``env`` added) and read what it measured."""
     out = Path(raw["output_dir"])
     if out.exists():
         import shutil
@@ -129,7 +138,7 @@ def train_and_measure(raw: dict[str, Any], work: Path, name: str) -> dict[str, A
         shutil.rmtree(out)
     cfg_file = work / f"{out.name}.yaml"
     cfg_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t0 = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "bittune", "train", str(cfg_file)], capture_output=True, text=True, env=env
@@ -235,11 +244,19 @@ def main() -> None:
 
     work, model, data = setup(args)
     rows = []
-    for i, (name, overrides) in enumerate(selected(args, CONFIGS).items()):
+    configs = {**CONFIGS, **(CPU_EXTRA if args.device == "cpu" else {})}
+    for i, (name, overrides) in enumerate(selected(args, configs).items()):
         raw = run_config(model, data, work / f"plan-{i}", overrides, args)
+        env = overrides.get("env", {})
         probe.matmul_flops.cache_clear()  # re-measure next to each run: a shared CPU's load drifts
-        report = estimate(config_from_dict(json.loads(json.dumps(raw))), device=args.device)
-        measured = train_and_measure(raw, work, name)
+        saved = dict(os.environ)
+        os.environ.update(env)  # the estimate reads the allocator setting from the environment, as the run will
+        try:
+            report = estimate(config_from_dict(json.loads(json.dumps(raw))), device=args.device)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        measured = train_and_measure(raw, work, name, env)
         rows.append({"name": name, "estimate": report.as_dict(), "measured": measured})
         est_s, meas_s = report.seconds_per_step, measured.get("s_per_step_median")
         print(

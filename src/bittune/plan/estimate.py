@@ -43,7 +43,7 @@ CPU_HEAP_RETENTION = {
     "checkpointing": 0.72,  # LoRA, QLoRA NF4 and full with checkpointing: 0.69-0.77 (full 0.57)
     "full": 0.5,  # full fine-tuning: gradients and optimizer state reuse part of the holes (measured 0.47)
     "4bit": 1.5,  # 4-bit base, dequantized weights interleave with activations: 1.67-1.72; 1.31 at 8 x 128
-    "8bit": 0.7,  # 8-bit base, the least stable: 0.34-0.9 over four 4 x 256 runs, 1.53 at 8 x 128
+    "8bit": 1.0,  # 8-bit base, bimodal between runs: 0.34-0.4 or 1.5-1.6 (4 x 256 and 8 x 128); the middle
     "lora": 1.2,  # float32 LoRA: 1.10-1.36 between runs; 1.2 at 4 x 128
 }
 # With a fixed threshold (MALLOC_MMAP_THRESHOLD_ set, or mallopt) freed blocks go back to the kernel and only a
@@ -54,18 +54,19 @@ CUDA_CONTEXT_MB = 600.0
 CUDA_ALLOCATOR_SLACK = 0.10
 # Time per step = matmul FLOPs / (probe rate x efficiency) + memory-bound traffic / probe bandwidth + k-bit
 # dequantization + optimizer. The probe multiplies matrices of the model's MLP shape at the step's token count.
-# CPU: uncontended SmolLM2-135M steps (batch 4 x 256: full, LoRA, LoRA + checkpointing, QLoRA) ran 166-177
+# CPU: uncontended SmolLM2-135M steps (batch 4 x 256: full, LoRA, LoRA + checkpointing, QLoRA) ran 170-196
 # GFLOP/s with everything included, while the probe (1024 x 576 @ 576 x 1536, idle machine) measured ~320.
 # GPU: the H100 runs of bench/gpu_qlora.py (1.1B Llama, 8 x 512, BENCHMARKS.md) give 0.3 for full fine-tuning
 # against a 790 TFLOP/s rate; LoRA and k-bit runs there were ~2x slower than this model predicts (adapter and
 # dequantization kernels), so refit from `bench/plan_vs_measured.py --device cuda`.
-MATMUL_EFFICIENCY = {"cpu": 0.55, "cuda": 0.3}
+MATMUL_EFFICIENCY = {"cpu": 0.6, "cuda": 0.3}
 # Elementwise traffic in units of the blocks' saved activations (written in forward, read with their gradient
 # in backward) and of one float32 logits copy (the loss's copies and softmax), over the measured bandwidth.
 ACT_PASSES = 1.0
 LOGIT_PASSES = 2.0
-# AdamW reads param, grad, two moments and writes three of them: ~7 passes over the trainable bytes.
-OPTIM_PASSES = 7.0
+# AdamW reads param, grad, two moments and writes three of them, in place (no fresh pages, unlike the probe):
+# ~3 probe-bandwidth passes over the trainable bytes (full fine-tuning of SmolLM2 on CPU: ~0.2 s per step).
+OPTIM_PASSES = 3.0
 # Planning for a GPU that is not here: HBM-class bandwidth for the memory-bound part.
 NOMINAL_GPU_BANDWIDTH = 2e12
 
