@@ -1,0 +1,1 @@
+"""Post-training quantization, fake quantization for QAT, and the quantized-model file format."""
