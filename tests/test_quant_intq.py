@@ -86,3 +86,23 @@ def test_fake_quantize_forward_is_quantize_dequantize_and_gradient_is_identity()
 def test_bad_bit_width_is_refused() -> None:
     with pytest.raises(ValueError, match=r"1\.\.8 bits"):
         quantize_int(torch.randn(2, 8), 9, 8)
+
+
+def test_quantizable_linears_skip_heads_and_lora_matrices(tiny_llama_dir) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bittune.quant.select import quantizable_linears
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    names = [n for n, _ in quantizable_linears(model)]
+    assert names and "lm_head" not in names
+    assert all(n.startswith("model.layers.") for n in names)
+    n_linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(names) == n_linears - 1  # everything but the head
+
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_names = [n for n, _ in quantizable_linears(peft_model)]
+    assert len(peft_names) == len(names)
+    assert any(n.endswith("q_proj.base_layer") for n in peft_names)
+    assert not any("lora_" in n for n in peft_names)
