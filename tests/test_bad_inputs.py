@@ -501,12 +501,37 @@ def _not_a_model(env: Env) -> Scenario:
 
 @case("model-path-is-a-file")
 def _model_file(env: Env) -> Scenario:
-    path = env.data("model.gguf", b"GGUF")
+    path = env.data("model.bin", b"\x00" * 16)
     cfg = env.config(env.run_config(model_dir=path))
     return Scenario(
-        ["train", str(cfg)], f"model.path {path}", ["is a file, not a model directory", "converted"],
+        ["train", str(cfg)], f"model.path {path}", ["is a file, not a model directory", ".gguf file"],
         out=env.tmp / "out",
     )  # fmt: skip
+
+
+@case("gguf-truncated")
+def _gguf_truncated(env: Env) -> Scenario:
+    path = env.data("model.gguf", b"GGUF")
+    cfg = env.config(env.run_config(model_dir=path))
+    return Scenario(["train", str(cfg)], str(path), ["is not a readable GGUF file", "re-download"], out=env.tmp / "out")
+
+
+@case("gguf-of-unsupported-architecture")
+def _gguf_unsupported(env: Env) -> Scenario:
+    import gguf
+    import numpy as np
+
+    path = env.tmp / "bert.gguf"
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cfg = env.config(env.run_config(model_dir=path))
+    return Scenario(
+        ["train", str(cfg)], str(path), ["holds a 'bert' model", "llama", "qwen2", "original"], out=env.tmp / "out"
+    )
 
 
 @case("lora-target-modules-not-in-model", xfail=LOADING_BAR)

@@ -11,6 +11,7 @@ import pytest
 
 import bittune.demo.assets as assets
 from bittune.errors import BittuneError
+from bittune.gguf_import import COMPLETE_MARKER
 
 
 def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -51,7 +52,7 @@ def test_conversion_is_atomic_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(assets, "_convert_smollm2", _fake_convert)
     target = assets.prepare_smollm2(tmp_path)
     assert target == tmp_path / "models" / assets.SMOLLM2_NAME
-    marker = json.loads((target / assets.COMPLETE_MARKER).read_text())
+    marker = json.loads((target / COMPLETE_MARKER).read_text())
     assert marker["files"] == ["config.json", "model.safetensors"]
     assert [p.name for p in target.parent.iterdir()] == [assets.SMOLLM2_NAME]  # no temp dir left
 
@@ -79,7 +80,7 @@ def test_incomplete_folder_is_redone(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     stale = tmp_path / "models" / assets.SMOLLM2_NAME
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{half")  # no completion marker
-    (stale / assets.COMPLETE_MARKER).write_text(json.dumps({"version": 1, "files": ["missing.bin"]}))
+    (stale / COMPLETE_MARKER).write_text(json.dumps({"version": 1, "files": ["missing.bin"]}))
     monkeypatch.setattr(assets, "smollm2_gguf_path", lambda: tmp_path / "m.gguf")
     monkeypatch.setattr(assets, "_convert_smollm2", _fake_convert)
     target = assets.prepare_smollm2(tmp_path)

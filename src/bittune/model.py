@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,26 +101,35 @@ def bnb_config(*, bits: int, quant_type: str, double_quant: bool, compute_dtype:
     )
 
 
-def _check_source(path: str) -> None:
-    """Fail early, with a clear message, on paths that cannot be a model."""
+def model_source(path: str) -> str:
+    """Where to load ``model.path`` from, failing early, with a clear message, on paths that cannot be a model.
+
+    A ``.gguf`` file is converted once into a cached Hugging Face folder (see :mod:`bittune.gguf_import`) and that
+    folder is returned; folders and hub ids are returned unchanged.
+    """
     p = Path(path).expanduser()
     if p.exists():
         if not p.is_dir():
+            if p.suffix.lower() == ".gguf":
+                from bittune.gguf_import import gguf_model_folder
+
+                return str(gguf_model_folder(p, log=lambda msg: print(msg, file=sys.stderr)))
             raise ModelLoadError(
                 f"model.path {path} is a file, not a model directory",
-                hint="point model.path at a folder with config.json (a GGUF file must be converted first)",
+                hint="point model.path at a folder with config.json, or at a .gguf file",
             )
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise ModelLoadError(
                 f"model.path {path} has no config.json, so it is not a Hugging Face model folder",
                 hint="point model.path at the folder written by save_pretrained (or a bittune run's model/)",
             )
-        return
+        return path
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise ModelLoadError(
             f"model.path {path} does not exist", hint="fix the path, or use a hub id like 'owner/name'"
         )
+    return path
 
 
 def _hub_error(path: str, exc: Exception) -> ModelLoadError:
@@ -139,7 +149,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str 
     """
     from transformers import AutoTokenizer
 
-    _check_source(path)
+    path = model_source(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as exc:
@@ -172,7 +182,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    _check_source(path)
+    path = model_source(path)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

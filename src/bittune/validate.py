@@ -17,12 +17,12 @@ def validate_run(cfg: RunConfig) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from bittune.errors import ModelLoadError
-    from bittune.model import load_tokenizer
+    from bittune.model import load_tokenizer, model_source
     from bittune.recipes.finetune import prepare_run_data
 
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     try:
-        AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        AutoConfig.from_pretrained(model_source(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.path {cfg.model.path}: cannot read its config ({exc})") from None
     data = prepare_run_data(cfg, tokenizer)

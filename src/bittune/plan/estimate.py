@@ -138,11 +138,13 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
         A :class:`PlanReport`; ``peak_mb`` is comparable with ``summary.json``'s ``peak_rss_mb`` (CPU) or
         ``peak_cuda_allocated_mb`` (GPU).
     """
+    from bittune.model import model_source
     from bittune.plan import device as probe
 
     kind, weights_dtype, compute_dtype, autocast = _resolve(cfg, device)
     mcfg = cfg.model
-    config = load_model_config(mcfg.path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision)
+    source = model_source(mcfg.path)  # a .gguf file stands for its converted folder
+    config = load_model_config(source, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision)
     task = cfg.model.task
     shape = model_shape(config, task=task, num_labels=cfg.model.num_labels or 2)
     notes: list[str] = []
@@ -256,7 +258,9 @@ def _memory(cfg: RunConfig, run: _Run, shape: ModelShape, trainable: Trainable, 
         comps.append(Component("runtime", runtime, "Python + torch + transformers + peft + data (measured)"))
     comps.append(Component("weights", weights / MB, _weights_note(run.weights_dtype, bits)))
     if bits and not gpu:
-        pages = _checkpoint_bytes(cfg.model.path, shape, config)
+        from bittune.model import model_source
+
+        pages = _checkpoint_bytes(model_source(cfg.model.path), shape, config)
         comps.append(Component("checkpoint pages", pages / MB, "the file it was quantized from stays mapped"))
     accumulating = cfg.train.grad_accum > 1
     comps.append(
