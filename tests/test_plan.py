@@ -272,7 +272,7 @@ def test_report_renders_and_serializes(tmp_path):
 def test_missing_model_config_is_a_user_error(tmp_path):
     from bittune.errors import BittuneError
 
-    with pytest.raises(BittuneError, match="cannot read the config"):
+    with pytest.raises(BittuneError, match="does not exist"):
         plan(tmp_path / "nowhere")
 
 
