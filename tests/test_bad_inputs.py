@@ -534,6 +534,12 @@ def _gguf_unsupported(env: Env) -> Scenario:
     )
 
 
+@case("lora-target-modules-not-in-model-validate")
+def _bad_targets_validate(env: Env) -> Scenario:
+    cfg = env.config(env.run_config(lora={"target_modules": ["qkv_proj"]}))
+    return Scenario(["validate", str(cfg)], "lora.target_modules", ["qkv_proj", "all-linear"], out=env.tmp / "out")
+
+
 @case("lora-target-modules-not-in-model", xfail=LOADING_BAR)
 def _bad_targets(env: Env) -> Scenario:
     cfg = env.config(env.run_config(lora={"target_modules": ["qkv_proj"]}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,6 +240,34 @@ def attach_lora(
             f"lora.target_modules {target_modules!r} does not fit this model: {exc}",
             hint="use 'all-linear' or names of Linear layers printed by print(model)",
         ) from None
+
+
+def check_lora_targets(
+    path: str,
+    *,
+    task: str,
+    target_modules: list[str] | str,
+    num_labels: int = 2,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> None:
+    """Refuse LoRA target modules that match nothing, before any weights are loaded.
+
+    The model is built from its config on the ``meta`` device (no memory, no weights) and LoRA is attached to it,
+    so a misspelled target fails in a second instead of after minutes of loading.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(
+        model_source(path), trust_remote_code=trust_remote_code, revision=revision, num_labels=num_labels
+    )
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    with warnings.catch_warnings():  # deprecation notices from peft/transformers internals say nothing to the user
+        warnings.simplefilter("ignore", FutureWarning)
+        attach_lora(skeleton, task=task, r=1, alpha=1, dropout=0.0, target_modules=target_modules, bias="none")
 
 
 def prepare_kbit_base(model: PreTrainedModel, *, gradient_checkpointing: bool) -> PreTrainedModel:

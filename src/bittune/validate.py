@@ -17,7 +17,7 @@ def validate_run(cfg: RunConfig) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from bittune.errors import ModelLoadError
-    from bittune.model import load_tokenizer, model_source
+    from bittune.model import check_lora_targets, load_tokenizer, model_source
     from bittune.recipes.finetune import prepare_run_data
 
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -26,6 +26,15 @@ def validate_run(cfg: RunConfig) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.path {cfg.model.path}: cannot read its config ({exc})") from None
     data = prepare_run_data(cfg, tokenizer)
+    if cfg.method != "full":
+        check_lora_targets(
+            cfg.model.path,
+            task=cfg.model.task,
+            target_modules=cfg.lora.target_modules,
+            num_labels=len(data.label_names or []) or 2,
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
+        )
     warnings = []
     for split, st in data.stats.items():
         if st.truncated:
