@@ -457,7 +457,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                 # Gathering full tensors is a collective: every process takes part, rank 0 writes.
                 tensors = dist.full_weights(model, trainable_only=not full, accelerator=accelerator)
                 opt_state = dist.full_optimizer_state(model, optimizer, accelerator)
-                rngs = dist.gather_objects(accelerator, capture_rng())
+                rngs = dist.gather_rng_states(accelerator, capture_rng())
                 if main:
                     save_checkpoint(
                         ckpt_root / f"step-{step}",

@@ -177,8 +177,18 @@ def full_weights(model: torch.nn.Module, *, trainable_only: bool, accelerator: A
 def final_state_dict(model: torch.nn.Module, accelerator: Any, strategy: str) -> dict[str, torch.Tensor]:
     """Every weight as a full tensor for ``save_pretrained`` (rank 0; a collective over all processes)."""
     if strategy == "deepspeed":
-        return accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions
-    return full_weights(model, trainable_only=False, accelerator=accelerator)
+        state = accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions
+    else:
+        state = full_weights(model, trainable_only=False, accelerator=accelerator)
+    # Gathered copies no longer share storage, so save_pretrained cannot see tied weights (lm_head = embeddings):
+    # keep one name per parameter, as a single-process save does.
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in (state or {}).items() if k not in aliases}
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: Any, accelerator: Any) -> dict[str, Any]:
@@ -221,10 +231,50 @@ def load_full_state(
         set_optimizer_state_dict(model, inner, opt_state, options=options)
 
 
-def gather_objects(accelerator: Any, obj: Any) -> list[Any]:
-    """``obj`` of every process, in rank order (``[obj]`` in one process)."""
+def gather_rng_states(accelerator: Any, rng: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every process's generator states (:func:`~bittune.training.checkpoint.capture_rng`), in rank order.
+
+    Sent as ``torch.save`` bytes: pickled tensors do not survive ``all_gather_object`` on gloo.
+    """
     if accelerator.num_processes == 1:
-        return [obj]
+        return [rng]
+    import io
+
     from accelerate.utils import gather_object
 
-    return gather_object([obj])
+    buf = io.BytesIO()
+    torch.save(rng, buf)
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gather_object([buf.getvalue()])]
+
+
+def launched_world_size() -> int | None:
+    """The number of processes when this one was started by a distributed launcher, else None."""
+    import os
+
+    size = os.environ.get("WORLD_SIZE")
+    return int(size) if size and size.isdigit() else None
+
+
+def relaunch(nproc: int, cli_args: list[str]) -> int:
+    """Run ``python -m bittune CLI_ARGS`` in ``nproc`` processes through torch's launcher (torchrun).
+
+    ``--standalone`` takes a free local port for the rendezvous, so concurrent jobs do not collide. Returns the
+    exit code to leave with: a process's own (2 for a user error it already printed), or 0.
+    """
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--module", "bittune", *cli_args]
+    )
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        code = next((c for c in codes if c and c > 0), 1)
+        if code != 2:  # 2: a BittuneError, already printed by the process that raised it
+            print(f"error: a process of the {nproc}-process run failed (exit code {codes})", file=sys.stderr)
+        return code
+    return 0
