@@ -165,9 +165,10 @@ class DistributedConfig(_Section):
 
     @model_validator(mode="after")
     def _options_of_the_strategy(self) -> DistributedConfig:
-        if self.strategy != "deepspeed" and {"zero_stage", "offload"} & self.model_fields_set:
+        # Non-default values only: the resolved config (run_config.yaml) lists every key and must load again.
+        if self.strategy != "deepspeed" and (self.zero_stage != 2 or self.offload):
             raise ValueError("distributed.zero_stage and distributed.offload apply to strategy: deepspeed only")
-        if self.strategy != "fsdp" and "reshard_after_forward" in self.model_fields_set:
+        if self.strategy != "fsdp" and not self.reshard_after_forward:
             raise ValueError("distributed.reshard_after_forward applies to strategy: fsdp only")
         return self
 
