@@ -571,6 +571,42 @@ def _bf16_autocast(env: Env) -> Scenario:
     )
 
 
+# --- several processes and trackers -----------------------------------------------------------------------------
+@case("deepspeed-on-cpu")
+def _deepspeed_cpu(env: Env) -> Scenario:
+    cfg = env.config(env.run_config(distributed={"strategy": "deepspeed"}))
+    return Scenario(
+        ["train", str(cfg)], "distributed.strategy deepspeed", ["needs CUDA GPUs", "strategy fsdp"], out=env.tmp / "out"
+    )
+
+
+@case("zero-stage-without-deepspeed")
+def _zero_stage_ddp(env: Env) -> Scenario:
+    cfg = env.config(env.run_config(distributed={"strategy": "fsdp", "zero_stage": 3}))
+    line = cfg.read_text().splitlines().index("distributed:") + 1
+    return Scenario(["train", str(cfg)], f"{cfg}:{line}: distributed", ["deepspeed only"], out=env.tmp / "out")
+
+
+@case("unknown-tracker")
+def _unknown_tracker(env: Env) -> Scenario:
+    cfg = env.config(env.run_config(tracking={"backends": ["tensorboard", "comet"]}))
+    return Scenario(
+        ["train", str(cfg)],
+        "tracking.backends.1",
+        ["'tensorboard', 'wandb', 'mlflow' or 'trackio'"],
+        out=env.tmp / "out",
+    )
+
+
+@case("nproc-inside-a-launcher")
+def _nproc_in_launcher(env: Env) -> Scenario:
+    env.monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = env.config(env.run_config())
+    return Scenario(
+        ["train", str(cfg), "--nproc", "2"], "--nproc 2", ["started 3 processes", "drop --nproc"], out=env.tmp / "out"
+    )
+
+
 # --- output directories and resume ------------------------------------------------------------------------------
 @case("output-dir-holds-a-finished-run", via="subprocess", needs=("finished_run",))
 def _finished_without_resume(env: Env) -> Scenario:

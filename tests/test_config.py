@@ -121,7 +121,15 @@ def test_example_configs_validate(path):
 
 
 def test_every_config_key_is_documented_in_the_readme():
-    from bittune.config import DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+    from bittune.config import (
+        DataConfig,
+        DistributedConfig,
+        LoraConfig,
+        ModelConfig,
+        QuantConfig,
+        TrackingConfig,
+        TrainConfig,
+    )
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     sections = {
@@ -130,6 +138,8 @@ def test_every_config_key_is_documented_in_the_readme():
         "quant": QuantConfig,
         "data": DataConfig,
         "train": TrainConfig,
+        "distributed": DistributedConfig,
+        "tracking": TrackingConfig,
     }
     missing = [f"{s}.{k}" for s, m in sections.items() for k in m.model_fields if f"`{s}.{k}`" not in readme]
     assert not missing, f"README config reference lacks: {missing}"

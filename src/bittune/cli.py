@@ -52,14 +52,38 @@ def train(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
+    nproc: Annotated[
+        int,
+        typer.Option("--nproc", min=1, help="Train with N processes (distributed.strategy: ddp, fsdp or deepspeed)."),
+    ] = 1,
 ) -> None:
     """Fine-tune a model as described by CONFIG."""
     from bittune.config import load_config
+    from bittune.errors import ConfigError
+
+    cfg = load_config(config, set_ or [])  # errors now, once, before any process starts
+    from bittune.training.distributed import launched_world_size, relaunch
+
+    launched = launched_world_size()
+    if nproc > 1 and launched is None:
+        args = ["train", str(config), *(f"--set={s}" for s in set_ or []), *(["--resume"] if resume else [])]
+        raise typer.Exit(relaunch(nproc, (["--debug"] if _state["debug"] else []) + args))
+    if nproc > 1 and launched != nproc:
+        raise ConfigError(
+            f"--nproc {nproc} inside a launcher that started {launched} processes",
+            hint="drop --nproc when you start bittune with accelerate launch or torchrun",
+        )
     from bittune.recipes.finetune import train as run_train
 
-    cfg = load_config(config, set_ or [])
-    result = run_train(cfg, resume=resume)
-    print(json.dumps({"run_dir": str(result.run_dir), "final_dir": str(result.final_dir)}))
+    try:
+        result = run_train(cfg, resume=resume)
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run_dir": str(result.run_dir), "final_dir": str(result.final_dir)}))
 
 
 @app.command()
@@ -172,9 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except BittuneError as exc:
-        if _state["debug"]:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        # Under a launcher every process meets the same error (same config, same data): rank 0 speaks for all.
+        if int(os.environ.get("RANK", "0")) == 0:
+            if _state["debug"]:
+                traceback.print_exc()
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is intact; resume with --resume", file=sys.stderr)

@@ -22,6 +22,10 @@ Task = Literal["causal-lm", "classification"]
 Method = Literal["full", "lora", "qlora"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 DataFormat = Literal["text", "completion", "alpaca", "chat", "classification"]
+Strategy = Literal["ddp", "fsdp", "deepspeed"]
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+# The import name of each tracker backend, to refuse a missing one at config time rather than mid-run.
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
 def _expand(path: str | None) -> str | None:
@@ -145,6 +149,56 @@ class TrainConfig(_Section):
         return self
 
 
+class DistributedConfig(_Section):
+    """How several processes (``bittune train --nproc N`` or ``accelerate launch``) share a run."""
+
+    strategy: Strategy = Field(
+        "ddp",
+        description="ddp: replicate the model, all-reduce gradients; fsdp: FSDP2, shard weights, gradients and "
+        "optimizer state; deepspeed: ZeRO through accelerate (CUDA only). One process: plain training.",
+    )
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free gathered weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."
+    )
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed: 2 shards optimizer state + gradients, 3 also weights.")
+    offload: bool = Field(False, description="deepspeed: offload optimizer state (stage 3: also weights) to CPU RAM.")
+
+    @model_validator(mode="after")
+    def _options_of_the_strategy(self) -> DistributedConfig:
+        # Non-default values only: the resolved config (run_config.yaml) lists every key and must load again.
+        if self.strategy != "deepspeed" and (self.zero_stage != 2 or self.offload):
+            raise ValueError("distributed.zero_stage and distributed.offload apply to strategy: deepspeed only")
+        if self.strategy != "fsdp" and not self.reshard_after_forward:
+            raise ValueError("distributed.reshard_after_forward applies to strategy: fsdp only")
+        return self
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers fed with the same records as ``metrics.jsonl`` (which is always written)."""
+
+    backends: list[TrackerName] = Field(default_factory=list, description="Any of tensorboard, wandb, mlflow, trackio.")
+    project: str = Field("bittune", min_length=1, description="Project / experiment name in every backend.")
+    run_name: str | None = Field(None, description="Default: the output_dir's folder name.")
+    dir: str | None = Field(None, description="Where local tracker files go; default: RUN_DIR/tracking.")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="online needs WANDB_API_KEY.")
+    mlflow_tracking_uri: str | None = Field(None, description="Default: a local file store under tracking.dir.")
+
+    @field_validator("backends")
+    @classmethod
+    def _installed_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a backend is listed twice")
+        missing = [b for b in v if importlib.util.find_spec(TRACKER_MODULES[b]) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed: pip install 'bittune[track]'")
+        return v
+
+    @field_validator("dir")
+    @classmethod
+    def _expand_home(cls, v: str | None) -> str | None:
+        return _expand(v)
+
+
 class RunConfig(_Section):
     """A whole run: ``bittune train`` reads one of these from YAML."""
 
@@ -154,6 +208,8 @@ class RunConfig(_Section):
     quant: QuantConfig | None = Field(None, description="Base quantization; only with method: qlora.")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str
 
     @field_validator("output_dir")
@@ -184,6 +240,13 @@ class RunConfig(_Section):
         if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
             what = "method: qlora" if self.method == "qlora" else f"train.optimizer: {self.train.optimizer}"
             problems.append(f"{what} needs bitsandbytes, which is not installed: pip install 'bittune[kbit]'")
+        if self.distributed.strategy == "deepspeed" and self.method == "qlora":
+            problems.append("method: qlora with distributed.strategy deepspeed is not supported; use ddp or fsdp")
+        if self.distributed.strategy == "deepspeed" and self.train.optimizer != "adamw":
+            problems.append(
+                f"train.optimizer {self.train.optimizer} with distributed.strategy deepspeed is not supported; "
+                "use adamw (DeepSpeed shards its state)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -3,9 +3,14 @@
 This file is the whole training loop, on purpose: read it top to bottom to know what a run does. It wires the
 components (config, data, model, optimizer, checkpoints, metrics) and owns no clever abstraction of its own.
 
-Flow: set seeds -> tokenize data -> load model (+ LoRA) -> AdamW + schedule -> [resume] -> loop over optimizer
-steps (each = ``grad_accum`` micro-batches whose losses are normalised by the step's total target tokens) ->
-eval / checkpoint / log -> save the adapter or model atomically.
+Flow: set seeds -> tokenize data -> load model (+ LoRA) -> [shard] -> AdamW + schedule -> [resume] -> loop over
+optimizer steps (each = ``grad_accum`` micro-batches whose losses are normalised by the step's total target tokens)
+-> eval / checkpoint / log -> save the adapter or model atomically.
+
+With N processes (``bittune train --nproc N`` or ``accelerate launch``) each global micro-batch of
+``batch_size * N`` rows is split across the processes, the target count is summed over all of them, and gradients
+are averaged by DDP / FSDP2 / DeepSpeed: N processes x batch b follow the loss curve of 1 process x batch N*b.
+Only rank 0 writes into the run directory.
 """
 
 from __future__ import annotations
@@ -35,16 +40,23 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Row indices of each micro-batch in ``epoch``: a fresh permutation per epoch, derived from the seed alone.
+def epoch_batches(
+    n_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """Row indices of this process's share of each micro-batch in ``epoch``.
 
-    Deriving the order from (seed, epoch) instead of a running generator is what lets a resumed run rebuild the
-    exact remaining batches from the position stored in the checkpoint.
+    The order is a fresh permutation per epoch derived from (seed, epoch) alone, which lets a resumed run rebuild
+    the exact remaining batches from the position stored in the checkpoint. It is cut into global micro-batches
+    of ``batch_size * world`` rows, and each process takes its own contiguous part (possibly empty in a short
+    last batch), so no row is seen twice and none is skipped.
     """
     import torch
 
+    from bittune.training.distributed import shard_of_batch
+
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+    step = batch_size * world
+    return [shard_of_batch(order[i : i + step], rank, world) for i in range(0, n_rows, step)]
 
 
 def prepare_run_data(cfg: RunConfig, tokenizer: Any) -> Any:
@@ -113,8 +125,6 @@ def train(
 
 def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | None, progress: bool) -> TrainResult:
     """The body of :func:`train`; ``lock`` is taken once the run directory is created."""
-    import torch
-    from accelerate import Accelerator
     from transformers import set_seed
 
     from bittune.data import make_collator
@@ -131,9 +141,12 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         resolve_dtype,
         resolve_mixed_precision,
     )
+    from bittune.tracking import Trackers, redact
+    from bittune.training import distributed as dist
     from bittune.training.checkpoint import (
         atomic_dir,
         atomic_write_text,
+        capture_rng,
         list_checkpoints,
         load_checkpoint,
         prune_checkpoints,
@@ -153,12 +166,26 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     if resume and any((run_dir / d).is_dir() for d in FINAL_DIRS):
         raise BittuneError(f"the run in {run_dir} has already finished", hint="start a new run with another output_dir")
 
-    # --- device, precision, seeds -------------------------------------------------------------------------
+    # --- device, precision, processes, seeds ----------------------------------------------------------------
     device = resolve_device(tcfg.device)
     check_optimizer_device(tcfg.optimizer, device)  # refuse before minutes of loading
     mixed_precision = resolve_mixed_precision(tcfg.mixed_precision, device)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    strategy = cfg.distributed.strategy
+    ds_config = None
+    if strategy == "deepspeed":
+        ds_config = dist.deepspeed_config(
+            zero_stage=cfg.distributed.zero_stage,
+            grad_accum=tcfg.grad_accum,
+            micro_batch=tcfg.batch_size,
+            max_grad_norm=tcfg.max_grad_norm,
+            mixed_precision=mixed_precision,
+            offload=cfg.distributed.offload,
+        )
+    accelerator = dist.make_accelerator(
+        strategy=strategy, device=device, mixed_precision=mixed_precision, ds_config=ds_config
+    )
     device = accelerator.device
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     set_seed(tcfg.seed)
 
     # --- data ---------------------------------------------------------------------------------------------
@@ -218,9 +245,12 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         )
     trainable, total = count_parameters(model)
     footprint = weights_footprint(model)
+    if dist.sharded(strategy, accelerator):  # FSDP2 shards in place, before the optimizer takes the parameters
+        model = dist.shard_model(model, reshard_after_forward=cfg.distributed.reshard_after_forward)
 
     # --- schedule -----------------------------------------------------------------------------------------
-    micro_per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
+    global_batch = tcfg.batch_size * world  # rows per micro-batch over all processes
+    micro_per_epoch = math.ceil(len(data.train) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / tcfg.grad_accum)
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     warmup = tcfg.warmup_steps or int(tcfg.warmup_ratio * total_steps)
@@ -234,37 +264,75 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         device=device,
     )
     scheduler = build_scheduler(optimizer, kind=tcfg.scheduler, warmup_steps=warmup, total_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not dist.sharded(strategy, accelerator):  # DDP / DeepSpeed wrap here; one process: device placement only
+        model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # --- run directory and resume -------------------------------------------------------------------------
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
+    # --- run directory and resume (rank 0 writes; the others wait for it) ---------------------------------
     ckpt_root = run_dir / "checkpoints"
-    for folder in (run_dir, ckpt_root):  # half-written folders of a killed job: never trusted, now removed
-        sweep_stale_temp(folder)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        for folder in (run_dir, ckpt_root):  # half-written folders of a killed job: never trusted, now removed
+            sweep_stale_temp(folder)
+    accelerator.wait_for_everyone()
     state: dict[str, Any] = {
         "step": 0,
         "epoch": 0,
         "step_in_epoch": 0,
         "best_eval_loss": None,
         "best_step": None,
+        "global_batch": global_batch,
     }
     if resume and (ckpts := list_checkpoints(ckpt_root)):
         state = load_checkpoint(
-            ckpts[-1],
-            model=accelerator.unwrap_model(model),
-            full=full,
-            optimizer=optimizer,
-            scheduler=scheduler,
+            ckpts[-1], model=model, full=full, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator
         )
-        truncate_after(run_dir / "metrics.jsonl", state["step"])
-    elif resume:
-        truncate_after(run_dir / "metrics.jsonl", 0)
-    atomic_write_text(run_dir / "run_config.yaml", dump_config(cfg))
-    if label_names:
-        atomic_write_text(run_dir / "labels.json", json.dumps(label_names))
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+        # The data position counts global micro-batches: it means the same rows only for the same global batch.
+        saved = state.setdefault("global_batch", tcfg.batch_size)
+        if saved != global_batch:
+            raise ConfigError(
+                f"{ckpts[-1]} was written with {saved} rows per micro-batch over all processes, and this run has "
+                f"{tcfg.batch_size} x {world} process(es) = {global_batch}",
+                hint=f"resume with train.batch_size x processes = {saved} (e.g. --set train.batch_size="
+                f"{max(1, saved // world)} with {world} process(es), if it divides)",
+            )
+    if main:
+        if resume:
+            truncate_after(run_dir / "metrics.jsonl", state["step"])
+        atomic_write_text(run_dir / "run_config.yaml", redact(dump_config(cfg)))
+        if ds_config is not None:
+            atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2))
+        if label_names:
+            atomic_write_text(run_dir / "labels.json", json.dumps(label_names))
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if main else None
+    trackers = None
+    if main and cfg.tracking.backends:
+        trk = cfg.tracking
+        trackers = Trackers(
+            trk.backends,
+            project=trk.project,
+            run_name=trk.run_name or run_dir.resolve().name,
+            run_dir=run_dir,
+            tracking_dir=Path(trk.dir) if trk.dir else run_dir / "tracking",
+            wandb_mode=trk.wandb_mode,
+            mlflow_tracking_uri=trk.mlflow_tracking_uri,
+            resume=resume,
+        )
+        trackers.start(cfg.model_dump(mode="json"))
+
+    def log(record: dict[str, Any]) -> None:
+        """A metrics record: metrics.jsonl always, the trackers when configured; rank 0 only."""
+        if metrics is not None:
+            metrics.log(record)
+        if trackers is not None:
+            trackers.log(record)
+
+    def close_logs() -> None:
+        if metrics is not None:
+            metrics.close()
+        if trackers is not None:
+            trackers.finish()
 
     eval_bs = tcfg.eval_batch_size or tcfg.batch_size
 
@@ -275,17 +343,19 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     def run_eval(step: int) -> dict[str, float]:
         if not data.eval:
             return {}
+        # Every process evaluates all rows (FSDP2 needs all of them in each forward); the results are identical.
         result = evaluate(model, eval_batches(), task=task, device=device, autocast=accelerator.autocast)
-        metrics.log({"step": step, **result})
+        log({"step": step, **result})
         if state["best_eval_loss"] is None or result["eval_loss"] < state["best_eval_loss"]:
             state["best_eval_loss"], state["best_step"] = result["eval_loss"], step
         return result
 
-    bar = ProgressReporter(total_steps, state["step"], progress)
+    bar = ProgressReporter(total_steps, state["step"], progress and main)
+    procs = f"{world} processes ({strategy}) x " if world > 1 else ""
     bar.note(
         f"bittune: {cfg.method} {task} on {device.type} ({mixed_precision} mixed precision), "
         f"{trainable:,} of {total:,} parameters trainable; {len(data.train)} train / {len(data.eval)} eval rows; "
-        f"{total_steps} steps of {tcfg.batch_size}x{tcfg.grad_accum}"
+        f"{total_steps} steps of {procs}{tcfg.batch_size}x{tcfg.grad_accum}"
     )
     for split, st in data.stats.items():
         if st.truncated or st.dropped:
@@ -301,25 +371,34 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     t_start = time.perf_counter()
     steps_this_session = 0
     while step < total_steps and not stopped:
-        micro = epoch_batches(len(data.train), tcfg.batch_size, tcfg.seed, epoch)
+        micro = epoch_batches(len(data.train), tcfg.batch_size, tcfg.seed, epoch, rank, world)
         groups = [micro[i : i + tcfg.grad_accum] for i in range(0, len(micro), tcfg.grad_accum)]
         for group_index in range(start_in_epoch, len(groups)):
             t0 = time.perf_counter()
-            batches = [collate([data.train[i] for i in idx]) for idx in groups[group_index]]
-            # Normalise by the targets of the whole step, so accumulation equals one big batch.
-            n_targets = sum(count_targets(task, b["labels"]) for b in batches)
-            n_tokens = sum(int(b.get("attention_mask", b["input_ids"]).ne(0).sum()) for b in batches)
+            # A process without rows in a short last batch still runs a forward/backward (the collectives need
+            # every process), on row 0 with weight 0.
+            weights = [1.0 if idx else 0.0 for idx in groups[group_index]]
+            batches = [collate([data.train[i] for i in idx or [0]]) for idx in groups[group_index]]
+            # Normalise by the targets of the whole step over all processes, so accumulation and N processes
+            # equal one big batch. DDP/FSDP2 average gradients over processes: multiply by N to get the sum back.
+            n_targets = dist.all_sum(
+                accelerator, sum(w * count_targets(task, b["labels"]) for w, b in zip(weights, batches))
+            )
+            mask = [b.get("attention_mask", b["input_ids"]) for b in batches]
+            n_tokens = dist.all_sum(accelerator, sum(w * int(m.ne(0).sum()) for w, m in zip(weights, mask)))
+            scale = world * (tcfg.grad_accum if strategy == "deepspeed" else 1)  # DeepSpeed also divides by grad_accum
             step_loss = 0.0
-            for batch in batches:
-                with accelerator.autocast():
-                    logits = model(**model_inputs(batch, device)).logits
-                loss = loss_sum(task, logits, batch["labels"].to(device)) / n_targets
-                accelerator.backward(loss)
+            for i, (w, batch) in enumerate(zip(weights, batches)):
+                with dist.gradient_sync(model, accelerator, strategy, sync=i == len(batches) - 1):
+                    with accelerator.autocast():
+                        logits = model(**model_inputs(batch, device)).logits
+                    loss = loss_sum(task, logits, batch["labels"].to(device)) / n_targets
+                    if not w:
+                        loss = loss * 0.0
+                    accelerator.backward(loss * scale if scale != 1 else loss)
                 step_loss += loss.item()
-            if tcfg.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(params, tcfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            step_loss = dist.all_sum(accelerator, step_loss)
+            grad_norm = dist.grad_norm(params, tcfg.max_grad_norm, accelerator, model)
             lr = scheduler.get_last_lr()[0]
             # A NaN/inf loss or gradient would poison the weights and every later checkpoint: stop with the last
             # good checkpoint on disk, or (train.on_nonfinite: skip) drop this step's update and go on.
@@ -332,9 +411,10 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                 where = f"step {step + 1} (epoch {epoch}, batch group {group_index})"
                 kept = list_checkpoints(ckpt_root)
                 last_good = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
-                if tcfg.on_nonfinite == "stop" or skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
-                    metrics.log({"step": step + 1, "nonfinite": bad, "action": "stop"})
-                    metrics.close()
+                # DeepSpeed has already stepped inside backward: it can only stop.
+                if tcfg.on_nonfinite == "stop" or skipped_in_a_row >= MAX_SKIPS_IN_A_ROW or strategy == "deepspeed":
+                    log({"step": step + 1, "nonfinite": bad, "action": "stop"})
+                    close_logs()
                     bar.close()
                     lock.release()
                     raise NonFiniteError(
@@ -342,7 +422,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                         hint="lower train.lr, set train.max_grad_norm, check the data rows of that step, "
                         "or set train.on_nonfinite: skip",
                     )
-                metrics.log({"step": step + 1, "nonfinite": bad, "action": "skipped"})
+                log({"step": step + 1, "nonfinite": bad, "action": "skipped"})
                 bar.note(f"skipped the update of {where}: non-finite {bad}")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -356,7 +436,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
             elapsed = time.perf_counter() - t_start
             eta = elapsed / steps_this_session * (total_steps - step)
             if step % tcfg.log_every == 0 or step == total_steps:
-                metrics.log(
+                log(
                     {
                         "step": step,
                         "epoch": epoch + (group_index + 1) / len(groups),
@@ -374,16 +454,22 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                 if last_eval:
                     bar.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                save_checkpoint(
-                    ckpt_root / f"step-{step}",
-                    model=accelerator.unwrap_model(model),
-                    full=full,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    state=dict(state),
-                )
-                best = {f"step-{state['best_step']}"} if state["best_step"] else set()
-                prune_checkpoints(ckpt_root, tcfg.keep_last, keep=best)
+                # Gathering full tensors is a collective: every process takes part, rank 0 writes.
+                tensors = dist.full_weights(model, trainable_only=not full, accelerator=accelerator)
+                opt_state = dist.full_optimizer_state(model, optimizer, accelerator)
+                rngs = dist.gather_rng_states(accelerator, capture_rng())
+                if main:
+                    save_checkpoint(
+                        ckpt_root / f"step-{step}",
+                        tensors=tensors,
+                        optimizer_state=opt_state,
+                        scheduler=scheduler,
+                        state=dict(state),
+                        rng_states=rngs,
+                    )
+                    best = {f"step-{state['best_step']}"} if state["best_step"] else set()
+                    prune_checkpoints(ckpt_root, tcfg.keep_last, keep=best)
+                accelerator.wait_for_everyone()
             if stop_after_step is not None and step >= stop_after_step and step < total_steps:
                 stopped = True
                 break
@@ -393,7 +479,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     bar.close()
 
     if stopped:
-        metrics.close()
+        close_logs()
         lock.release()
         return TrainResult(run_dir=run_dir, final_dir=None, steps=step, stopped_early=True)
 
@@ -401,9 +487,11 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     last_eval = run_eval(step) or last_eval
     unwrapped = accelerator.unwrap_model(model)
     final_dir = run_dir / ("model" if full else "adapter")
+    # Sharded weights are gathered into full tensors first (a collective); one process saves the model's own.
+    full_state = dist.final_state_dict(model, accelerator, strategy) if world > 1 else None
 
     def write_final(tmp: Path) -> None:
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if label_names:
             (tmp / "labels.json").write_text(json.dumps(label_names))
@@ -432,10 +520,15 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         "final_dir": str(final_dir),
         **last_eval,
     }
+    if world > 1:
+        summary["processes"] = {"count": world, "strategy": strategy}
+    if not main:
+        accelerator.wait_for_everyone()
+        return TrainResult(run_dir=run_dir, final_dir=final_dir, final_metrics=summary, steps=step)
     # summary.json first: a kill between the two leaves no adapter/, so --resume finishes the run again.
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     atomic_dir(final_dir, write_final)
-    metrics.close()
+    close_logs()
     mem = summary["memory"]
     peak = mem.get("peak_cuda_allocated_mb", mem["peak_rss_mb"])
     bar.note(
@@ -447,4 +540,5 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         + f"); {trainable:,} trainable parameters"
     )
     lock.release()
+    accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, final_dir=final_dir, final_metrics=summary, steps=step)

@@ -6,10 +6,11 @@ any moment therefore leaves the previous checkpoint untouched and no folder that
 
 Layout of ``checkpoints/step-N/``::
 
-    weights.safetensors   trainable tensors (LoRA: the adapter and saved modules; full: every weight)
-    optimizer.pt          optimizer state (tensors and plain values; loaded with weights_only=True)
+    weights.safetensors   trainable tensors (LoRA: the adapter and saved modules; full: every weight), full-size
+                          even when the run was sharded over processes
+    optimizer.pt          optimizer state keyed by parameter name (loaded with weights_only=True)
     scheduler.json        learning-rate scheduler state
-    rng.pt                python, numpy, torch (and CUDA) generator states
+    rng.pt                python, numpy, torch (and CUDA) generator states (rng-rankN.pt: process N's)
     state.json            step, data position, best eval so far
     COMPLETE
 """
@@ -133,24 +134,29 @@ def trainable_state(model: torch.nn.Module, full: bool) -> dict[str, torch.Tenso
 def save_checkpoint(
     path: Path,
     *,
-    model: torch.nn.Module,
-    full: bool,
-    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
 ) -> Path:
-    """Write a complete checkpoint to ``path`` atomically (see module docstring)."""
-    from safetensors.torch import save_file
+    """Write a complete checkpoint to ``path`` atomically (see module docstring).
 
-    tensors = trainable_state(model, full)
+    Args:
+        tensors: Full weights to keep (see :func:`trainable_state`; gathered from all shards in a sharded run).
+        optimizer_state: Full optimizer state (keyed by parameter name in runs since multi-process support).
+        rng_states: :func:`capture_rng` of every process, in rank order; rank 0's is ``rng.pt``.
+    """
+    from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
         # Tied weights (embeddings shared with lm_head) are stored once per name; clone breaks the sharing that
         # safetensors refuses to serialise. Loading writes into the model's own tensors, so sharing survives.
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / "weights.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        torch.save(capture_rng(), tmp / "rng.pt")
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, tmp / ("rng.pt" if rank == 0 else f"rng-rank{rank}.pt"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     return atomic_dir(path, write)
@@ -172,18 +178,33 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, full: bool, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    full: bool,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Any,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; returns its ``state.json``."""
+    """Restore weights, optimizer, scheduler and RNG from ``path``; returns its ``state.json``.
+
+    Works for a plain, DDP or FSDP2 model, whatever number of processes wrote the checkpoint: each process reads
+    the full tensors and keeps what it holds. Process ``r`` restores ``rng-rank{r}.pt`` when the checkpoint has
+    one, else rank 0's generators.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from bittune.training.distributed import load_full_state
+
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete", hint="delete it; resume uses the previous one")
+    rank = accelerator.process_index
+    rng_file = path / f"rng-rank{rank}.pt"
     try:
         tensors = load_file(path / "weights.safetensors")
         opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        rng = torch.load(path / "rng.pt", weights_only=True)
+        rng = torch.load(rng_file if rank and rng_file.is_file() else path / "rng.pt", weights_only=True)
         sched_state = json.loads((path / "scheduler.json").read_text())
         state = json.loads((path / "state.json").read_text())
     except (OSError, SafetensorError, RuntimeError, ValueError, json.JSONDecodeError) as exc:
@@ -191,18 +212,16 @@ def load_checkpoint(
             f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc})",
             hint="delete that step folder and resume again: the previous checkpoint is used",
         ) from None
-    expected = trainable_state(model, full)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    unwrapped = accelerator.unwrap_model(model)
+    expected = set(unwrapped.state_dict()) if full else {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})",
             hint="resume with the same model and method as the run that wrote it",
         )
-    with torch.no_grad():
-        for name, value in tensors.items():
-            expected[name].copy_(value)
-    optimizer.load_state_dict(opt_state)
+    load_full_state(model, optimizer, tensors, opt_state, accelerator)
     scheduler.load_state_dict(sched_state)
     restore_rng(rng)
     return state
