@@ -122,7 +122,14 @@ def shard_of_batch(rows: list[int], rank: int, world: int) -> list[int]:
 @contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, accelerator: Any, strategy: str, sync: bool) -> Iterator[None]:
     """Skip the gradient all-reduce / reduce-scatter on accumulation micro-batches; sync on the last one."""
-    if sync or accelerator.num_processes == 1 or strategy == "deepspeed":
+    if strategy == "deepspeed":
+        # accelerate steps the DeepSpeed engine inside backward when sync_gradients is set: only on the last one.
+        accelerator.sync_gradients = sync
+        try:
+            yield
+        finally:
+            accelerator.sync_gradients = True
+    elif sync or accelerator.num_processes == 1:
         yield
     elif sharded(strategy, accelerator):
         model.set_requires_gradient_sync(False)
