@@ -254,11 +254,6 @@ class RunConfig(_Section):
                     f"train.max_steps {self.train.max_steps} ends the run before the qat schedule does "
                     f"({sum(steps)} steps): raise max_steps or remove it (it defaults to the schedule's length)"
                 )
-            if steps is not None and self.train.max_steps is None and "epochs" in self.train.model_fields_set:
-                problems.append(
-                    "train.epochs and qat stage steps both set the run's length: remove train.epochs (the run "
-                    "lasts the schedule's steps) or drop qat.steps_per_stage/stage_steps (stages split the epochs)"
-                )
         needs_bnb = self.method == "qlora" or self.train.optimizer != "adamw"
         if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
             what = "method: qlora" if self.method == "qlora" else f"train.optimizer: {self.train.optimizer}"
