@@ -121,13 +121,15 @@ def test_example_configs_validate(path):
 
 
 def test_every_config_key_is_documented_in_the_readme():
-    from bittune.config import DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+    from bittune.config import DataConfig, DistillConfig, LoraConfig, ModelConfig, QatConfig, QuantConfig, TrainConfig
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     sections = {
         "model": ModelConfig,
         "lora": LoraConfig,
         "quant": QuantConfig,
+        "qat": QatConfig,
+        "distill": DistillConfig,
         "data": DataConfig,
         "train": TrainConfig,
     }
