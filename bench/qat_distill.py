@@ -88,7 +88,7 @@ def accuracy(run_dir: Path, eval_file: Path, *, ptq_bits: int | None = None, con
         quantize_linears_(model, bits=ptq_bits, group_size=GROUP_SIZE, symmetric=False)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     data = prepare_data(
-        train=str(eval_file), eval=None, eval_fraction=0.0, fmt="classification", template="auto", max_length=96,
+        train=str(eval_file), eval=None, eval_fraction=0.0, fmt="classification", template="auto", max_length=64,
         packing=False, train_on_prompt=False, system_prompt=None, columns={}, split="train", max_rows=None,
         tokenizer=tokenizer, task=task, seed=0, label_names=labels,
     )  # fmt: skip
@@ -101,7 +101,7 @@ def config(model: str, train_file: Path, ev: Path, out: Path, **sections: Any) -
     raw: dict[str, Any] = {
         "model": {"path": model, "task": "classification", "dtype": "float32"},
         "method": "full",
-        "data": {"train": str(train_file), "eval": str(ev), "format": "classification", "max_length": 96},
+        "data": {"train": str(train_file), "eval": str(ev), "format": "classification", "max_length": 64},
         "train": {"batch_size": 32, "lr": 5e-5, "scheduler": "linear", "warmup_steps": 10, "seed": 0},
         "output_dir": str(out),
     }
@@ -121,14 +121,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs/bench-qat-distill"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--n-train", type=int, default=3000)
-    parser.add_argument("--n-eval", type=int, default=1000)
-    parser.add_argument("--fp-epochs", type=int, default=2)
-    parser.add_argument("--stage-steps", type=int, default=40, help="QAT steps per stage")
+    parser.add_argument("--n-train", type=int, default=1200)
+    parser.add_argument("--n-eval", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--fp-epochs", type=int, default=1)
+    parser.add_argument("--fp-lr", type=float, default=1e-4)
+    parser.add_argument("--qat-lr", type=float, default=5e-5)
+    parser.add_argument("--warm-steps", type=int, default=4, help="QAT steps of each stage before the last")
+    parser.add_argument("--final-steps", type=int, default=16, help="QAT steps of the last (target bits) stage")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.n_train, args.n_eval, args.fp_epochs, args.stage_steps = 256, 128, 1, 4
+        args.n_train, args.n_eval, args.warm_steps, args.final_steps = 128, 64, 2, 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = args.work
     if work.exists():
@@ -140,7 +144,9 @@ def main() -> None:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     t_total = time.perf_counter()
-    fp_run, fp_s = run(config(minilm, train_file, eval_file, work / "fp", train={"epochs": args.fp_epochs}))
+    batch = {"batch_size": args.batch, "eval_batch_size": 64}
+    fp_train = {**batch, "epochs": args.fp_epochs, "lr": args.fp_lr}
+    fp_run, fp_s = run(config(minilm, train_file, eval_file, work / "fp", train=fp_train))
     fp_model = str(fp_run / "model")
     rows: list[dict[str, Any]] = [{"name": "full precision (fp32)", "bits": 32, "acc": accuracy(fp_run, eval_file),
                                    "train_s": round(fp_s)}]  # fmt: skip
@@ -152,10 +158,11 @@ def main() -> None:
         log(f"ptq {bits}: {ptq[bits]}")
 
     schedules = {4: [8, 6, 4], 3: [8, 6, 4, 3]}
-    qat_train = {"lr": 3e-5, "warmup_steps": 0, "scheduler": "linear"}
+    qat_train = {**batch, "lr": args.qat_lr, "warmup_steps": 0, "scheduler": "linear"}
     for bits, schedule in schedules.items():
-        steps = args.stage_steps * len(schedule)
-        qat = {"schedule": schedule, "steps_per_stage": args.stage_steps, "group_size": GROUP_SIZE}
+        stage_steps = [args.warm_steps] * (len(schedule) - 1) + [args.final_steps]
+        steps = sum(stage_steps)
+        qat = {"schedule": schedule, "stage_steps": stage_steps, "group_size": GROUP_SIZE}
         variants = {
             f"QAT {schedule}": {"method": "qat", "qat": qat},
             f"QAT {schedule} + distillation (T=2, alpha=0.5)": {
@@ -192,8 +199,10 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], total_s: float) 
         f"torch {torch.__version__}. all-MiniLM-L6-v2 + classifier head, full fine-tuning; "
         f"{args.n_train} train / {args.n_eval} held-out movie-review snippets (VADER ratings, |rating| >= 0.5). "
         f"Integer quantization of every body linear (classifier head in float), group size {GROUP_SIZE}, "
-        f"asymmetric, round-to-nearest. QAT: {args.stage_steps} steps per stage, lr 3e-5 linear decay, batch 32, "
-        "from the full-precision model. Total wall time "
+        f"asymmetric, round-to-nearest. Full precision: {args.fp_epochs} epoch(s), lr {args.fp_lr}, "
+        f"batch {args.batch}. "
+        f"QAT from the full-precision model: {args.warm_steps} steps per stage, {args.final_steps} at the target "
+        f"bits, lr {args.qat_lr} linear decay, batch {args.batch}. Total wall time "
         f"{total_s / 60:.1f} min.",
         "",
         "| model | bits | accuracy | drop vs fp | recovered | train time (s) |",
