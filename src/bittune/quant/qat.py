@@ -59,8 +59,10 @@ class FakeQuantMerged(FakeQuant):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            delta = self._lora[0].get_delta_weight(self.adapter).to(weight.dtype)
-        return fake_quantize(weight + delta, self.bits, self.group_size, self.symmetric) - delta
+            delta = self._lora[0].get_delta_weight(self.adapter)
+            # As PEFT's merge (`weight.data += delta`): add in the wider dtype, round once to the weight's dtype.
+            merged = (weight.to(torch.promote_types(weight.dtype, delta.dtype)) + delta).to(weight.dtype)
+        return fake_quantize(merged, self.bits, self.group_size, self.symmetric) - delta.to(weight.dtype)
 
 
 @dataclass
