@@ -123,9 +123,11 @@ def test_example_configs_validate(path):
 def test_every_config_key_is_documented_in_the_readme():
     from bittune.config import (
         DataConfig,
+        DistillConfig,
         DistributedConfig,
         LoraConfig,
         ModelConfig,
+        QatConfig,
         QuantConfig,
         TrackingConfig,
         TrainConfig,
@@ -136,6 +138,8 @@ def test_every_config_key_is_documented_in_the_readme():
         "model": ModelConfig,
         "lora": LoraConfig,
         "quant": QuantConfig,
+        "qat": QatConfig,
+        "distill": DistillConfig,
         "data": DataConfig,
         "train": TrainConfig,
         "distributed": DistributedConfig,

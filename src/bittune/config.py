@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bittune.errors import ConfigError
 
 Task = Literal["causal-lm", "classification"]
-Method = Literal["full", "lora", "qlora"]
+Method = Literal["full", "lora", "qlora", "qat"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 DataFormat = Literal["text", "completion", "alpaca", "chat", "classification"]
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
@@ -82,6 +82,62 @@ class QuantConfig(_Section):
         if self.bits == 8 and {"type", "double_quant"} & self.model_fields_set:
             raise ValueError("quant.type and quant.double_quant apply to 4-bit only; remove them for bits: 8")
         return self
+
+
+class QatConfig(_Section):
+    """Quantization-aware training: weights are fake-quantized in the forward pass, with a bit-width per stage."""
+
+    schedule: list[int] = Field(description="Bits per stage, in order, each 2..8 (e.g. [8, 6, 4]).")
+    steps_per_stage: int | None = Field(None, gt=0, description="Optimizer steps of every stage.")
+    stage_steps: list[int] | None = Field(
+        None, description="Optimizer steps of each stage (instead of steps_per_stage)."
+    )
+    group_size: int = Field(64, gt=0, description="Weights sharing one scale and zero point (along a row).")
+    symmetric: bool = Field(False, description="Fixed zero point; default: per-group min/max zero point.")
+    method: Literal["int"] = Field("int", description="Quantizer: group-wise round-to-nearest integers.")
+
+    @model_validator(mode="after")
+    def _stages(self) -> QatConfig:
+        problems = []
+        if not self.schedule:
+            problems.append("qat.schedule is empty: give the bits of each stage, e.g. [8, 6, 4]")
+        bad = [b for b in self.schedule if not 2 <= b <= 8]
+        if bad:
+            problems.append(f"qat.schedule bits must be 2..8, got {bad}")
+        if self.steps_per_stage is not None and self.stage_steps is not None:
+            problems.append("set qat.steps_per_stage or qat.stage_steps, not both")
+        if self.stage_steps is not None:
+            if len(self.stage_steps) != len(self.schedule):
+                problems.append(
+                    f"qat.stage_steps has {len(self.stage_steps)} entries but qat.schedule has "
+                    f"{len(self.schedule)} stages: give one step count per stage"
+                )
+            if any(n <= 0 for n in self.stage_steps):
+                problems.append("qat.stage_steps must all be > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def explicit_steps(self) -> list[int] | None:
+        """Steps of each stage when the config fixes them, else None (stages split the run's steps evenly)."""
+        if self.stage_steps is not None:
+            return list(self.stage_steps)
+        if self.steps_per_stage is not None:
+            return [self.steps_per_stage] * len(self.schedule)
+        return None
+
+
+class DistillConfig(_Section):
+    """Knowledge distillation from a teacher that shares the student's tokenizer."""
+
+    teacher: str = Field(description="Teacher: a model folder, a bittune run directory, or a hub id.")
+    temperature: float = Field(2.0, gt=0, description="Softens both distributions; the KL term is scaled by T^2.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the task loss.")
+
+    @field_validator("teacher")
+    @classmethod
+    def _expand_home(cls, v: str) -> str:
+        return _expand(v)
 
 
 class DataConfig(_Section):
@@ -206,6 +262,8 @@ class RunConfig(_Section):
     method: Method = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quant: QuantConfig | None = Field(None, description="Base quantization; only with method: qlora.")
+    qat: QatConfig | None = Field(None, description="Quantization-aware training; method: qat, or lora with it.")
+    distill: DistillConfig | None = Field(None, description="Distillation from a teacher; any method.")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
@@ -236,6 +294,22 @@ class RunConfig(_Section):
                 f"quant is set but method is '{self.method}': a k-bit base can only be trained through an adapter; "
                 "use method: qlora (LoRA on the quantized base), or remove quant"
             )
+        if self.method == "qat" and self.qat is None:
+            problems.append("method: qat needs a qat section, e.g. qat: {schedule: [8, 6, 4], steps_per_stage: 200}")
+        if self.qat is not None:
+            if self.method == "qlora":
+                problems.append(
+                    "qat with method: qlora: the qlora base is already stored in bitsandbytes 4/8-bit and cannot be "
+                    "fake-quantized; use method: lora (LoRA on a fake-quantized base) or method: qat (all weights)"
+                )
+            elif self.method == "full":
+                problems.append("method: full with a qat section: write method: qat for full fine-tuning with QAT")
+            steps = self.qat.explicit_steps()
+            if steps is not None and self.train.max_steps is not None and self.train.max_steps < sum(steps):
+                problems.append(
+                    f"train.max_steps {self.train.max_steps} ends the run before the qat schedule does "
+                    f"({sum(steps)} steps): raise max_steps or remove it (it defaults to the schedule's length)"
+                )
         needs_bnb = self.method == "qlora" or self.train.optimizer != "adamw"
         if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
             what = "method: qlora" if self.method == "qlora" else f"train.optimizer: {self.train.optimizer}"

@@ -85,7 +85,7 @@ def _resolve(cfg: RunConfig, device: str | None) -> tuple[str, str, str, bool]:
     if kind not in ("cpu", "cuda"):
         raise BittuneError(f"unknown device '{kind}' for plan", hint="use --device cpu or --device cuda")
     gpu = kind == "cuda"
-    full = cfg.method == "full"
+    full = cfg.method in ("full", "qat")  # QAT trains every weight
     if cfg.model.dtype != "auto":
         weights = cfg.model.dtype
     else:
@@ -152,10 +152,14 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
         notes.append(f"'{shape.model_type}' is counted on a meta-device model; its activation formula is generic")
     if task == "classification" and not cfg.model.num_labels:
         notes.append("classification head sized for 2 labels (the real count comes from the data)")
-    full, bits = cfg.method == "full", (cfg.quant.bits if cfg.quant is not None else None)
+    if cfg.qat is not None:
+        notes.append("QAT's fake-quantized weight copies (one per linear while it runs) are not counted")
+    if cfg.distill is not None:
+        notes.append("the distillation teacher (its weights and logits) is not counted")
+    full, bits = cfg.method in ("full", "qat"), (cfg.quant.bits if cfg.quant is not None else None)
     trainable = trainable_tensors(
         shape,
-        method=cfg.method,
+        method="full" if full else cfg.method,
         task=task,
         r=cfg.lora.r,
         target_modules=cfg.lora.target_modules,

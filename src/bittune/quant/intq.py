@@ -102,10 +102,12 @@ def quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int = 64, s
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = 64, symmetric: bool = False) -> torch.Tensor:
     """Quantize-dequantize in the forward pass, identity gradient in the backward (straight-through estimator).
 
-    The forward value equals :func:`quantize_dequantize` exactly (same function), cast to ``weight``'s dtype.
+    The forward value equals :func:`quantize_dequantize` bit for bit (same function), cast to ``weight``'s dtype:
+    it is written ``q + (w - w.detach())``, whose second term is exactly zero, rather than ``w + (q - w).detach()``,
+    which can land one rounding step away from ``q``.
     """
     q = quantize_dequantize(weight, bits, group_size, symmetric).to(weight.dtype)
-    return weight + (q - weight).detach()
+    return q + (weight - weight.detach())
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

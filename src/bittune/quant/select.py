@@ -20,6 +20,12 @@ def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Line
         if not isinstance(module, torch.nn.Linear):
             continue
         parts = name.split(".")
+        # PEFT keeps a head it trains in full (modules_to_save) as `head.original_module` and
+        # `head.modules_to_save.<adapter>`: judge such copies by the wrapped module's own name.
+        if "modules_to_save" in parts:
+            parts = parts[: parts.index("modules_to_save")]
+        elif parts[-1] == "original_module":
+            parts = parts[:-1]
         if parts[-1] in HEAD_NAMES or any(p.startswith("lora_") for p in parts):
             continue
         chosen.append((name, module))

@@ -3,9 +3,10 @@
 This file is the whole training loop, on purpose: read it top to bottom to know what a run does. It wires the
 components (config, data, model, optimizer, checkpoints, metrics) and owns no clever abstraction of its own.
 
-Flow: set seeds -> tokenize data -> load model (+ LoRA) -> [shard] -> AdamW + schedule -> [resume] -> loop over
-optimizer steps (each = ``grad_accum`` micro-batches whose losses are normalised by the step's total target tokens)
--> eval / checkpoint / log -> save the adapter or model atomically.
+Flow: set seeds -> tokenize data -> [load the distillation teacher] -> load model (+ LoRA) [+ fake quantization]
+-> [shard] -> AdamW + schedule -> [resume] -> loop over optimizer steps (each = ``grad_accum`` micro-batches whose
+losses are normalised by the step's total target tokens; QAT sets the stage's bit-width first) -> eval / checkpoint
+/ log [per-QAT-stage eval and checkpoint] -> save the adapter or model atomically.
 
 With N processes (``bittune train --nproc N`` or ``accelerate launch``) each global micro-batch of
 ``batch_size * N`` rows is split across the processes, the target count is summed over all of them, and gradients
@@ -141,6 +142,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         resolve_dtype,
         resolve_mixed_precision,
     )
+    from bittune.quant.qat import QAT_FILE, BitSchedule, attach_fake_quant, qat_settings, remove_fake_quant
     from bittune.tracking import Trackers, redact
     from bittune.training import distributed as dist
     from bittune.training.checkpoint import (
@@ -153,6 +155,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         save_checkpoint,
         sweep_stale_temp,
     )
+    from bittune.training.distill import check_output_size, distillation_loss_sum, load_teacher, teacher_logits
     from bittune.training.evaluate import count_targets, evaluate, model_inputs
     from bittune.training.loss import loss_sum
     from bittune.training.memory import peak_memory_mb, reset_peak, weights_footprint
@@ -160,7 +163,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     from bittune.training.optim import build_optimizer, build_scheduler, check_optimizer_device
     from bittune.training.progress import ProgressReporter
 
-    tcfg, task, full = cfg.train, cfg.model.task, cfg.method == "full"
+    tcfg, task, full = cfg.train, cfg.model.task, cfg.method in ("full", "qat")
     run_dir = Path(cfg.output_dir)
     _check_output_dir(run_dir, resume)
     if resume and any((run_dir / d).is_dir() for d in FINAL_DIRS):
@@ -201,6 +204,18 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
             hint="remove model.num_labels (it is read from the data) or fix the labels",
         )
     collate = make_collator(task, tokenizer.pad_token_id, data.packed)
+
+    # --- distillation teacher (frozen, eval mode; its tokenizer is checked before its weights are read) -----
+    dcfg, teacher = cfg.distill, None
+    if dcfg is not None:
+        teacher = load_teacher(
+            dcfg.teacher,
+            student_tokenizer=tokenizer,
+            task=task,
+            label_names=label_names,
+            device=device,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
 
     # --- model --------------------------------------------------------------------------------------------
     quantization, qcfg = None, cfg.quant
@@ -243,6 +258,12 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
             bias=cfg.lora.bias,
             modules_to_save=cfg.lora.modules_to_save,
         )
+    qat, fake_quant = cfg.qat, None
+    if qat is not None:
+        # After LoRA, so that the merged weight W + BA is what gets fake-quantized (see quant/qat.py).
+        fake_quant = attach_fake_quant(model, bits=qat.schedule[0], group_size=qat.group_size, symmetric=qat.symmetric)
+    if teacher is not None and task == "causal-lm":
+        check_output_size(model, teacher, dcfg.teacher)
     trainable, total = count_parameters(model)
     footprint = weights_footprint(model)
     if dist.sharded(strategy, accelerator):  # FSDP2 shards in place, before the optimizer takes the parameters
@@ -252,7 +273,14 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     global_batch = tcfg.batch_size * world  # rows per micro-batch over all processes
     micro_per_epoch = math.ceil(len(data.train) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / tcfg.grad_accum)
-    total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
+    stage_steps = qat.explicit_steps() if qat is not None else None
+    total_steps = tcfg.max_steps or (sum(stage_steps) if stage_steps else tcfg.epochs * steps_per_epoch)
+    stages = None
+    if qat is not None:  # which bit-width each step trains at; the loop sets it from the global step
+        try:
+            stages = BitSchedule.build(qat.schedule, stage_steps, total_steps)
+        except ValueError as exc:
+            raise ConfigError(f"qat.schedule: {exc}", hint="use fewer stages or more steps") from None
     warmup = tcfg.warmup_steps or int(tcfg.warmup_ratio * total_steps)
     optimizer = build_optimizer(
         model,
@@ -283,6 +311,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         "best_eval_loss": None,
         "best_step": None,
         "global_batch": global_batch,
+        "qat_stages": [],  # per finished QAT stage: its bits, last step and eval metrics
     }
     if resume and (ckpts := list_checkpoints(ckpt_root)):
         state = load_checkpoint(
@@ -297,6 +326,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                 hint=f"resume with train.batch_size x processes = {saved} (e.g. --set train.batch_size="
                 f"{max(1, saved // world)} with {world} process(es), if it divides)",
             )
+        state.setdefault("qat_stages", [])
     if main:
         if resume:
             truncate_after(run_dir / "metrics.jsonl", state["step"])
@@ -340,12 +370,12 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         for i in range(0, len(data.eval), eval_bs):
             yield collate(data.eval[i : i + eval_bs])
 
-    def run_eval(step: int) -> dict[str, float]:
+    def run_eval(step: int, **extra: Any) -> dict[str, float]:
         if not data.eval:
             return {}
         # Every process evaluates all rows (FSDP2 needs all of them in each forward); the results are identical.
         result = evaluate(model, eval_batches(), task=task, device=device, autocast=accelerator.autocast)
-        log({"step": step, **result})
+        log({"step": step, **extra, **result})
         if state["best_eval_loss"] is None or result["eval_loss"] < state["best_eval_loss"]:
             state["best_eval_loss"], state["best_step"] = result["eval_loss"], step
         return result
@@ -356,6 +386,8 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         f"bittune: {cfg.method} {task} on {device.type} ({mixed_precision} mixed precision), "
         f"{trainable:,} of {total:,} parameters trainable; {len(data.train)} train / {len(data.eval)} eval rows; "
         f"{total_steps} steps of {procs}{tcfg.batch_size}x{tcfg.grad_accum}"
+        + (f"; QAT {stages.bits} bits, stages ending at steps {stages.ends}" if stages else "")
+        + (f"; distilling from {dcfg.teacher}" if dcfg else "")
     )
     for split, st in data.stats.items():
         if st.truncated or st.dropped:
@@ -375,6 +407,8 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         groups = [micro[i : i + tcfg.grad_accum] for i in range(0, len(micro), tcfg.grad_accum)]
         for group_index in range(start_in_epoch, len(groups)):
             t0 = time.perf_counter()
+            if stages is not None:  # from the global step alone, so a resumed run lands in the right stage
+                fake_quant.set_bits(stages.bits_at(step))
             # A process without rows in a short last batch still runs a forward/backward (the collectives need
             # every process), on row 0 with weight 0.
             weights = [1.0 if idx else 0.0 for idx in groups[group_index]]
@@ -387,17 +421,28 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
             mask = [b.get("attention_mask", b["input_ids"]) for b in batches]
             n_tokens = dist.all_sum(accelerator, sum(w * int(m.ne(0).sum()) for w, m in zip(weights, mask)))
             scale = world * (tcfg.grad_accum if strategy == "deepspeed" else 1)  # DeepSpeed also divides by grad_accum
-            step_loss = 0.0
+            step_loss = step_task_loss = 0.0
             for i, (w, batch) in enumerate(zip(weights, batches)):
                 with dist.gradient_sync(model, accelerator, strategy, sync=i == len(batches) - 1):
+                    inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
                     with accelerator.autocast():
-                        logits = model(**model_inputs(batch, device)).logits
-                    loss = loss_sum(task, logits, batch["labels"].to(device)) / n_targets
+                        logits = model(**inputs).logits
+                        t_logits = teacher_logits(teacher, inputs) if teacher is not None else None
+                    if teacher is None:
+                        loss = loss_sum(task, logits, labels) / n_targets
+                    else:
+                        total_sum, task_sum = distillation_loss_sum(
+                            task, logits, t_logits, labels, temperature=dcfg.temperature, alpha=dcfg.alpha
+                        )
+                        loss = total_sum / n_targets
+                        step_task_loss += w * task_sum.item() / n_targets
                     if not w:
                         loss = loss * 0.0
                     accelerator.backward(loss * scale if scale != 1 else loss)
                 step_loss += loss.item()
             step_loss = dist.all_sum(accelerator, step_loss)
+            if teacher is not None:
+                step_task_loss = dist.all_sum(accelerator, step_task_loss)
             grad_norm = dist.grad_norm(params, tcfg.max_grad_norm, accelerator, model)
             lr = scheduler.get_last_lr()[0]
             # A NaN/inf loss or gradient would poison the weights and every later checkpoint: stop with the last
@@ -441,6 +486,8 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                         "step": step,
                         "epoch": epoch + (group_index + 1) / len(groups),
                         "loss": step_loss,
+                        **({"task_loss": step_task_loss} if teacher is not None else {}),
+                        **({"qat_bits": fake_quant.bits} if fake_quant is not None else {}),
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_per_s": n_tokens / dt,
@@ -449,11 +496,18 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                     }
                 )
             bar.update(step, f"loss {step_loss:.4f}  {n_tokens / dt:,.0f} tok/s", eta)
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-                last_eval = run_eval(step)
+            # The end of a QAT stage (not the last) gets an eval at the stage's own bits and a checkpoint pruning keeps.
+            stage_done = stages.ends_stage(step) if stages is not None and step < total_steps else None
+            if stage_done is not None or (tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps):
+                tags = {"qat_stage": stage_done, "qat_bits": fake_quant.bits} if stage_done is not None else {}
+                last_eval = run_eval(step, **tags)
                 if last_eval:
                     bar.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
+            if stage_done is not None:
+                record = {"stage": stage_done, "bits": fake_quant.bits, "end_step": step, "loss": step_loss}
+                state["qat_stages"].append({**record, **last_eval})
+            periodic = bool(tcfg.save_every) and step % tcfg.save_every == 0
+            if (periodic or stage_done is not None) and step < total_steps:
                 # Gathering full tensors is a collective: every process takes part, rank 0 writes.
                 tensors = dist.full_weights(model, trainable_only=not full, accelerator=accelerator)
                 opt_state = dist.full_optimizer_state(model, optimizer, accelerator)
@@ -467,8 +521,9 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                         state=dict(state),
                         rng_states=rngs,
                     )
-                    best = {f"step-{state['best_step']}"} if state["best_step"] else set()
-                    prune_checkpoints(ckpt_root, tcfg.keep_last, keep=best)
+                    keep = {f"step-{state['best_step']}"} if state["best_step"] else set()
+                    keep |= {f"step-{s['end_step']}" for s in state["qat_stages"]}
+                    prune_checkpoints(ckpt_root, tcfg.keep_last, keep=keep)
                 accelerator.wait_for_everyone()
             if stop_after_step is not None and step >= stop_after_step and step < total_steps:
                 stopped = True
@@ -484,9 +539,20 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         return TrainResult(run_dir=run_dir, final_dir=None, steps=step, stopped_early=True)
 
     # --- final eval and save ------------------------------------------------------------------------------
-    last_eval = run_eval(step) or last_eval
+    qat_final: dict[str, Any] = {}
+    if stages is not None:  # the last stage ends with the run; its eval is the final eval
+        fake_quant.set_bits(stages.bits[-1])
+        qat_final = {"qat_stage": len(stages.bits) - 1, "qat_bits": stages.bits[-1]}
+    last_eval = run_eval(step, **qat_final) or last_eval
+    if stages is not None:
+        state["qat_stages"].append({"stage": qat_final["qat_stage"], "bits": stages.bits[-1], "end_step": step,
+                                    **last_eval})  # fmt: skip
     unwrapped = accelerator.unwrap_model(model)
     final_dir = run_dir / ("model" if full else "adapter")
+    if fake_quant is not None:
+        # Save the latent float weights (and adapter) under their usual names: quantizing them to the final
+        # bit-width (qat.json) reproduces exactly what the last stage trained and evaluated.
+        remove_fake_quant(unwrapped)
     # Sharded weights are gathered into full tensors first (a collective); one process saves the model's own.
     full_state = dist.final_state_dict(model, accelerator, strategy) if world > 1 else None
 
@@ -497,6 +563,12 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
             (tmp / "labels.json").write_text(json.dumps(label_names))
         if qcfg is not None:
             (tmp / QUANT_FILE).write_text(json.dumps(qcfg.model_dump()))
+        if stages is not None:
+            settings = qat_settings(
+                bits=stages.bits[-1], group_size=qat.group_size, symmetric=qat.symmetric, method=qat.method,
+                schedule=stages,
+            )  # fmt: skip
+            (tmp / QAT_FILE).write_text(json.dumps(settings, indent=2))
 
     if not full and Path(cfg.model.path).exists():
         # An absolute base path keeps the adapter loadable from any working directory.
@@ -517,6 +589,12 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         "data": {k: vars(v) for k, v in data.stats.items()},
         "best_eval_loss": state["best_eval_loss"],
         "best_step": state["best_step"],
+        **(
+            {"qat": {"schedule": list(stages.bits), "stage_ends": list(stages.ends), "stages": state["qat_stages"]}}
+            if stages is not None
+            else {}
+        ),
+        **({"distill": dcfg.model_dump()} if dcfg is not None else {}),
         "final_dir": str(final_dir),
         **last_eval,
     }
