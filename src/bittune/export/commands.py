@@ -55,7 +55,8 @@ def export_model(
 def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _quiet) -> dict[str, Any]:
     """Write ``path`` as a GGUF file at ``out``; with ``verify`` it is kept only if llama.cpp agrees."""
     from bittune.export.gguf_writer import check_architecture, check_output, write_gguf
-    from bittune.export.source import load_merged, resolve_source
+    from bittune.export.source import load_merged, load_source_tokenizer, resolve_source
+    from bittune.export.tokenizer_meta import check_tokenizer
 
     out = check_output(out)
     if verify:
@@ -69,8 +70,10 @@ def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _q
             hint="export it with --format hf",
         )
     check_architecture(source.config, f"{path} ({source.base})" if source.adapter else path)
+    tokenizer = load_source_tokenizer(source)
+    check_tokenizer(tokenizer)  # before the weights are read
     log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else ""))
-    model, tokenizer = load_merged(source)
+    model, tokenizer = load_merged(source, tokenizer)
     name = Path(source.run_dir or source.base).name
     target = out.with_name(f".{out.name}.verify-{os.getpid()}") if verify else out
     try:

@@ -74,7 +74,15 @@ def _read_config(base: str) -> dict[str, Any]:
         raise _hub_error(base, exc) from None
 
 
-def load_merged(source: ExportSource) -> tuple[Any, Any]:
+def load_source_tokenizer(source: ExportSource) -> Any:
+    """The tokenizer saved with the adapter (a run saves it there), else the base model's."""
+    from bittune.model import load_tokenizer
+
+    adapter = source.adapter
+    return load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else source.base)
+
+
+def load_merged(source: ExportSource, tokenizer: Any = None) -> tuple[Any, Any]:
     """Load the model in float32 on CPU with its adapter merged in, and its tokenizer.
 
     A QLoRA adapter is merged into the base loaded in full precision (not into the 4-bit weights it was trained
@@ -86,12 +94,9 @@ def load_merged(source: ExportSource) -> tuple[Any, Any]:
     """
     import torch
 
-    from bittune.model import load_model, load_tokenizer
+    from bittune.model import load_model
 
-    tok_source = (
-        source.adapter if source.adapter and (Path(source.adapter) / "tokenizer_config.json").is_file() else None
-    )
-    tokenizer = load_tokenizer(tok_source or source.base)
+    tokenizer = tokenizer if tokenizer is not None else load_source_tokenizer(source)
     label_names = None
     if source.task == "classification":
         labels = Path(source.adapter or source.base) / "labels.json"

@@ -98,20 +98,12 @@ def eos_ids(model_config: Any, generation_config: Any, tokenizer: Any) -> list[i
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def build_tokenizer_meta(tokenizer: Any, *, n_vocab: int, model_config: Any, generation_config: Any) -> TokenizerMeta:
-    """Collect the GGUF tokenizer fields of a Hugging Face fast tokenizer.
-
-    Args:
-        tokenizer: A transformers fast tokenizer.
-        n_vocab: Rows of the embedding matrix; the token list is padded to it (llama.cpp requires equal sizes).
-        model_config: The model's config (for eos/bos when the tokenizer lacks them).
-        generation_config: The model's generation config: its eos is where the tuned model stops.
+def check_tokenizer(tokenizer: Any) -> str:
+    """llama.cpp's pre-tokenizer name for ``tokenizer``, or a refusal listing what is supported.
 
     Raises:
-        ModelLoadError: for tokenizers llama.cpp cannot reproduce (listing the supported ones).
+        ModelLoadError: for tokenizers llama.cpp cannot reproduce.
     """
-    import gguf
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ModelLoadError(
@@ -131,6 +123,24 @@ def build_tokenizer_meta(tokenizer: Any, *, n_vocab: int, model_config: Any, gen
             f"supported: {SUPPORTED_TOKENIZERS}",
             hint="export with --format hf and convert that folder with llama.cpp's convert_hf_to_gguf.py",
         )
+    return pre
+
+
+def build_tokenizer_meta(tokenizer: Any, *, n_vocab: int, model_config: Any, generation_config: Any) -> TokenizerMeta:
+    """Collect the GGUF tokenizer fields of a Hugging Face fast tokenizer.
+
+    Args:
+        tokenizer: A transformers fast tokenizer.
+        n_vocab: Rows of the embedding matrix; the token list is padded to it (llama.cpp requires equal sizes).
+        model_config: The model's config (for eos/bos when the tokenizer lacks them).
+        generation_config: The model's generation config: its eos is where the tuned model stops.
+
+    Raises:
+        ModelLoadError: for tokenizers llama.cpp cannot reproduce (listing the supported ones).
+    """
+    import gguf
+
+    pre = check_tokenizer(tokenizer)
     if len(tokenizer) > n_vocab:
         raise ModelLoadError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {n_vocab} rows",
