@@ -55,21 +55,55 @@ def make_tiny(path: Path, tokenizer: Any, arch: str, seed: int = 0, **extra: Any
 
 
 def tokenizer_with_pre(pre_tokenizer: dict[str, Any]) -> Any:
-    """The tiny test tokenizer with its pre-tokenizer replaced (same vocab and merges)."""
-    from tokenizers import Tokenizer
+    """A byte-level BPE tokenizer like helpers.make_tokenizer's, trained with the given pre-tokenizer.
+
+    The corpus has numbers, contractions and line breaks, so merges form across the places where the different
+    pre-tokenizers split differently, and a mismatch between transformers and llama.cpp would show.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from helpers import make_tokenizer
+    from helpers import CHATML_TEMPLATE, corpus
 
-    base = make_tokenizer()
-    tj = json.loads(base.backend_tokenizer.to_str())
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tj = json.loads(Tokenizer(models.BPE()).to_str())
     tj["pre_tokenizer"] = pre_tokenizer
+    tok = Tokenizer.from_str(json.dumps(tj))
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    lines = corpus() + [
+        f"In {1990 + i} I'm sure we'll pay {i * 12345} dollars.\n\nThey've 3.14 x{i}" for i in range(40)
+    ]
+    tok.train_from_iterator(lines, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(tj)),
+        tokenizer_object=tok,
         bos_token="<s>",
         eos_token="<|im_end|>",
         pad_token="<pad>",
         additional_special_tokens=["<|im_start|>"],
     )
-    fast.chat_template = base.chat_template
+    fast.chat_template = CHATML_TEMPLATE
     return fast
+
+
+def split_then_bytelevel(regex: str) -> dict[str, Any]:
+    """The tokenizer.json pre-tokenizer of Llama 3 / Qwen2 style tokenizers: a regex split, then bytes."""
+    return {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+
+
+SMOLLM_PRE = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ],
+}
+GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export_helpers import make_tiny, tokenizer_with_pre
+from export_helpers import GPT2_PRE, SMOLLM_PRE, make_tiny, split_then_bytelevel, tokenizer_with_pre
 from helpers import CHATML_TEMPLATE, color_chat_rows, write_jsonl
 
 
@@ -210,20 +210,7 @@ def test_qwen2_keeps_qk_layout_and_biases_mistral_maps_to_llama(tmp_path: Path, 
 
 @pytest.mark.parametrize(
     ("pre_tokenizer", "expected"),
-    [
-        ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, "gpt-2"),
-        (
-            {
-                "type": "Sequence",
-                "pretokenizers": [
-                    {"type": "Digits", "individual_digits": True},
-                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-                ],
-            },
-            "smollm",
-        ),
-        ({"type": "Whitespace"}, None),
-    ],
+    [(GPT2_PRE, "gpt-2"), (SMOLLM_PRE, "smollm"), ({"type": "Whitespace"}, None)],
 )
 def test_pre_tokenizer_detection(pre_tokenizer: dict, expected: str | None) -> None:
     from bittune.export.tokenizer_meta import detect_pre
@@ -235,17 +222,11 @@ def test_split_regex_pre_tokenizers_map_to_llama3_and_qwen2() -> None:
     from bittune.export.tokenizer_meta import _LLAMA3_REGEX, _QWEN2_REGEX, detect_pre
 
     for regex, name in ((_LLAMA3_REGEX, "llama-bpe"), (_QWEN2_REGEX, "qwen2")):
-        tok = tokenizer_with_pre(
-            {
-                "type": "Sequence",
-                "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-                ],
-            }
-        )
+        tok = tokenizer_with_pre(split_then_bytelevel(regex))
         assert tok("year 2024").input_ids  # the regex is valid for the tokenizers library
         assert detect_pre(json.loads(tok.backend_tokenizer.to_str())) == name
+    other = split_then_bytelevel(_QWEN2_REGEX.replace("\\p{N}|", "\\p{N}{1,2}|"))
+    assert detect_pre({"pre_tokenizer": other}) is None, "an unknown split regex must be refused, not guessed"
 
 
 def test_hf_export_of_a_lora_run_reloads_with_the_same_outputs_and_a_card(lora_run: Path, tmp_path: Path) -> None:

@@ -59,6 +59,12 @@ def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _q
     from bittune.export.tokenizer_meta import check_tokenizer
 
     out = check_output(out)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise BittuneError(
+            "GGUF export needs the 'gguf' package, which is not installed", hint="pip install 'bittune[export]'"
+        ) from None
     if verify:
         from bittune.export.verify import require_llama_cpp
 

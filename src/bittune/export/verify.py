@@ -27,11 +27,12 @@ DEFAULT_PROMPTS = ("What is the capital of France?", "Write a haiku about the oc
 
 # Largest max|Δlogit| accepted, as a fraction of the standard deviation of the transformers logits, and least
 # top-1 agreement over all prompt positions. f32 and f16 bounds check the export itself (measured: ~1e-5 and ~0.01;
-# a missing rotary Q/K reordering gives ~6). Q8_0 and Q4_0 lose precision by design, and llama.cpp also rounds
-# the activations to 8 bits in their matmuls: measured ~0.3 and ~2.9 (BENCHMARKS.md), so their bounds only catch
-# gross errors; their figures are what the quantization costs.
+# a missing rotary Q/K reordering gives 4-6 and ~50% top-1). Q8_0 and Q4_0 lose precision by design, and llama.cpp
+# also rounds the activations to 8 bits in their matmuls: measured ~0.3 and ~2.9 (BENCHMARKS.md), so their bounds
+# only catch gross errors, and Q4_0 has no top-1 floor (tiny random models agree on as little as 30%). Their
+# figures are what the quantization costs; the layout they share with f16 is what f16 checks.
 TOLERANCE = {"f32": 1e-3, "f16": 0.05, "q8_0": 0.75, "q4_0": 5.0}
-MIN_TOP1 = {"f32": 0.99, "f16": 0.97, "q8_0": 0.85, "q4_0": 0.4}
+MIN_TOP1 = {"f32": 0.99, "f16": 0.97, "q8_0": 0.85, "q4_0": 0.0}
 
 
 @dataclass
