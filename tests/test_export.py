@@ -323,3 +323,46 @@ def test_push_dry_run_stages_the_folder(lora_run: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_network)
     result = push_to_hub(str(lora_run), "alice/tiny", dry_run=tmp_path / "staged")
     assert result["dry_run"] and (tmp_path / "staged" / "README.md").is_file()
+
+
+def test_hf_export_of_a_lora_classifier_run(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """A classification run merges too (its head is a saved module) and reloads with its labels."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bittune.config import config_from_dict
+    from bittune.export.commands import export_model
+    from bittune.model import load_for_inference
+    from helpers import sentiment_rows
+
+    raw = {
+        "model": {"path": str(tiny_bert_dir), "task": "classification"},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(write_jsonl(tmp_path / "s.jsonl", sentiment_rows(16))), "format": "classification"},
+        "train": {"max_steps": 2, "batch_size": 4, "seed": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    from bittune.recipes.finetune import train
+
+    run = train(config_from_dict(raw), progress=False).run_dir
+    export_model(str(run), fmt="hf", out=tmp_path / "hf")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert reloaded.config.id2label == {0: "neg", 1: "pos"}
+    peft_model, _, _ = load_for_inference(str(run))
+    enc = AutoTokenizer.from_pretrained(tmp_path / "hf")(["good movie, the sky"], return_tensors="pt")
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded.eval()(**enc).logits, peft_model(**enc).logits, atol=1e-5, rtol=1e-5)
+    assert "pipeline_tag: text-classification" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_eos_is_where_generation_stops_with_the_tokenizers_own_first() -> None:
+    from types import SimpleNamespace as NS
+
+    from bittune.export.tokenizer_meta import eos_ids
+
+    tok = NS(eos_token_id=9)
+    assert eos_ids(NS(eos_token_id=1), NS(eos_token_id=[1, 8, 9]), tok) == [9, 1, 8]  # Llama 3 Instruct style
+    assert eos_ids(NS(eos_token_id=1), NS(eos_token_id=2), tok) == [2]  # the generation config wins
+    assert eos_ids(NS(eos_token_id=3), NS(eos_token_id=None), tok) == [3]
+    assert eos_ids(NS(eos_token_id=None), None, tok) == [9]

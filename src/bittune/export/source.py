@@ -44,14 +44,17 @@ def resolve_source(path: str) -> ExportSource:
     Raises:
         ModelLoadError: if ``path`` is not a model folder, adapter folder or finished run.
     """
+    from bittune.export.card import looks_like_hub_id
     from bittune.model import QUANT_FILE, _check_source, resolve_inference_source
 
     p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"{path} does not exist", hint="pass a model folder or a bittune run directory")
+    if not p.exists() and not looks_like_hub_id(path):
+        raise ModelLoadError(
+            f"{path} does not exist", hint="pass a run directory, a model folder, or a hub id like owner/name"
+        )
     run_dir = p if (p / "run_config.yaml").is_file() else None
     if run_dir is None:
-        _check_source(path)
+        _check_source(path)  # a folder with config.json / adapter_config.json, or a hub id
     base, adapter, task = resolve_inference_source(path)
     config = _read_config(base)
     kbit = None

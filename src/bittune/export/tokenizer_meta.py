@@ -90,12 +90,21 @@ def _first_id(value: Any) -> int | None:
 
 
 def eos_ids(model_config: Any, generation_config: Any, tokenizer: Any) -> list[int]:
-    """The ids generation stops at, in priority order: generation config, model config, tokenizer."""
+    """The ids generation stops at: from the generation config, else the model config, else the tokenizer.
+
+    When there are several, the tokenizer's own eos comes first (Llama 3 Instruct lists <|end_of_text|>,
+    <|eom_id|> and <|eot_id|>; its tokenizer's eos, <|eot_id|>, is the one a chat turn ends with).
+    """
+    ids: list[int] = []
     for source in (generation_config, model_config):
         value = getattr(source, "eos_token_id", None) if source is not None else None
         if value is not None:
-            return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            ids = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+            break
+    own = tokenizer.eos_token_id
+    if not ids:
+        return [own] if own is not None else []
+    return [own, *(i for i in ids if i != own)] if own in ids else ids
 
 
 def check_tokenizer(tokenizer: Any) -> str:
