@@ -102,7 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bittune-bench-export-") as tmp:
         work = Path(tmp)
         rows += measure(base, work, "SmolLM2-135M-Instruct")
-        rows += measure(base, work, "SmolLM2-135M-Instruct", permute=False, qtypes=("f16",))
+        rows += measure(base, work, "SmolLM2-135M-Instruct", permute=False, qtypes=("f16", "q8_0"))
         if args.steps:
             run = tune(base, work, args.steps)
             rows += measure(run, work, f"SmolLM2 + LoRA ({args.steps} steps, merged)")
@@ -115,14 +115,20 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "export_llamacpp.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     head = (
-        "| model | type | MB | tokenization | top-1 agreement | max abs Δlogit | Δ / logit std | greedy tokens equal "
-        "| --verify |\n|---|---|---:|---|---:|---:|---:|---:|---|\n"
+        "| model | type | MB | tokenization | top-1 vs fp32 | max abs Δlogit vs fp32 | Δ / logit std "
+        "| greedy tokens in common | top-1 vs dequantized | Δ / std vs dequantized | weight error / bound "
+        "| --verify |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     body = "".join(
         f"| {r['model']} | {r['type']} | {r['mb']} | {'same' if r['tokenization_equal'] else 'DIFFERENT'} "
-        f"| {r['top1_agreement']:.1%} ({r['positions']} positions) | {r['max_abs_logit_diff']:.3g} "
+        f"| {r['top1_agreement']:.1%} | {r['max_abs_logit_diff']:.3g} "
         f"| {r['relative_diff']:.3g} | {r['greedy_common_prefix']}/{r['greedy_tokens']} "
-        f"| {'pass' if r['passed'] else 'fail'} |\n"
+        + (
+            f"| {r['top1_vs_dequantized']:.1%} | {r['relative_diff_vs_dequantized']:.3g} | {r['weight_error']:.3g} "
+            if r["type"] in ("q8_0", "q4_0")
+            else "| | | "
+        )
+        + f"| {'pass' if r['passed'] else 'fail'} |\n"
         for r in rows
     )
     md = f"Machine: {machine}.\n\n{head}{body}\nCommand: `python {' '.join(sys.argv)}`\n"

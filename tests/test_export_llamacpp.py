@@ -49,18 +49,21 @@ def test_llamacpp_agrees_with_transformers(models: dict[str, Path], tmp_path: Pa
         assert v["max_abs_logit_diff"] < 1e-3 and v["greedy_equal"], v
     if qtype == "f16":
         assert v["top1_agreement"] == 1.0 and v["relative_diff"] < 0.02, v
+    if qtype in ("q8_0", "q4_0"):
+        assert 0 < v["weight_error"] <= 1.0 and v["relative_diff_vs_dequantized"] < 0.5, v
 
 
+@pytest.mark.parametrize(("qtype", "symptom"), [("f32", "max |Δlogit|"), ("q4_0", "rounding bound")])
 def test_a_missing_rotary_permutation_is_caught(
-    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, symptom: str
 ) -> None:
     """The check must be able to fail: without the Q/K reordering the export loads and talks, but wrongly."""
     from bittune.errors import BittuneError
     from bittune.export import gguf_writer
 
     monkeypatch.setattr(gguf_writer, "permute_for_rotary", lambda w, n: w)
-    with pytest.raises(BittuneError, match=re.escape("max |Δlogit|")):
-        _export(models["llama"], tmp_path / "bad.gguf", "f32")
+    with pytest.raises(BittuneError, match=re.escape(symptom)):
+        _export(models["llama"], tmp_path / "bad.gguf", qtype)
     assert not list(tmp_path.iterdir()), "a GGUF that failed verification must not be left behind"
 
 

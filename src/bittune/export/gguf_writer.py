@@ -94,6 +94,13 @@ def permute_for_rotary(w: Any, n_heads: int) -> Any:
     return w.reshape(n_heads, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_for_rotary(w: Any, n_heads: int) -> Any:
+    """Inverse of :func:`permute_for_rotary`: llama.cpp's interleaved rows back to transformers' halves."""
+    rest = w.shape[1:]
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
 def _file_type(gguf: Any, qtype: str) -> int:
     ft = gguf.LlamaFileType
     return {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "q8_0": ft.MOSTLY_Q8_0, "q4_0": ft.MOSTLY_Q4_0}[qtype]
@@ -152,6 +159,14 @@ def _model_metadata(writer: Any, cfg: Any, spec: ArchSpec, n_vocab: int) -> None
         writer.add_rope_scaling_factor(float(rope["factor"]))
 
 
+def tensor_name_map(spec: ArchSpec, n_blocks: int) -> Any:
+    """gguf's map from transformers tensor names to GGUF ones for this architecture."""
+    import gguf
+
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
+    return gguf.get_tensor_name_map(arch_enum, n_blocks)
+
+
 def write_gguf(
     model: Any,
     tokenizer: Any,
@@ -190,8 +205,7 @@ def write_gguf(
     meta = build_tokenizer_meta(
         tokenizer, n_vocab=n_vocab, model_config=cfg, generation_config=getattr(model, "generation_config", None)
     )
-    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf_arch)
-    name_map = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
+    name_map = tensor_name_map(spec, cfg.num_hidden_layers)
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
