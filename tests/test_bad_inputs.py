@@ -715,6 +715,159 @@ def _generate_classifier(env: Env) -> Scenario:
     )
 
 
+# --- export and push --------------------------------------------------------------------------------------------
+@case("export-gguf-of-a-bert")
+def _export_bert(env: Env) -> Scenario:
+    from helpers import make_tiny_bert
+
+    bert = make_tiny_bert(env.tmp / "bert", _tok())
+    out = env.tmp / "m.gguf"
+    return Scenario(
+        ["export", str(bert), "--out", str(out)], str(bert),
+        ["is a BertModel", "supports LlamaForCausalLM", "Qwen2ForCausalLM", "--format hf"], out=out, protected=bert,
+    )  # fmt: skip
+
+
+@case("export-gguf-of-a-gpt2")
+def _export_gpt2(env: Env) -> Scenario:
+    from export_helpers import make_tiny
+
+    gpt2 = make_tiny(env.tmp / "gpt2", _tok(), "gpt2")
+    out = env.tmp / "m.gguf"
+    return Scenario(
+        ["export", str(gpt2), "--out", str(out), "--type", "q8_0"], str(gpt2),
+        ["is a GPT2LMHeadModel", "MistralForCausalLM (Mistral)"], out=out, protected=gpt2,
+    )  # fmt: skip
+
+
+def _tok() -> Any:
+    from helpers import make_tokenizer
+
+    return make_tokenizer()
+
+
+@case("export-unknown-type")
+def _export_type(env: Env) -> Scenario:
+    out = env.tmp / "m.gguf"
+    return Scenario(
+        ["export", str(env.tiny_llama_dir), "--out", str(out), "--type", "q4_k"], "--type 'q4_k'",
+        ["f32, f16, q8_0, q4_0"], out=out,
+    )  # fmt: skip
+
+
+@case("export-unknown-format")
+def _export_format(env: Env) -> Scenario:
+    out = env.tmp / "m.onnx"
+    return Scenario(
+        ["export", str(env.tiny_llama_dir), "--out", str(out), "--format", "onnx"], "--format 'onnx'", ["gguf, hf"],
+        out=out,
+    )  # fmt: skip
+
+
+@case("export-out-is-a-directory")
+def _export_out_dir(env: Env) -> Scenario:
+    (env.tmp / "models").mkdir()
+    return Scenario(
+        ["export", str(env.tiny_llama_dir), "--out", str(env.tmp / "models")], f"--out {env.tmp / 'models'}",
+        ["is a directory", "model.gguf"], protected=env.tmp / "models",
+    )  # fmt: skip
+
+
+@case("export-out-folder-missing")
+def _export_out_parent(env: Env) -> Scenario:
+    out = env.tmp / "no" / "such" / "m.gguf"
+    return Scenario(
+        ["export", str(env.tiny_llama_dir), "--out", str(out)], f"--out {out}", ["does not exist", "mkdir -p"],
+        out=env.tmp / "no",
+    )  # fmt: skip
+
+
+@case("export-hf-into-a-folder-with-other-files")
+def _export_hf_busy(env: Env) -> Scenario:
+    busy = env.tmp / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    return Scenario(
+        ["export", str(env.tiny_llama_dir), "--format", "hf", "--out", str(busy)], f"--out {busy}",
+        ["already holds other files", "new folder"], protected=busy,
+    )  # fmt: skip
+
+
+@case("export-verify-with-hf-format")
+def _export_verify_hf(env: Env) -> Scenario:
+    out = env.tmp / "hf"
+    return Scenario(
+        ["export", str(env.tiny_llama_dir), "--format", "hf", "--out", str(out), "--verify"], "--verify",
+        ["--format gguf"], out=out,
+    )  # fmt: skip
+
+
+@case("export-verify-without-llama-cpp")
+def _export_verify_missing(env: Env) -> Scenario:
+    env.monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    out = env.tmp / "m.gguf"
+    return Scenario(
+        ["export", str(env.tiny_llama_dir), "--out", str(out), "--verify"], "--verify",
+        ["llama-cpp-python", "make llamacpp"], out=out,
+    )  # fmt: skip
+
+
+@case("export-gguf-of-a-classifier-run", needs=("classifier_run",))
+def _export_classifier(env: Env) -> Scenario:
+    run = env.copy_run(env.classifier_run)
+    out = env.tmp / "m.gguf"
+    return Scenario(
+        ["export", str(run), "--out", str(out)], str(run), ["sequence classifier", "--format hf"], out=out,
+        protected=run,
+    )  # fmt: skip
+
+
+@case("export-an-unfinished-run", needs=("stopped_run",))
+def _export_unfinished(env: Env) -> Scenario:
+    run = env.copy_run(env.stopped_run)
+    out = env.tmp / "m.gguf"
+    return Scenario(
+        ["export", str(run), "--out", str(out)], str(run), ["no finished adapter/", "--resume"], out=out,
+        protected=run,
+    )  # fmt: skip
+
+
+@case("export-gguf-with-an-unsupported-tokenizer")
+def _export_tokenizer(env: Env) -> Scenario:
+    from export_helpers import tokenizer_with_pre
+
+    model = env.tmp / "ws-model"
+    shutil.copytree(env.tiny_llama_dir, model)
+    tokenizer_with_pre({"type": "Whitespace"}).save_pretrained(model)
+    out = env.tmp / "m.gguf"
+    return Scenario(
+        ["export", str(model), "--out", str(out)], "Whitespace",
+        ["not one the GGUF export can reproduce", "smollm", "convert_hf_to_gguf.py"], out=out, protected=model,
+    )  # fmt: skip
+
+
+@case("push-bad-repo-id")
+def _push_repo(env: Env) -> Scenario:
+    return Scenario(
+        ["push", str(env.tiny_llama_dir), "--repo", "just-a-name"], "--repo 'just-a-name'", ["owner/name"],
+    )  # fmt: skip
+
+
+@case("push-without-a-token", needs=("finished_run",))
+def _push_no_token(env: Env) -> Scenario:
+    import huggingface_hub.constants
+
+    env.monkeypatch.delenv("HF_TOKEN", raising=False)
+    env.monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    # no stored login either (the path is read when huggingface_hub is imported, so patch the constant)
+    env.monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(env.tmp / "hf-home" / "token"))
+    run = env.copy_run(env.finished_run)
+    return Scenario(
+        ["push", str(run), "--repo", "alice/colors"], "alice/colors", ["no Hugging Face token", "hf auth login"],
+        out=env.tmp / "hf-home", protected=run,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The test
 

@@ -191,6 +191,40 @@ def plan(
     print(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
 
 
+@app.command("export")
+def export_(
+    model: Annotated[str, typer.Argument(help="Run directory (a LoRA adapter is merged) or model folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file (gguf) or folder (hf) to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp) or hf (Hugging Face folder).")] = "gguf",
+    qtype: Annotated[str, typer.Option("--type", help="GGUF tensor type: f32, f16, q8_0 or q4_0.")] = "f16",
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Load the GGUF in llama.cpp and compare it with transformers.")
+    ] = False,
+) -> None:
+    """Export MODEL as GGUF for llama.cpp or as a merged Hugging Face folder with a model card."""
+    from bittune.export.commands import export_model
+
+    con = _console()
+    result = export_model(model, fmt=fmt, out=out, qtype=qtype, verify=verify, log=con.print)
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+def push(
+    model: Annotated[str, typer.Argument(help="Run directory (a LoRA adapter is merged) or model folder.")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub repository id, owner/name.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    dry_run: Annotated[
+        Path | None, typer.Option("--dry-run", help="Stage the folder that would be uploaded here; no network.")
+    ] = None,
+) -> None:
+    """Upload MODEL to the Hugging Face Hub as a merged folder with a model card (token: HF_TOKEN or hf login)."""
+    from bittune.export.push import push_to_hub
+
+    con = _console()
+    print(json.dumps(push_to_hub(model, repo, private=private, dry_run=dry_run, log=con.print), indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``bittune`` command; turns user errors into one clean message."""
     try:

@@ -1,0 +1,129 @@
+"""``bittune export``: check every argument first, then load (merging a LoRA run), write, and optionally verify."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bittune.errors import BittuneError, ModelLoadError
+
+FORMATS = ("gguf", "hf")
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def export_model(
+    path: str,
+    *,
+    fmt: str,
+    out: Path,
+    qtype: str = "f16",
+    verify: bool = False,
+    log: Log = _quiet,
+) -> dict[str, Any]:
+    """Export a model folder or a bittune run directory.
+
+    Args:
+        path: Model folder, adapter folder or run directory (a LoRA adapter is merged into its base).
+        fmt: ``gguf`` (one file for llama.cpp) or ``hf`` (a Hugging Face folder with a model card).
+        out: The .gguf file or the folder to write.
+        qtype: GGUF tensor type: ``f32``, ``f16``, ``q8_0`` or ``q4_0``.
+        verify: GGUF only: load the file in llama.cpp and compare it with transformers before keeping it.
+        log: Progress messages.
+
+    Returns:
+        What was written (and the verification figures with ``verify``).
+    """
+    from bittune.export.gguf_writer import GGUF_TYPES
+
+    if fmt not in FORMATS:
+        raise BittuneError(f"unknown --format '{fmt}'", hint=f"use one of: {', '.join(FORMATS)}")
+    if fmt == "gguf" and qtype not in GGUF_TYPES:
+        raise BittuneError(f"unknown --type '{qtype}'", hint=f"use one of: {', '.join(GGUF_TYPES)}")
+    if fmt == "hf" and verify:
+        raise BittuneError("--verify checks a GGUF file in llama.cpp", hint="use it with --format gguf")
+    if fmt == "gguf":
+        return export_gguf(path, out, qtype=qtype, verify=verify, log=log)
+    return export_hf(path, out, log=log)
+
+
+def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _quiet) -> dict[str, Any]:
+    """Write ``path`` as a GGUF file at ``out``; with ``verify`` it is kept only if llama.cpp agrees."""
+    from bittune.export.gguf_writer import check_architecture, check_output, write_gguf
+    from bittune.export.source import load_merged, load_source_tokenizer, resolve_source
+    from bittune.export.tokenizer_meta import check_tokenizer
+
+    out = check_output(out)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise BittuneError(
+            "GGUF export needs the 'gguf' package, which is not installed", hint="pip install 'bittune[export]'"
+        ) from None
+    if verify:
+        from bittune.export.verify import require_llama_cpp
+
+        require_llama_cpp()  # before the slow part
+    source = resolve_source(path)
+    if source.task != "causal-lm":
+        raise ModelLoadError(
+            f"{path} is a sequence classifier; GGUF export is for causal language models",
+            hint="export it with --format hf",
+        )
+    check_architecture(source.config, f"{path} ({source.base})" if source.adapter else path)
+    tokenizer = load_source_tokenizer(source)
+    check_tokenizer(tokenizer)  # before the weights are read
+    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else ""))
+    model, tokenizer = load_merged(source, tokenizer)
+    name = Path(source.run_dir or source.base).name
+    target = out.with_name(f".{out.name}.verify-{os.getpid()}") if verify else out
+    try:
+        result = write_gguf(model, tokenizer, target, qtype=qtype, name=name, log=log)
+        if verify:
+            from bittune.export.verify import compare_with_llamacpp
+
+            log("verifying in llama.cpp against transformers ...")
+            check = compare_with_llamacpp(target, model, tokenizer, qtype=qtype)
+            result["verify"] = check.as_dict()
+            if not check.passed:
+                raise BittuneError(
+                    f"llama.cpp disagrees with transformers on the {qtype} export: " + "; ".join(check.problems),
+                    hint="nothing was written; please report this with the model's config.json",
+                )
+            os.replace(target, out)
+            result["path"] = str(out)
+    finally:
+        if verify:
+            target.unlink(missing_ok=True)
+    result["source"] = path
+    result["merged_adapter"] = source.adapter is not None
+    return result
+
+
+def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quiet) -> dict[str, Any]:
+    """Write ``path`` as a merged Hugging Face folder at ``out`` with a model card (README.md)."""
+    from bittune.export.card import model_card
+    from bittune.export.hf import check_out_dir, replace_dir, save_hf_folder
+    from bittune.export.source import load_merged, resolve_source
+
+    out = check_out_dir(out)
+    source = resolve_source(path)
+    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else ""))
+    model, tokenizer = load_merged(source)
+    card = model_card(
+        name=name or out.name,
+        base=source.base,
+        task=source.task,
+        run_dir=source.run_dir,
+        kbit=source.kbit,
+        merged=source.adapter is not None,
+    )
+    info = {"source": Path(path).name, "merged_adapter": source.adapter is not None, "task": source.task}
+    replace_dir(out, lambda tmp: save_hf_folder(model, tokenizer, tmp, card=card, info=info))
+    files = sorted(p.name for p in out.iterdir())
+    return {"path": str(out), "files": files, "merged_adapter": source.adapter is not None}

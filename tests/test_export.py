@@ -1,0 +1,368 @@
+"""GGUF and Hugging Face export, model card and push, checked without llama.cpp (that tier: test_export_llamacpp.py).
+
+The GGUF of a tiny model is read back with gguf's own reader: tensor names, shapes, types, metadata (tokenizer,
+chat template, eos), the rotary Q/K reordering, and the Q8_0/Q4_0 blocks within their format's error bound.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export_helpers import GPT2_PRE, SMOLLM_PRE, make_tiny, split_then_bytelevel, tokenizer_with_pre
+from helpers import CHATML_TEMPLATE, color_chat_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """A finished 3-step LoRA run on the tiny Llama, with an eval file (so the card has metrics)."""
+    from bittune.config import config_from_dict
+    from bittune.recipes.finetune import train
+
+    tmp = tmp_path_factory.mktemp("export-run")
+    data = write_jsonl(tmp / "chat.jsonl", color_chat_rows(16))
+    raw = {
+        "model": {"path": str(tiny_llama_dir)},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(data), "eval": str(data), "format": "chat", "max_length": 64},
+        "train": {"max_steps": 3, "batch_size": 4, "seed": 1, "lr": 0.05},
+        "output_dir": str(tmp / "run"),
+    }
+    return train(config_from_dict(raw), progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dict[str, Path]:
+    """The tiny Llama exported in every type through the library call the CLI uses."""
+    from bittune.export.commands import export_model
+
+    out = tmp_path_factory.mktemp("gguf")
+    return {
+        t: Path(export_model(str(tiny_llama_dir), fmt="gguf", qtype=t, out=out / f"tiny-{t}.gguf")["path"])
+        for t in ("f32", "f16", "q8_0", "q4_0")
+    }
+
+
+def _fields(reader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+def _tensors(reader) -> dict:
+    """name -> (numpy array in HF (rows, cols) order, GGML type name), dequantized."""
+    import gguf
+
+    out = {}
+    for t in reader.tensors:
+        shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dimensions innermost first
+        out[t.name] = (gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape), t.tensor_type.name)
+    return out
+
+
+def _hf_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of the export's rotary reordering (written independently: pairs back to halves)."""
+    head = w.shape[0] // n_heads
+    return w.reshape(n_heads, head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_permute_for_rotary_interleaves_the_halves_of_each_head() -> None:
+    from bittune.export.gguf_writer import permute_for_rotary
+
+    rows = np.arange(8).reshape(8, 1)  # two heads of 4: [0 1 | 2 3], [4 5 | 6 7]
+    assert permute_for_rotary(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert permute_for_rotary(np.arange(8), 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]  # biases too
+
+
+def test_gguf_reads_back_with_tensors_metadata_and_tokenizer(ggufs: dict[str, Path], tiny_llama_dir: Path, tokenizer):
+    import gguf
+
+    reader = gguf.GGUFReader(str(ggufs["f32"]))
+    f = _fields(reader)
+    assert f["general.architecture"] == "llama"
+    assert f["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    assert (f["llama.block_count"], f["llama.embedding_length"], f["llama.feed_forward_length"]) == (2, 32, 64)
+    assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"]) == (4, 2)
+    assert f["llama.rope.dimension_count"] == 8 and f["llama.rope.freq_base"] == 10000.0
+    assert f["llama.context_length"] == 256
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    # tokenizer
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    tokens = f["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(tokenizer) == 300
+    assert tokens[tokenizer.convert_tokens_to_ids("<|im_end|>")] == "<|im_end|>"
+    assert tokens[10] == tokenizer.convert_ids_to_tokens(10)
+    types = f["tokenizer.ggml.token_type"]
+    for special in ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"):
+        assert types[tokenizer.convert_tokens_to_ids(special)] == gguf.TokenType.CONTROL, special
+    assert types[50] == gguf.TokenType.NORMAL
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    assert f["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") == 4
+    assert f["tokenizer.ggml.bos_token_id"] == 1 and f["tokenizer.ggml.padding_token_id"] == 0
+    assert f["tokenizer.ggml.add_bos_token"] is False
+    assert f["tokenizer.chat_template"] == CHATML_TEMPLATE
+    # tensors: tied embeddings -> no output.weight; every HF weight present with the right shape
+    tensors = _tensors(reader)
+    hf = _hf_weights(tiny_llama_dir)
+    assert "output.weight" not in tensors and len(tensors) == len(hf) - ("lm_head.weight" in hf)
+    assert tensors["token_embd.weight"][0].shape == (300, 32)
+    assert tensors["blk.1.attn_k.weight"][0].shape == (16, 32)  # 2 kv heads x head_dim 8
+    assert tensors["blk.0.ffn_down.weight"][0].shape == (32, 64)
+    np.testing.assert_array_equal(tensors["token_embd.weight"][0], hf["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(tensors["blk.0.ffn_gate.weight"][0], hf["model.layers.0.mlp.gate_proj.weight"])
+    # Q/K reordered for llama.cpp's interleaved rotary; V and O untouched
+    q, k = tensors["blk.0.attn_q.weight"][0], tensors["blk.0.attn_k.weight"][0]
+    assert not np.array_equal(q, hf["model.layers.0.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(_unpermute(q, 4), hf["model.layers.0.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(_unpermute(k, 2), hf["model.layers.0.self_attn.k_proj.weight"])
+    np.testing.assert_array_equal(tensors["blk.0.attn_v.weight"][0], hf["model.layers.0.self_attn.v_proj.weight"])
+
+
+@pytest.mark.parametrize(
+    ("qtype", "matrix_type", "file_type"),
+    [("f16", "F16", "MOSTLY_F16"), ("q8_0", "Q8_0", "MOSTLY_Q8_0"), ("q4_0", "Q4_0", "MOSTLY_Q4_0")],
+)
+def test_types_and_error_bounds(ggufs: dict[str, Path], qtype: str, matrix_type: str, file_type: str) -> None:
+    """Each type stores matrices as promised, 1-D tensors as F32, and every value within the format's bound."""
+    import gguf
+
+    ref = _tensors(gguf.GGUFReader(str(ggufs["f32"])))
+    reader = gguf.GGUFReader(str(ggufs[qtype]))
+    assert _fields(reader)["general.file_type"] == getattr(gguf.LlamaFileType, file_type)
+    got = _tensors(reader)
+    assert got.keys() == ref.keys()
+    for name, (values, kind) in got.items():
+        exact, _ = ref[name]
+        if exact.ndim == 1:
+            assert kind == "F32", name
+            np.testing.assert_array_equal(values, exact)
+            continue
+        # q4_0 keeps the output projection (here the tied embedding) at Q8_0
+        expected = "Q8_0" if qtype == "q4_0" and name == "token_embd.weight" else matrix_type
+        assert kind == expected, name
+        err = np.abs(values - exact)
+        if kind == "F16":
+            assert (err <= np.abs(exact) * 2**-11 + 6e-8).all(), name
+            continue
+        # Per block of 32: scale d = amax/127 (Q8_0, rounding error <= d/2) or amax/8 (Q4_0, <= d: the largest
+        # value maps to -8 and the opposite end is clipped to 7). d is stored as fp16 (relative error <= 2**-11),
+        # which moves a code q by at most |q| * d * 2**-11 (|q| <= 127 or 8).
+        amax = np.abs(exact.reshape(-1, 32)).max(axis=1, keepdims=True)
+        d, rounding, qmax = (amax / 127, 0.5, 127) if kind == "Q8_0" else (amax / 8, 1.0, 8)
+        bound = d * (rounding + qmax * 2**-11) + 1e-7
+        assert (err.reshape(-1, 32) <= bound).all(), name
+        assert err.max() > 0, f"{name}: a quantized tensor identical to the original is not quantized"
+
+
+def test_gguf_of_a_lora_run_holds_the_merged_weights(lora_run: Path, tmp_path: Path) -> None:
+    import gguf
+    import torch
+
+    from bittune.export.commands import export_model
+    from bittune.model import load_for_inference
+
+    result = export_model(str(lora_run), fmt="gguf", qtype="f32", out=tmp_path / "run.gguf")
+    assert result["merged_adapter"] is True
+    model, _, _ = load_for_inference(str(lora_run))
+    merged = model.merge_and_unload().state_dict()
+    tensors = _tensors(gguf.GGUFReader(str(tmp_path / "run.gguf")))
+    base = _hf_weights(
+        Path(json.loads((lora_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    )
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not np.allclose(merged[name].numpy(), base[name]), "the LoRA run did not change the weights"
+    np.testing.assert_allclose(tensors["blk.0.ffn_up.weight"][0], merged[name].numpy(), atol=1e-6)
+    q = merged["model.layers.1.self_attn.q_proj.weight"].numpy()
+    np.testing.assert_allclose(_unpermute(tensors["blk.1.attn_q.weight"][0], 4), q, atol=1e-6)
+    assert torch.is_tensor(merged[name])
+
+
+def test_qwen2_keeps_qk_layout_and_biases_mistral_maps_to_llama(tmp_path: Path, tokenizer) -> None:
+    import gguf
+
+    from bittune.export.commands import export_model
+
+    qwen = make_tiny(tmp_path / "qwen2", tokenizer, "qwen2")
+    export_model(str(qwen), fmt="gguf", qtype="f32", out=tmp_path / "q.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    assert _fields(reader)["general.architecture"] == "qwen2"
+    tokens, types = _fields(reader)["tokenizer.ggml.tokens"], _fields(reader)["tokenizer.ggml.token_type"]
+    assert len(tokens) == 304 and tokens[303] == "[PAD303]" and types[303] == gguf.TokenType.UNUSED
+    t, hf = _tensors(reader), _hf_weights(qwen)
+    np.testing.assert_array_equal(t["blk.0.attn_q.weight"][0], hf["model.layers.0.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(t["blk.1.attn_k.bias"][0], hf["model.layers.1.self_attn.k_proj.bias"])
+
+    mistral = make_tiny(tmp_path / "mistral", tokenizer, "mistral")
+    export_model(str(mistral), fmt="gguf", qtype="f16", out=tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert _fields(reader)["general.architecture"] == "llama"
+    assert "output.weight" in _tensors(reader)  # untied head is written
+
+
+@pytest.mark.parametrize(
+    ("pre_tokenizer", "expected"),
+    [(GPT2_PRE, "gpt-2"), (SMOLLM_PRE, "smollm"), ({"type": "Whitespace"}, None)],
+)
+def test_pre_tokenizer_detection(pre_tokenizer: dict, expected: str | None) -> None:
+    from bittune.export.tokenizer_meta import detect_pre
+
+    assert detect_pre({"pre_tokenizer": pre_tokenizer, "normalizer": None}) == expected
+
+
+def test_split_regex_pre_tokenizers_map_to_llama3_and_qwen2() -> None:
+    from bittune.export.tokenizer_meta import _LLAMA3_REGEX, _QWEN2_REGEX, detect_pre
+
+    for regex, name in ((_LLAMA3_REGEX, "llama-bpe"), (_QWEN2_REGEX, "qwen2")):
+        tok = tokenizer_with_pre(split_then_bytelevel(regex))
+        assert tok("year 2024").input_ids  # the regex is valid for the tokenizers library
+        assert detect_pre(json.loads(tok.backend_tokenizer.to_str())) == name
+    other = split_then_bytelevel(_QWEN2_REGEX.replace("\\p{N}|", "\\p{N}{1,2}|"))
+    assert detect_pre({"pre_tokenizer": other}) is None, "an unknown split regex must be refused, not guessed"
+
+
+def test_hf_export_of_a_lora_run_reloads_with_the_same_outputs_and_a_card(lora_run: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from bittune.export.commands import export_model
+    from bittune.model import load_for_inference
+
+    out = tmp_path / "hf"
+    result = export_model(str(lora_run), fmt="hf", out=out)
+    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md", "generation_config.json"} <= set(
+        result["files"]
+    )
+    assert not list(out.glob("adapter_*")), "a merged export must not be an adapter"
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == CHATML_TEMPLATE
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    peft_model, _, _ = load_for_inference(str(lora_run))
+    ids = torch.tensor([tok("What color is the sky?").input_ids])
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+    card = (out / "README.md").read_text()
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert "library_name: transformers" in card and "| method | lora |" in card and "| lora.r | 4 |" in card
+    assert "| max_steps | 3 |" in card and "| lr | 0.05 |" in card
+    assert f"| eval_loss | {summary['eval_loss']:.4g} |" in card
+    assert "train loss (last logged)" in card and "| train | chat.jsonl |" in card
+    assert str(tmp_path) not in card and "/tmp" not in card, "a card must not leak local paths"
+    # A second export to the same folder replaces the first (it carries bittune's marker).
+    export_model(str(lora_run), fmt="hf", out=out)
+
+
+def test_card_includes_a_quantization_report(lora_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from bittune.export.card import model_card
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    (run / "quantization").mkdir()
+    report = {"method": "int4 group 32", "eval_loss": {"before": 2.5, "after": 2.61}}
+    (run / "quantization" / "report.json").write_text(json.dumps(report))
+    card = model_card(name="a/b", base="owner/base", task="causal-lm", run_dir=run, merged=True)
+    assert "## Quantization" in card and "| eval_loss.after | 2.61 |" in card and "| method | int4 group 32 |" in card
+    assert "base_model: owner/base" in card
+
+
+def test_push_uploads_the_staged_folder_and_never_writes_the_token(
+    lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The network call is replaced; everything up to it runs for real."""
+    import huggingface_hub
+
+    from bittune.cli import main
+
+    secret = "hf_" + "x7" * 17
+    monkeypatch.setenv("HF_TOKEN", secret)
+    calls: dict[str, dict] = {}
+
+    def create_repo(self, repo_id, **kw):
+        calls["create_repo"] = {"repo_id": repo_id, **kw}
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kw):
+        folder = Path(kw["folder_path"])
+        calls["upload_folder"] = {**kw, "files": {p.name: p.read_bytes() for p in folder.iterdir()}}
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    main(["push", str(lora_run), "--repo", "alice/tiny-colors", "--private"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["repo"] == "alice/tiny-colors" and printed["private"] is True
+    assert calls["create_repo"]["private"] is True and calls["create_repo"]["exist_ok"] is True
+    files = calls["upload_folder"]["files"]
+    assert calls["upload_folder"]["repo_id"] == "alice/tiny-colors"
+    assert {"README.md", "model.safetensors", "tokenizer.json", "config.json"} <= files.keys()
+    assert b"# alice/tiny-colors" in files["README.md"]
+    assert not any(secret.encode() in data for data in files.values())
+    assert not Path(calls["upload_folder"]["folder_path"]).exists(), "the staging folder is removed"
+
+
+def test_push_dry_run_stages_the_folder(lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    from bittune.export.push import push_to_hub
+
+    def no_network(*a, **k):
+        raise AssertionError("a dry run must not touch the network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", no_network)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_network)
+    result = push_to_hub(str(lora_run), "alice/tiny", dry_run=tmp_path / "staged")
+    assert result["dry_run"] and (tmp_path / "staged" / "README.md").is_file()
+
+
+def test_hf_export_of_a_lora_classifier_run(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """A classification run merges too (its head is a saved module) and reloads with its labels."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bittune.config import config_from_dict
+    from bittune.export.commands import export_model
+    from bittune.model import load_for_inference
+    from helpers import sentiment_rows
+
+    raw = {
+        "model": {"path": str(tiny_bert_dir), "task": "classification"},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(write_jsonl(tmp_path / "s.jsonl", sentiment_rows(16))), "format": "classification"},
+        "train": {"max_steps": 2, "batch_size": 4, "seed": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    from bittune.recipes.finetune import train
+
+    run = train(config_from_dict(raw), progress=False).run_dir
+    export_model(str(run), fmt="hf", out=tmp_path / "hf")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert reloaded.config.id2label == {0: "neg", 1: "pos"}
+    peft_model, _, _ = load_for_inference(str(run))
+    enc = AutoTokenizer.from_pretrained(tmp_path / "hf")(["good movie, the sky"], return_tensors="pt")
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded.eval()(**enc).logits, peft_model(**enc).logits, atol=1e-5, rtol=1e-5)
+    assert "pipeline_tag: text-classification" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_eos_is_where_generation_stops_with_the_tokenizers_own_first() -> None:
+    from types import SimpleNamespace as NS
+
+    from bittune.export.tokenizer_meta import eos_ids
+
+    tok = NS(eos_token_id=9)
+    assert eos_ids(NS(eos_token_id=1), NS(eos_token_id=[1, 8, 9]), tok) == [9, 1, 8]  # Llama 3 Instruct style
+    assert eos_ids(NS(eos_token_id=1), NS(eos_token_id=2), tok) == [2]  # the generation config wins
+    assert eos_ids(NS(eos_token_id=3), NS(eos_token_id=None), tok) == [3]
+    assert eos_ids(NS(eos_token_id=None), None, tok) == [9]
