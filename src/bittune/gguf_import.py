@@ -129,6 +129,8 @@ def convert_gguf(gguf: Path, target: Path, log: Log = _quiet, *, name: str, eos_
     )
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    _drop_tokens_beyond(target, model.get_input_embeddings().weight.shape[0])
+    tokenizer = AutoTokenizer.from_pretrained(target)
 
     probe = "What is the capital of France?"
     expected = _greedy_ids(model, tokenizer, probe)
@@ -143,6 +145,33 @@ def convert_gguf(gguf: Path, target: Path, log: Log = _quiet, *, name: str, eos_
     if got != expected:
         raise RuntimeError(f"converted {name} generates {got}, the GGUF model {expected}")
     log(f"checked the saved folder reloads and generates the same tokens ({time.perf_counter() - t0:.0f}s)")
+
+
+def _drop_tokens_beyond(folder: Path, n_vocab: int) -> None:
+    """Remove tokens that transformers' GGUF tokenizer converter added past the model's vocabulary.
+
+    For GPT-2-style vocabularies without ``<|endoftext|>`` the converter appends one; its id has no embedding row,
+    so training would refuse the tokenizer. It was never in the GGUF, so dropping it restores the original.
+    """
+    tok_file = folder / "tokenizer.json"
+    data = json.loads(tok_file.read_text(encoding="utf-8"))
+    extra = {t["content"] for t in data.get("added_tokens", []) if t["id"] >= n_vocab}
+    if not extra:
+        return
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n_vocab]
+    vocab = data.get("model", {}).get("vocab")
+    if isinstance(vocab, dict):
+        data["model"]["vocab"] = {k: v for k, v in vocab.items() if v < n_vocab}
+    tok_file.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    cfg_file = folder / "tokenizer_config.json"
+    if cfg_file.is_file():
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        decoder = cfg.get("added_tokens_decoder", {})
+        cfg["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < n_vocab}
+        for key, value in list(cfg.items()):
+            if isinstance(value, str) and value in extra:
+                cfg[key] = None
+        cfg_file.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def is_complete(folder: Path) -> bool:

@@ -45,7 +45,7 @@ def resolve_source(path: str) -> ExportSource:
         ModelLoadError: if ``path`` is not a model folder, adapter folder or finished run.
     """
     from bittune.export.card import looks_like_hub_id
-    from bittune.model import QUANT_FILE, _check_source, resolve_inference_source
+    from bittune.model import QUANT_FILE, model_source, resolve_inference_source
 
     p = Path(path)
     if not p.exists() and not looks_like_hub_id(path):
@@ -54,8 +54,9 @@ def resolve_source(path: str) -> ExportSource:
         )
     run_dir = p if (p / "run_config.yaml").is_file() else None
     if run_dir is None:
-        _check_source(path)  # a folder with config.json / adapter_config.json, or a hub id
+        model_source(path)  # a folder with config.json / adapter_config.json, a .gguf file, or a hub id
     base, adapter, task = resolve_inference_source(path)
+    base = model_source(base)  # a run tuned from a .gguf file: its converted (cached) folder
     config = _read_config(base)
     kbit = None
     if adapter and (Path(adapter) / QUANT_FILE).is_file():
