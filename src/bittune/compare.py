@@ -70,7 +70,7 @@ def compare_models(
     from bittune.inference import prepare_eval_rows
     from bittune.model import _check_source, load_for_inference, resolve_inference_source
     from bittune.quant.flows import check_out_dir
-    from bittune.quant.report import measure, table, weights_size
+    from bittune.quant.report import measure, table, warm_imports, weights_size
     from bittune.training.checkpoint import atomic_dir
 
     if not paths:
@@ -90,6 +90,7 @@ def compare_models(
     taken: set[str] = set()
     for path in paths:
         log(f"{path}: loading ...")
+        warm_imports(path)
         t0 = time.perf_counter()
         model, tokenizer, _ = load_for_inference(path, device=device)
         load_s = round(time.perf_counter() - t0, 2)
@@ -121,8 +122,12 @@ def compare_models(
 
 def plot(entries: list[dict[str, Any]], task: str, path: Path) -> None:
     """Bar charts of size, throughput, load time and quality, one bar per model."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise BittuneError(
+            "the comparison chart needs matplotlib, which is not installed", hint="pip install 'bittune[plot]'"
+        ) from None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

@@ -120,7 +120,7 @@ def quantize_path(
     from bittune.quant.api import check_group_size
     from bittune.quant.io import save_quantized
     from bittune.quant.merge import load_merged
-    from bittune.quant.report import measure, write_report
+    from bittune.quant.report import measure, warm_imports, write_report
     from bittune.quant.select import quantizable_linears
     from bittune.training.checkpoint import atomic_dir
 
@@ -130,6 +130,7 @@ def quantize_path(
     dev = resolve_device(device)
     data, data_note = _eval_data(source, data, train_fallback=False)
     log(f"loading {source} ...")
+    warm_imports(source)
     t0 = time.perf_counter()
     ref_model, tokenizer, task = load_for_inference(source, device=str(dev))
     ref_load_s = round(time.perf_counter() - t0, 2)
@@ -239,7 +240,7 @@ def merge_run(
     from bittune.quant.api import check_group_size
     from bittune.quant.io import save_quantized
     from bittune.quant.merge import load_merged, require_adapter_run
-    from bittune.quant.report import measure, quality_delta, write_report
+    from bittune.quant.report import measure, quality_delta, warm_imports, write_report
     from bittune.quant.select import quantizable_linears
     from bittune.training.checkpoint import atomic_dir
 
@@ -252,6 +253,7 @@ def merge_run(
     dev = resolve_device(device)
     data, data_note = _eval_data(run_dir, data, train_fallback=True)
     log(f"loading {run_dir} (adapter on its base, as trained) ...")
+    warm_imports(run_dir)
     t0 = time.perf_counter()
     ref_model, tokenizer, task = load_for_inference(run_dir, device=str(dev))
     ref_load_s = round(time.perf_counter() - t0, 2)

@@ -27,6 +27,30 @@ def weights_size(folder: str | Path | None) -> int | None:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
+def warm_imports(path: str) -> None:
+    """Import what loading ``path`` needs (transformers, its model class, PEFT, bitsandbytes) before timing a load.
+
+    Otherwise the first model measured in a process pays seconds of one-off imports in its load time.
+    """
+    import contextlib
+
+    from bittune.model import resolve_inference_source
+
+    base, _, task = resolve_inference_source(path)
+    with contextlib.suppress(Exception):  # only a warm-up: the timed load reports any real problem
+        from transformers import AutoConfig
+        from transformers.models.auto import modeling_auto
+
+        mapping = (
+            modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+            if task == "classification"
+            else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
+        )
+        mapping[type(AutoConfig.from_pretrained(base))]
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+
+
 def measure(
     model: Any, tokenizer: Any, task: str, rows: list[dict[str, Any]] | None, *, batch_size: int = 8
 ) -> dict[str, Any]:
