@@ -106,7 +106,7 @@ def main() -> None:
                 quant_s = time.perf_counter() - t1
                 folder = work / name
                 folder.mkdir()
-                save_quantized(model, folder, spec=spec, task=task, layers=body)
+                save_quantized(model, folder, spec=spec, task=task)
                 body_bytes = _body_bytes(model, body)
                 del model
                 gc.collect()

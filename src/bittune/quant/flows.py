@@ -156,9 +156,7 @@ def quantize_path(
 
     def write(tmp: Path) -> None:
         nonlocal model
-        save_quantized(
-            model, tmp, spec=spec, task=task, tokenizer=tokenizer, layers=layers, source=source, label_names=label_names
-        )
+        save_quantized(model, tmp, spec=spec, task=task, tokenizer=tokenizer, source=source, label_names=label_names)
         model = None
         gc.collect()
         log("reloading the saved model and measuring it ...")
@@ -241,7 +239,6 @@ def merge_run(
     from bittune.quant.io import save_quantized
     from bittune.quant.merge import load_merged, require_adapter_run
     from bittune.quant.report import measure, quality_delta, warm_imports, write_report
-    from bittune.quant.select import quantizable_linears
     from bittune.training.checkpoint import atomic_dir
 
     out = Path(out)
@@ -283,13 +280,11 @@ def merge_run(
                 (tmp / "labels.json").write_text(json.dumps(label_names), encoding="utf-8")
             fp_entry["size_mb"] = round(sum(p.stat().st_size for p in tmp.glob("*.safetensors")) / MB, 2)
         else:
-            layers = [n for n, _ in quantizable_linears(merged)]
             log(f"re-quantizing the merged model: {spec.label()} ...")
             quantize(merged, spec)
             save_quantized(
-                merged, tmp, spec=spec, task=task, tokenizer=tokenizer, layers=layers, source=run_dir,
-                label_names=label_names,
-            )  # fmt: skip
+                merged, tmp, spec=spec, task=task, tokenizer=tokenizer, source=run_dir, label_names=label_names
+            )
             merged = None
             gc.collect()
             log("reloading the merged quantized model and measuring it ...")

@@ -56,7 +56,6 @@ def save_quantized(
     spec: CastSpec | BnbSpec | IntSpec | HqqSpec,
     task: str,
     tokenizer: Any = None,
-    layers: list[str] | None = None,
     source: str | None = None,
     label_names: list[str] | None = None,
 ) -> None:
@@ -77,10 +76,16 @@ def save_quantized(
         "format_version": FORMAT_VERSION,
         "spec": spec.model_dump(),
         "task": task,
-        "layers": layers or [],
+        "layers": quantized_layers(model),
         "source": source,
     }
     (folder / QUANTIZED_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def quantized_layers(model: Any) -> list[str]:
+    """Names of the layers stored quantized: integer-grid or bitsandbytes linears (none for a 16-bit cast)."""
+    kinds = ("QuantizedLinear", "Linear4bit", "Linear8bitLt")
+    return [n for n, m in model.named_modules() if type(m).__name__ in kinds]
 
 
 def _save_grid(model: Any, folder: Path) -> None:
