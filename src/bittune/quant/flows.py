@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bittune.errors import ConfigError, ModelLoadError, StorageError
+from bittune.quant.api import check_group_size
 from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec, spec_from_cli
 
 Spec = CastSpec | BnbSpec | IntSpec | HqqSpec
@@ -65,13 +66,39 @@ def _source_size(source: str) -> float | None:
     return None if sizes[0] is None else round(sum(sizes) / MB, 2)
 
 
-def _check_source(source: str) -> None:
+def preflight(source: str, spec: Spec | None, data: str | None) -> None:
+    """Every check that needs no weights, before the slow part: the path, the group size, the data file."""
+    from bittune.model import _check_source, resolve_inference_source
     from bittune.quant.io import is_quantized_dir
 
-    if is_quantized_dir(source):
+    base, _, task = resolve_inference_source(source)
+    _check_source(base)
+    if is_quantized_dir(base):
         raise ModelLoadError(
             f"{source} is already quantized", hint="quantize the original full-precision model (or run dir) instead"
         )
+    if isinstance(spec, IntSpec | HqqSpec) and spec.group_size != -1:
+        check_group_size(_skeleton(base, task), spec.group_size)
+    check_data(data)
+
+
+def check_data(data: str | None) -> None:
+    """Read the first row of ``data`` (a DataError names what is wrong with the file)."""
+    if data:
+        from bittune.data.records import read_records
+
+        read_records(data, "train", max_rows=1)
+
+
+def _skeleton(base: str, task: str) -> Any:
+    """The model's module tree without weights (meta device): enough to see its layer shapes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from bittune.quant.io import _auto_class
+
+    with init_empty_weights():
+        return _auto_class(task).from_config(AutoConfig.from_pretrained(base))
 
 
 def _measure_saved(
@@ -117,7 +144,6 @@ def quantize_path(
     """
     from bittune.model import load_for_inference, resolve_device
     from bittune.quant import quantize
-    from bittune.quant.api import check_group_size
     from bittune.quant.io import save_quantized
     from bittune.quant.merge import load_merged
     from bittune.quant.report import measure, warm_imports, write_report
@@ -126,16 +152,14 @@ def quantize_path(
 
     out = Path(out)
     check_out_dir(out)
-    _check_source(source)
-    dev = resolve_device(device)
     data, data_note = _eval_data(source, data, train_fallback=False)
+    preflight(source, spec, data)
+    dev = resolve_device(device)
     log(f"loading {source} ...")
     warm_imports(source)
     t0 = time.perf_counter()
     ref_model, tokenizer, task = load_for_inference(source, device=str(dev))
     ref_load_s = round(time.perf_counter() - t0, 2)
-    if isinstance(spec, IntSpec | HqqSpec):
-        check_group_size(ref_model, spec.group_size)  # before any slow work
     rows = _rows(source, tokenizer, task, ref_model, data, data_opts or {})
     log("measuring the unquantized model" + (f" on {len(rows)} rows of {data}" if rows else "") + " ...")
     reference = {"name": "reference (unquantized)", "size_mb": _source_size(source), "load_s": ref_load_s}
@@ -235,7 +259,6 @@ def merge_run(
     """
     from bittune.model import load_for_inference, resolve_device
     from bittune.quant import quantize
-    from bittune.quant.api import check_group_size
     from bittune.quant.io import save_quantized
     from bittune.quant.merge import load_merged, require_adapter_run
     from bittune.quant.report import measure, quality_delta, warm_imports, write_report
@@ -247,8 +270,9 @@ def merge_run(
     spec = None if into_bits is None else merge_spec(adapter, into_bits, method, group_size, symmetric)
     if spec is None and (method or group_size is not None or symmetric):
         raise ConfigError("--method/--group-size/--symmetric need --into-quantized BITS", hint="add --into-quantized 4")
-    dev = resolve_device(device)
     data, data_note = _eval_data(run_dir, data, train_fallback=True)
+    preflight(run_dir, spec, data)
+    dev = resolve_device(device)
     log(f"loading {run_dir} (adapter on its base, as trained) ...")
     warm_imports(run_dir)
     t0 = time.perf_counter()
@@ -265,8 +289,6 @@ def merge_run(
     fp_name = "merged fp32" + (" (dequantized NF4 base)" if base_q and base_q.get("bits") == 4 else "")
     fp_entry = {"name": fp_name, **measure(merged, tokenizer, task, rows, batch_size=batch_size)}
     fp_entry["delta"] = quality_delta(reference, fp_entry, task)
-    if spec is not None and isinstance(spec, IntSpec | HqqSpec):
-        check_group_size(merged, spec.group_size)
     label_names = _label_names(merged, task)
     report: dict[str, Any] = {}
 
