@@ -225,6 +225,130 @@ def push(
     print(json.dumps(push_to_hub(model, repo, private=private, dry_run=dry_run, log=con.print), indent=2))
 
 
+DataOption = Annotated[str | None, typer.Option("--eval", help="Data to measure quality on (default: the run's eval).")]
+FormatOption = Annotated[str | None, typer.Option("--format", help="Data format (default: the run's, else chat).")]
+TemplateOption = Annotated[str | None, typer.Option(help="Chat template (default: the run's, or auto).")]
+MaxLengthOption = Annotated[int | None, typer.Option(help="Token limit per row.")]
+MaxRowsOption = Annotated[int | None, typer.Option(help="Measure on the first N rows only.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+def _data_opts(fmt: str | None, template: str | None, max_length: int | None, max_rows: int | None) -> dict:
+    return {"fmt": fmt, "template": template, "max_length": max_length, "max_rows": max_rows}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Model folder, hub id or run directory (adapters are merged first).")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the quantized model and its report.")],
+    bits: Annotated[int, typer.Option(help="16, 8, 4, 3 or 2.")] = 4,
+    method: Annotated[
+        str | None, typer.Option(help="fp16, bf16, nf4, fp4, llm-int8, int or hqq (default: by --bits).")
+    ] = None,
+    group_size: Annotated[int | None, typer.Option(help="int/hqq: columns per group (default 64; -1 per row).")] = None,
+    symmetric: Annotated[bool, typer.Option("--symmetric", help="int: symmetric codes (fixed zero point).")] = False,
+    data: DataOption = None,
+    fmt: FormatOption = None,
+    template: TemplateOption = None,
+    max_length: MaxLengthOption = None,
+    max_rows: MaxRowsOption = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass when measuring.")] = 8,
+    device: DeviceOption = "auto",
+) -> None:
+    """Quantize a model and report size, memory, speed and the quality change against the original."""
+    from bittune.quant.flows import describe, quantize_path
+    from bittune.quant.spec import spec_from_cli
+
+    spec = spec_from_cli(bits=bits, method=method, group_size=group_size, symmetric=symmetric)
+    report = quantize_path(
+        model,
+        spec,
+        out,
+        data=data,
+        data_opts=_data_opts(fmt, template, max_length, max_rows),
+        batch_size=batch_size,
+        device=device,
+        log=_log,
+    )
+    _log(describe(report))
+    print(json.dumps({"out": str(out), "report": str(out / "quant_report.json")}))
+
+
+@app.command()
+def merge(
+    run: Annotated[str, typer.Argument(help="LoRA/QLoRA run directory (or adapter folder).")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the merged model and its report.")],
+    into_quantized: Annotated[
+        int | None, typer.Option(help="Re-quantize the merged model to these bits (and measure the change).")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="With --into-quantized: method (default: the run's own, else by bits).")
+    ] = None,
+    group_size: Annotated[int | None, typer.Option(help="int/hqq: columns per group (default 64).")] = None,
+    symmetric: Annotated[bool, typer.Option("--symmetric", help="int: symmetric codes.")] = False,
+    data: DataOption = None,
+    fmt: FormatOption = None,
+    template: TemplateOption = None,
+    max_length: MaxLengthOption = None,
+    max_rows: MaxRowsOption = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass when measuring.")] = 8,
+    device: DeviceOption = "auto",
+) -> None:
+    """Merge a run's adapter into its base (full precision, or re-quantized) and measure the change."""
+    from bittune.quant.flows import describe, merge_run
+
+    report = merge_run(
+        run,
+        out,
+        into_bits=into_quantized,
+        method=method,
+        group_size=group_size,
+        symmetric=symmetric,
+        data=data,
+        data_opts=_data_opts(fmt, template, max_length, max_rows),
+        batch_size=batch_size,
+        device=device,
+        log=_log,
+    )
+    _log(describe(report))
+    for warning in report["warnings"]:
+        _log(f"warning: {warning}")
+    print(json.dumps({"out": str(out), "report": str(out / "merge_report.json")}))
+
+
+@app.command()
+def compare(
+    models: Annotated[list[str], typer.Argument(help="Models, run dirs, adapters or quantized folders.")],
+    data: Annotated[str, typer.Option("--data", help="The data file every model is measured on.")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for compare.json/.md/.png.")] = Path("compare"),
+    fmt: FormatOption = None,
+    template: TemplateOption = None,
+    max_length: MaxLengthOption = None,
+    max_rows: MaxRowsOption = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8,
+    device: DeviceOption = "auto",
+) -> None:
+    """Measure several models on the same data: one table (size, load time, tokens/s, quality) and a bar chart."""
+    from bittune.compare import compare_models
+    from bittune.quant.report import table
+
+    result = compare_models(
+        models,
+        data=data,
+        out=out,
+        data_opts=_data_opts(fmt, template, max_length, max_rows),
+        batch_size=batch_size,
+        device=device,
+        log=_log,
+    )
+    _log(table(result["models"], result["task"]))
+    print(json.dumps({"out": str(out), "plot": str(out / "compare.png")}))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``bittune`` command; turns user errors into one clean message."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def evaluate_on_data(
     max_length: int | None = None,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    """Evaluate a model (folder, hub id, adapter or run dir) on a data file.
+    """Evaluate a model (folder, hub id, adapter, run dir or quantized folder) on a data file.
 
     Settings not given here (data file, format, template, max length) come from the run's config when
     ``model_path`` is a bittune run directory.
@@ -35,20 +36,54 @@ def evaluate_on_data(
         ``eval_loss`` and ``eval_perplexity`` (causal LM) or ``eval_loss``, ``eval_accuracy`` and
         ``eval_f1_macro`` (classifier), plus ``rows``.
     """
-    from bittune.data import make_collator, prepare_data
     from bittune.model import load_for_inference
     from bittune.training.evaluate import evaluate
 
-    run = _run_config(model_path) or {}
-    run_data = run.get("data", {})
-    data = data or run_data.get("eval")
+    data = resolve_eval_data(model_path, data)
+    model, tokenizer, task = load_for_inference(model_path, adapter=adapter)
+    rows = prepare_eval_rows(
+        model_path, tokenizer, task, data=data, fmt=fmt, template=template, max_length=max_length, model=model
+    )
+    device = next(model.parameters()).device
+    batches = eval_batches(rows, task, tokenizer, batch_size)
+    result: dict[str, Any] = dict(evaluate(model, batches, task=task, device=device))
+    result["rows"] = len(rows)
+    result["data"] = data
+    return result
+
+
+def resolve_eval_data(model_path: str, data: str | None) -> str:
+    """``data``, else the eval file of the run at ``model_path``; a clear error when there is neither."""
+    data = data or (_run_config(model_path) or {}).get("data", {}).get("eval")
     if data is None:
         raise BittuneError(
             f"no evaluation data for {model_path}", hint="pass --data FILE (the run had no separate eval file)"
         )
-    model, tokenizer, task = load_for_inference(model_path, adapter=adapter)
+    return data
+
+
+def prepare_eval_rows(
+    model_path: str,
+    tokenizer: Any,
+    task: str,
+    *,
+    data: str,
+    fmt: str | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    max_rows: int | None = None,
+    model: Any = None,
+) -> list[dict[str, Any]]:
+    """Tokenized rows of ``data`` as ``bittune eval`` reads them (defaults from the run config at ``model_path``).
+
+    Args:
+        model: The loaded model; a classifier's label order is taken from its config.
+    """
+    from bittune.data import prepare_data
+
+    run_data = (_run_config(model_path) or {}).get("data", {})
     label_names = None
-    if task == "classification":
+    if task == "classification" and model is not None:
         id2label = model.config.id2label
         label_names = [id2label[i] for i in range(len(id2label))]
     prepared = prepare_data(
@@ -63,20 +98,21 @@ def evaluate_on_data(
         system_prompt=run_data.get("system_prompt"),
         columns=run_data.get("columns") or {},
         split=run_data.get("split") or "train",
-        max_rows=None,
+        max_rows=max_rows,
         tokenizer=tokenizer,
         task=task,
         seed=0,
         label_names=label_names,
     )
+    return prepared.train
+
+
+def eval_batches(rows: list[dict[str, Any]], task: str, tokenizer: Any, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Collated batches of ``rows`` in order."""
+    from bittune.data import make_collator
+
     collate = make_collator(task, tokenizer.pad_token_id, False)
-    rows = prepared.train
-    batches = (collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
-    device = next(model.parameters()).device
-    result: dict[str, Any] = dict(evaluate(model, batches, task=task, device=device))
-    result["rows"] = len(rows)
-    result["data"] = data
-    return result
+    return (collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
 
 
 def generate_text(

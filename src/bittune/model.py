@@ -16,6 +16,8 @@ from bittune.errors import ModelLoadError
 
 # Written beside a QLoRA adapter: how its base was quantized in training (PEFT's own files do not say).
 QUANT_FILE = "bittune_quantization.json"
+# Written into a post-training-quantized folder (bittune.quant.io.QUANTIZED_FILE; kept here so no torch import).
+QUANTIZED_FILE = "bittune_quantized.json"
 
 if TYPE_CHECKING:
     import torch
@@ -330,6 +332,8 @@ def resolve_inference_source(path: str, adapter: str | None = None) -> tuple[str
         if base == adapter:
             base = acfg.get("base_model_name_or_path") or ""
         task = "classification" if acfg.get("task_type") == "SEQ_CLS" else "causal-lm"
+    elif (root / QUANTIZED_FILE).is_file():
+        task = json.loads((root / QUANTIZED_FILE).read_text()).get("task", "causal-lm")
     else:
         cfg_file = root / "config.json"
         archs = json.loads(cfg_file.read_text()).get("architectures", []) if cfg_file.is_file() else []
@@ -347,6 +351,12 @@ def load_for_inference(
     """
     base, adapter, task = resolve_inference_source(path, adapter)
     dev = resolve_device(device)
+    if adapter is None and (Path(base) / QUANTIZED_FILE).is_file():
+        # A folder written by `bittune quantize` / `bittune merge --into-quantized`.
+        from bittune.quant.io import load_quantized
+
+        model, task = load_quantized(base, device=dev)
+        return model, load_tokenizer(base, trust_remote_code=trust_remote_code), task
     dtype = resolve_dtype("auto", dev, trainable_base=False)
     quantization = None
     quant_file = Path(adapter) / QUANT_FILE if adapter else None

@@ -1,0 +1,155 @@
+"""``bittune compare``: several models, adapters or quantized folders measured on the same data.
+
+Each model is loaded the way ``bittune eval`` loads it, timed, measured (:func:`bittune.quant.report.measure`)
+and freed before the next, so the comparison needs the memory of one model at a time. The results are one table
+(markdown, JSON) and one bar chart (PNG).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bittune.errors import BittuneError, DataError
+
+MB = 1024**2
+
+
+def _name(path: str, taken: set[str]) -> str:
+    p = Path(path)
+    name = p.name or path
+    if p.name in ("adapter", "model") and p.parent.name:
+        name = f"{p.parent.name}/{p.name}"
+    while name in taken:  # same folder name in two places: keep the table unambiguous
+        name = f"{Path(path).parent.name}/{name}"
+        if name in taken:
+            name = path
+            break
+    taken.add(name)
+    return name
+
+
+def _kind(path: str) -> str:
+    from bittune.model import resolve_inference_source
+    from bittune.quant.io import is_quantized_dir, read_manifest
+
+    base, adapter, _ = resolve_inference_source(path)
+    if adapter is not None:
+        return "adapter"
+    if is_quantized_dir(base):
+        return read_manifest(base)["spec"].label()
+    cfg = Path(base) / "config.json"
+    q = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+    return "bitsandbytes" if q else "full precision"
+
+
+def compare_models(
+    paths: list[str],
+    *,
+    data: str,
+    out: Path,
+    data_opts: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Measure every model in ``paths`` on ``data``; write ``compare.json``, ``compare.md`` and ``compare.png``.
+
+    Args:
+        paths: Model folders, run directories, adapter folders, quantized folders or hub ids.
+        data: The data file all models are measured on.
+        out: New folder for the results (must not exist, or be empty).
+
+    Returns:
+        ``{"task", "data", "models": [...]}`` with one entry per path, in order.
+    """
+    from bittune.inference import prepare_eval_rows
+    from bittune.model import _check_source, load_for_inference, resolve_inference_source
+    from bittune.quant.flows import check_data, check_out_dir
+    from bittune.quant.report import measure, table, warm_imports, weights_size
+    from bittune.training.checkpoint import atomic_dir
+
+    if not paths:
+        raise BittuneError("compare needs at least one model", hint="bittune compare MODEL_A MODEL_B --data FILE")
+    out = Path(out)
+    check_out_dir(out)
+    for p in paths:  # reads no weights: fail before the slow part
+        _check_source(resolve_inference_source(p)[0])
+    check_data(data)
+    tasks = {p: resolve_inference_source(p)[2] for p in paths}
+    if len(set(tasks.values())) > 1:
+        raise DataError(
+            f"cannot compare causal LMs with classifiers on one data file ({tasks})",
+            hint="compare models of one task at a time",
+        )
+    task = next(iter(tasks.values()))
+    entries: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    for path in paths:
+        log(f"{path}: loading ...")
+        warm_imports(path)
+        t0 = time.perf_counter()
+        model, tokenizer, _ = load_for_inference(path, device=device)
+        load_s = round(time.perf_counter() - t0, 2)
+        rows = prepare_eval_rows(path, tokenizer, task, data=data, model=model, **(data_opts or {}))
+        base, adapter, _ = resolve_inference_source(path)
+        sizes = [weights_size(base), weights_size(adapter) if adapter else 0]
+        entry: dict[str, Any] = {
+            "name": _name(path, taken),
+            "path": path,
+            "kind": _kind(path),
+            "size_mb": None if sizes[0] is None else round(sum(sizes) / MB, 2),
+            "load_s": load_s,
+        }
+        log(f"{path}: measuring on {len(rows)} rows ...")
+        entry.update(measure(model, tokenizer, task, rows, batch_size=batch_size))
+        entries.append(entry)
+        del model
+        gc.collect()
+    result = {"task": task, "data": data, "models": entries}
+
+    def write(tmp: Path) -> None:
+        (tmp / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (tmp / "compare.md").write_text(f"# Comparison on {data}\n\n{table(entries, task)}\n", encoding="utf-8")
+        plot(entries, task, tmp / "compare.png")
+
+    atomic_dir(out, write)
+    return result
+
+
+def plot(entries: list[dict[str, Any]], task: str, path: Path) -> None:
+    """Bar charts of size, throughput, load time and quality, one bar per model."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise BittuneError(
+            "the comparison chart needs matplotlib, which is not installed", hint="pip install 'bittune[plot]'"
+        ) from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    quality = ("eval_accuracy", "accuracy") if task == "classification" else ("eval_perplexity", "perplexity")
+    panels = [
+        ("size_mb", "size on disk (MB)"),
+        ("tokens_per_s", "eval tokens/s"),
+        ("load_s", "load time (s)"),
+        quality,
+    ]
+    names = [e["name"] for e in entries]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.5 * len(names) + 2.2))
+    for ax, (key, title) in zip(axes, panels):
+        values = [e.get(key) or 0 for e in entries]
+        bars = ax.barh(names, values, color="#4c72b0")
+        ax.bar_label(bars, labels=[f"{v:,.3g}" for v in values], padding=2, fontsize=8)
+        ax.set_title(title)
+        ax.invert_yaxis()  # first model on top, as in the table
+        ax.margins(x=0.25)
+        if ax is not axes[0]:
+            ax.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,143 @@
+"""One entry point for post-training quantization: ``quantize(model, spec)`` dispatches on the spec's type.
+
+Every method touches the same layers (:func:`bittune.quant.select.quantizable_linears`): the body's linear layers,
+never the output head. The model is changed in place and returned.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bittune.errors import ConfigError
+from bittune.quant.select import HEAD_NAMES, quantizable_linears
+from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec
+
+if TYPE_CHECKING:
+    import torch
+
+# LLM.int8: input columns with a value above this run in 16-bit (the outlier decomposition; transformers' default).
+LLM_INT8_THRESHOLD = 6.0
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at dotted ``name``, in the model's train/eval mode (bitsandbytes layers behave differently)."""
+    module.train(model.training)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def check_group_size(model: torch.nn.Module, group_size: int) -> None:
+    """Refuse a group size that does not divide the input width of every quantized layer.
+
+    ``intq`` could pad a ragged last group, but that stores padding and no other tool reads such groups; a group
+    size that fits is always available (e.g. 32, 64 or 128 for common widths).
+    """
+    if group_size == -1:
+        return
+    widths = sorted({lin.in_features for _, lin in quantizable_linears(model)})
+    bad = [w for w in widths if w % group_size]
+    if bad:
+        fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+        raise ConfigError(
+            f"--group-size {group_size} does not divide the input width of every layer (widths {widths})",
+            hint=f"use --group-size {' or '.join(map(str, fits))}" if fits else "use --group-size -1 (one per row)",
+        )
+
+
+def quantize(model: torch.nn.Module, spec: CastSpec | BnbSpec | IntSpec | HqqSpec) -> torch.nn.Module:
+    """Quantize ``model`` in place as ``spec`` says and return it.
+
+    Args:
+        model: A full-precision transformers model (no adapters: merge them first).
+        spec: :class:`CastSpec`, :class:`BnbSpec`, :class:`IntSpec` or :class:`HqqSpec`.
+
+    Raises:
+        ConfigError: a group size that does not fit the model.
+    """
+    if isinstance(spec, CastSpec):
+        import torch
+
+        return model.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[spec.method]))
+    if isinstance(spec, BnbSpec):
+        return _quantize_bnb(model, spec)
+    if isinstance(spec, IntSpec | HqqSpec):
+        return _quantize_grid(model, spec)
+    raise TypeError(f"not a quantization spec: {spec!r}")
+
+
+def _quantize_grid(model: torch.nn.Module, spec: IntSpec | HqqSpec) -> torch.nn.Module:
+    import torch
+
+    from bittune.quant.hqq import quantize_hqq
+    from bittune.quant.intq import quantize_int
+    from bittune.quant.linear import QuantizedLinear
+
+    check_group_size(model, spec.group_size)
+    with torch.no_grad():
+        for name, linear in quantizable_linears(model):
+            w = linear.weight.detach().float()
+            if isinstance(spec, IntSpec):
+                codes, scale, zero = quantize_int(w, spec.bits, spec.group_size, spec.symmetric)
+            else:
+                codes, scale, zero = quantize_hqq(w, spec.bits, spec.group_size, iters=spec.iters)
+            q = QuantizedLinear.from_codes(linear, codes, scale, zero, bits=spec.bits, group_size=spec.group_size)
+            _set_module(model, name, q)
+    return model
+
+
+def bnb_quantization_config(spec: BnbSpec) -> Any:
+    """The transformers ``BitsAndBytesConfig`` that describes (and reloads) a ``spec``-quantized model."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = sorted(HEAD_NAMES)
+    if spec.method == "llm-int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=LLM_INT8_THRESHOLD, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.method,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def _quantize_bnb(model: torch.nn.Module, spec: BnbSpec) -> torch.nn.Module:
+    """Swap the body linears for bitsandbytes layers; they quantize when placed on the device.
+
+    The model's config gets the matching ``quantization_config``, so ``save_pretrained`` writes a folder that
+    transformers reloads as the same bitsandbytes model.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for name, linear in quantizable_linears(model):
+            w = linear.weight.detach().float()
+            if spec.method == "llm-int8":
+                new = bnb.nn.Linear8bitLt(
+                    linear.in_features,
+                    linear.out_features,
+                    bias=linear.bias is not None,
+                    has_fp16_weights=False,
+                    threshold=LLM_INT8_THRESHOLD,  # what the saved config reloads with
+                )
+                new.weight = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(
+                    linear.in_features,
+                    linear.out_features,
+                    bias=linear.bias is not None,
+                    compute_dtype=torch.float32,
+                    compress_statistics=spec.double_quant,
+                    quant_type=spec.method,
+                )
+                new.weight = bnb.nn.Params4bit(
+                    w, requires_grad=False, compress_statistics=spec.double_quant, quant_type=spec.method, blocksize=64
+                )
+            if linear.bias is not None:
+                new.bias = torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+            _set_module(model, name, new.to(device))  # placement is what quantizes
+    model.config.quantization_config = bnb_quantization_config(spec)
+    return model

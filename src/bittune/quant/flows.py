@@ -1,0 +1,357 @@
+"""The ``bittune quantize`` and ``bittune merge`` flows: load, (merge,) quantize, save, reload, measure, report.
+
+Both write their output folder atomically (a temp folder renamed into place), so a failure leaves nothing behind,
+and both measure the saved model *as reloaded from disk* against the reference on the same rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bittune.errors import ConfigError, ModelLoadError, StorageError
+from bittune.quant.api import check_group_size
+from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec, spec_from_cli
+
+Spec = CastSpec | BnbSpec | IntSpec | HqqSpec
+Log = Callable[[str], None]
+MB = 1024**2
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def check_out_dir(out: Path) -> None:
+    """``out`` must not exist, or be an empty folder: results are never written over other files."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StorageError(f"--out {out} already exists and is not empty", hint="pick a new --out folder or delete it")
+
+
+def _eval_data(source: str, data: str | None, *, train_fallback: bool) -> tuple[str | None, str | None]:
+    """The data to measure on and a note on where it came from: ``data``, the run's eval file, or its train file."""
+    if data:
+        return data, None
+    run_file = Path(source) / "run_config.yaml"
+    if not run_file.is_file():
+        return None, None
+    import yaml
+
+    run_data = (yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}).get("data", {})
+    if run_data.get("eval"):
+        return run_data["eval"], f"data: the run's eval file {run_data['eval']}"
+    if train_fallback and run_data.get("train"):
+        return run_data["train"], f"data: the run's train file {run_data['train']} (the run has no eval file)"
+    return None, None
+
+
+def _rows(source: str, tokenizer: Any, task: str, model: Any, data: str | None, opts: dict[str, Any]) -> Any:
+    from bittune.inference import prepare_eval_rows
+
+    if data is None:
+        return None
+    return prepare_eval_rows(source, tokenizer, task, data=data, model=model, **opts)
+
+
+def _source_size(source: str) -> float | None:
+    from bittune.model import resolve_inference_source
+    from bittune.quant.report import weights_size
+
+    base, adapter, _ = resolve_inference_source(source)
+    sizes = [weights_size(base), weights_size(adapter) if adapter else 0]
+    return None if sizes[0] is None else round(sum(sizes) / MB, 2)
+
+
+def preflight(source: str, spec: Spec | None, data: str | None) -> None:
+    """Every check that needs no weights, before the slow part: the path, the group size, the data file."""
+    from bittune.model import _check_source, resolve_inference_source
+    from bittune.quant.io import is_quantized_dir
+
+    base, _, task = resolve_inference_source(source)
+    _check_source(base)
+    if is_quantized_dir(base):
+        raise ModelLoadError(
+            f"{source} is already quantized", hint="quantize the original full-precision model (or run dir) instead"
+        )
+    if isinstance(spec, IntSpec | HqqSpec) and spec.group_size != -1:
+        check_group_size(_skeleton(base, task), spec.group_size)
+    check_data(data)
+
+
+def check_data(data: str | None) -> None:
+    """Read the first row of ``data`` (a DataError names what is wrong with the file)."""
+    if data:
+        from bittune.data.records import read_records
+
+        read_records(data, "train", max_rows=1)
+
+
+def _skeleton(base: str, task: str) -> Any:
+    """The model's module tree without weights (meta device): enough to see its layer shapes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from bittune.quant.io import _auto_class
+
+    with init_empty_weights():
+        return _auto_class(task).from_config(AutoConfig.from_pretrained(base))
+
+
+def _measure_saved(
+    folder: Path, name: str, tokenizer: Any, rows: Any, device: Any, batch_size: int, reference: dict[str, Any]
+) -> dict[str, Any]:
+    """Reload ``folder`` (as a user would) and measure it against ``reference``."""
+    from bittune.quant.io import load_quantized
+    from bittune.quant.report import measure, quality_delta, weights_size
+
+    t0 = time.perf_counter()
+    model, task = load_quantized(folder, device=device)
+    load_s = round(time.perf_counter() - t0, 2)
+    entry = {"name": name, "size_mb": round((weights_size(folder) or 0) / MB, 2), "load_s": load_s}
+    entry.update(measure(model, tokenizer, task, rows, batch_size=batch_size))
+    entry["delta"] = quality_delta(reference, entry, task)
+    del model
+    gc.collect()
+    return entry
+
+
+def quantize_path(
+    source: str,
+    spec: Spec,
+    out: Path,
+    *,
+    data: str | None = None,
+    data_opts: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    log: Log = _quiet,
+) -> dict[str, Any]:
+    """Quantize a model folder or run directory into ``out`` and write its quality report there.
+
+    Args:
+        source: Model folder, hub id, adapter folder or run directory (adapters are merged in float32 first).
+        spec: What to do (see :mod:`bittune.quant.spec`).
+        out: New folder (must not exist, or be empty).
+        data: Data to measure quality on; default: the run's eval file, else quality is not measured.
+        data_opts: ``fmt``, ``template``, ``max_length``, ``max_rows`` for reading ``data``.
+
+    Returns:
+        The report (also in ``out/quant_report.json`` and ``.md``).
+    """
+    from bittune.model import load_for_inference, resolve_device
+    from bittune.quant import quantize
+    from bittune.quant.io import save_quantized
+    from bittune.quant.merge import load_merged
+    from bittune.quant.report import measure, warm_imports, write_report
+    from bittune.quant.select import quantizable_linears
+    from bittune.training.checkpoint import atomic_dir
+
+    out = Path(out)
+    check_out_dir(out)
+    data, data_note = _eval_data(source, data, train_fallback=False)
+    preflight(source, spec, data)
+    dev = resolve_device(device)
+    log(f"loading {source} ...")
+    warm_imports(source)
+    t0 = time.perf_counter()
+    ref_model, tokenizer, task = load_for_inference(source, device=str(dev))
+    ref_load_s = round(time.perf_counter() - t0, 2)
+    rows = _rows(source, tokenizer, task, ref_model, data, data_opts or {})
+    log("measuring the unquantized model" + (f" on {len(rows)} rows of {data}" if rows else "") + " ...")
+    reference = {"name": "reference (unquantized)", "size_mb": _source_size(source), "load_s": ref_load_s}
+    reference.update(measure(ref_model, tokenizer, task, rows, batch_size=batch_size))
+    if _has_adapter_or_bnb(ref_model):
+        del ref_model
+        gc.collect()
+        model, tokenizer, task, _ = load_merged(source, device=str(dev))
+    else:
+        model = ref_model
+    layers = [n for n, _ in quantizable_linears(model)]
+    log(f"quantizing {len(layers)} linear layers: {spec.label()} ...")
+    t0 = time.perf_counter()
+    quantize(model, spec)
+    quant_s = round(time.perf_counter() - t0, 1)
+    label_names = _label_names(model, task)
+    report: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        nonlocal model
+        save_quantized(model, tmp, spec=spec, task=task, tokenizer=tokenizer, source=source, label_names=label_names)
+        model = None
+        gc.collect()
+        log("reloading the saved model and measuring it ...")
+        entry = _measure_saved(tmp, spec.label(), tokenizer, rows, dev, batch_size, reference)
+        report.update(
+            title=f"{spec.label()} quantization of {source}",
+            task=task,
+            source=source,
+            spec=spec.model_dump(),
+            data=data,
+            device=str(dev),
+            quantize_s=quant_s,
+            models=[reference, entry],
+            notes=_notes(data, data_note, dev, spec),
+        )
+        write_report(tmp, report)
+
+    atomic_dir(out, write)
+    return report
+
+
+def _has_adapter_or_bnb(model: Any) -> bool:
+    return hasattr(model, "peft_config") or getattr(model.config, "quantization_config", None) is not None
+
+
+def _label_names(model: Any, task: str) -> list[str] | None:
+    if task != "classification":
+        return None
+    return [model.config.id2label[i] for i in range(len(model.config.id2label))]
+
+
+def _notes(data: str | None, data_note: str | None, dev: Any, spec: Spec | None) -> list[str]:
+    notes = [data_note] if data_note else []
+    if data is None:
+        notes.append("no --eval data: size, memory and speed only; quality not measured")
+    if dev.type == "cpu":
+        notes.append("CPU: computed in float32 (16-bit weights are upcast on load)")
+    if isinstance(spec, IntSpec | HqqSpec):
+        notes.append("int/hqq layers have no fused kernels: each forward dequantizes, then a float matmul")
+    return notes
+
+
+def merge_spec(adapter: str, bits: int, method: str | None, group_size: int | None, symmetric: bool) -> Spec:
+    """The spec for ``merge --into-quantized BITS``: by default the run's own training quantization at those bits."""
+    from bittune.model import QUANT_FILE
+
+    qfile = Path(adapter) / QUANT_FILE
+    if method is None and qfile.is_file():
+        q = json.loads(qfile.read_text())
+        if q.get("bits") == bits:
+            if bits == 8:
+                return BnbSpec(method="llm-int8")
+            return BnbSpec(method=q["type"], double_quant=q["double_quant"])
+    return spec_from_cli(bits=bits, method=method, group_size=group_size, symmetric=symmetric)
+
+
+def merge_run(
+    run_dir: str,
+    out: Path,
+    *,
+    into_bits: int | None = None,
+    method: str | None = None,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    data: str | None = None,
+    data_opts: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    log: Log = _quiet,
+) -> dict[str, Any]:
+    """Merge a run's LoRA adapter into its base: full precision, or (``into_bits``) re-quantized and measured.
+
+    The reference is the adapter on its base as trained (a QLoRA adapter on its NF4 base). The merged model is
+    measured against it on the run's eval data (or ``data``; else the run's train data), and the change goes into
+    ``out/merge_report.json``; ``report["warnings"]`` is non-empty when the change is large.
+    """
+    from bittune.model import load_for_inference, resolve_device
+    from bittune.quant import quantize
+    from bittune.quant.io import save_quantized
+    from bittune.quant.merge import load_merged, require_adapter_run
+    from bittune.quant.report import measure, quality_delta, warm_imports, write_report
+    from bittune.training.checkpoint import atomic_dir
+
+    out = Path(out)
+    adapter = require_adapter_run(run_dir)
+    check_out_dir(out)
+    spec = None if into_bits is None else merge_spec(adapter, into_bits, method, group_size, symmetric)
+    if spec is None and (method or group_size is not None or symmetric):
+        raise ConfigError("--method/--group-size/--symmetric need --into-quantized BITS", hint="add --into-quantized 4")
+    data, data_note = _eval_data(run_dir, data, train_fallback=True)
+    preflight(run_dir, spec, data)
+    dev = resolve_device(device)
+    log(f"loading {run_dir} (adapter on its base, as trained) ...")
+    warm_imports(run_dir)
+    t0 = time.perf_counter()
+    ref_model, tokenizer, task = load_for_inference(run_dir, device=str(dev))
+    ref_load_s = round(time.perf_counter() - t0, 2)
+    rows = _rows(run_dir, tokenizer, task, ref_model, data, data_opts or {})
+    reference = {"name": "adapter on base (as trained)", "size_mb": _source_size(run_dir), "load_s": ref_load_s}
+    reference.update(measure(ref_model, tokenizer, task, rows, batch_size=batch_size))
+    del ref_model
+    gc.collect()
+    log("merging the adapter in float32 ...")
+    merged, tokenizer, task, info = load_merged(run_dir, device=str(dev))
+    base_q = info["base_quantization"]
+    fp_name = "merged fp32" + (" (dequantized NF4 base)" if base_q and base_q.get("bits") == 4 else "")
+    fp_entry = {"name": fp_name, **measure(merged, tokenizer, task, rows, batch_size=batch_size)}
+    fp_entry["delta"] = quality_delta(reference, fp_entry, task)
+    label_names = _label_names(merged, task)
+    report: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        nonlocal merged
+        entries = [reference, fp_entry]
+        if spec is None:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if label_names:
+                (tmp / "labels.json").write_text(json.dumps(label_names), encoding="utf-8")
+            fp_entry["size_mb"] = round(sum(p.stat().st_size for p in tmp.glob("*.safetensors")) / MB, 2)
+        else:
+            log(f"re-quantizing the merged model: {spec.label()} ...")
+            quantize(merged, spec)
+            save_quantized(
+                merged, tmp, spec=spec, task=task, tokenizer=tokenizer, source=run_dir, label_names=label_names
+            )
+            merged = None
+            gc.collect()
+            log("reloading the merged quantized model and measuring it ...")
+            entries.append(_measure_saved(tmp, f"merged {spec.label()}", tokenizer, rows, dev, batch_size, reference))
+        final = entries[-1]
+        warnings = []
+        if final.get("delta", {}).get("large"):
+            warnings.append(_large_delta_warning(final, task, spec))
+        report.update(
+            title=f"merge of {run_dir}" + (f" into {spec.label()}" if spec else " (full precision)"),
+            task=task,
+            source=run_dir,
+            adapter=adapter,
+            base_quantization=base_q,
+            spec=spec.model_dump() if spec else None,
+            data=data,
+            device=str(dev),
+            models=entries,
+            warnings=warnings,
+            notes=_notes(data, data_note, dev, spec),
+        )
+        write_report(tmp, report, name="merge_report")
+
+    atomic_dir(out, write)
+    return report
+
+
+def _large_delta_warning(entry: dict[str, Any], task: str, spec: Spec | None) -> str:
+    d = entry["delta"]
+    if task == "classification":
+        what = f"accuracy {100 * d['accuracy']:+.2f} pt"
+    else:
+        what = f"perplexity {d['perplexity_pct']:+.2f}%"
+    fix = (
+        "keep the adapter separate (serve it on the quantized base), or re-quantize with more bits or --method hqq"
+        if spec is not None
+        else "check the run: a full-precision merge should match the adapter"
+    )
+    return f"{entry['name']} changed quality against the adapter on its base: {what} (loss {d['loss']:+.4f}); {fix}"
+
+
+def describe(report: dict[str, Any]) -> str:
+    """The report's table and notes, for the terminal."""
+    from bittune.quant.report import table
+
+    lines = [report["title"], table(report["models"], report["task"])]
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines)

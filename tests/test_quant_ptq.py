@@ -1,0 +1,376 @@
+"""Post-training quantization: HQQ vs round-to-nearest, the packed layer, save/reload, NF4 codes, merge, compare."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bittune.quant import quantize
+from bittune.quant.intq import dequantize, pack_codes, quantize_dequantize, quantize_int, unpack_codes
+from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec, spec_from_cli
+from helpers import color_chat_rows, write_jsonl
+
+IDS = torch.tensor([[1, 5, 9, 20, 33, 4, 17, 60, 2, 11]])
+
+
+def heavy_tailed(rows: int = 64, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    """Gaussian weights with 1% outliers 8x larger, as trained LLM weights have."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[torch.rand(rows, cols, generator=g) < 0.01] *= 8
+    return w
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantizers on random matrices
+
+
+@pytest.mark.parametrize(("bits", "bound"), [(8, 0.01), (4, 0.14), (3, 0.28), (2, 0.55)])
+def test_round_trip_relative_error_is_bounded_per_bit_width(bits: int, bound: float) -> None:
+    from bittune.quant.hqq import quantize_hqq
+
+    w = heavy_tailed()
+    codes, scale, zero = quantize_hqq(w, bits, 64)
+    assert int(codes.max()) <= 2**bits - 1
+    assert rel_error(dequantize(codes, scale, zero, w.shape), w) < bound
+    assert rel_error(quantize_dequantize(w, bits, 64), w) < bound
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_hqq_beats_round_to_nearest_at_low_bits(bits: int) -> None:
+    from bittune.quant.hqq import quantize_hqq
+
+    for seed in range(3):
+        w = heavy_tailed(seed=seed)
+        rtn = rel_error(quantize_dequantize(w, bits, 64), w)
+        codes, scale, zero = quantize_hqq(w, bits, 64)
+        hqq = rel_error(dequantize(codes, scale, zero, w.shape), w)
+        assert hqq < 0.95 * rtn, (seed, hqq, rtn)
+
+
+def test_hqq_scales_and_zeros_are_float16_exact() -> None:
+    from bittune.quant.hqq import quantize_hqq
+
+    _, scale, zero = quantize_hqq(heavy_tailed(), 3, 32)
+    for t in (scale, zero):
+        assert torch.equal(t.half().float(), t)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_quantized_linear_fast_unpack_matches_unpack_codes(bits: int) -> None:
+    from bittune.quant.linear import _unpack
+
+    codes = torch.randint(0, 2**bits, (1000,), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert torch.equal(_unpack(packed, bits, 1000), unpack_codes(packed, bits, 1000))
+
+
+def test_quantized_linear_computes_with_the_dequantized_weight() -> None:
+    from bittune.quant.linear import QuantizedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 24, bias=True)
+    codes, scale, zero = quantize_int(lin.weight, 3, 16)
+    q = QuantizedLinear.from_codes(lin, codes, scale, zero, bits=3, group_size=16)
+    assert q.qweight.numel() == 64 * 24 * 3 // 8  # densely packed: 3 bits per weight
+    x = torch.randn(5, 64)
+    expected = torch.nn.functional.linear(x, dequantize(codes, scale, zero, lin.weight.shape), lin.bias)
+    assert torch.equal(q(x), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specs
+
+
+def test_spec_from_cli_defaults_and_refusals() -> None:
+    from bittune.errors import ConfigError
+
+    assert spec_from_cli(bits=4) == BnbSpec(method="nf4")
+    assert spec_from_cli(bits=16) == CastSpec(method="fp16")
+    assert spec_from_cli(bits=3) == HqqSpec(bits=3, group_size=64)
+    assert spec_from_cli(bits=2, method="int", group_size=32, symmetric=True) == IntSpec(
+        bits=2, group_size=32, symmetric=True
+    )
+    for kwargs, needle in [
+        ({"bits": 3, "method": "nf4"}, "stores 4 bits"),
+        ({"bits": 4, "method": "gptq"}, "unknown --method"),
+        ({"bits": 5}, "not supported"),
+        ({"bits": 4, "method": "int", "group_size": 0}, "not a number of columns"),
+        ({"bits": 4, "method": "nf4", "group_size": 32}, "applies to --method int|hqq"),
+        ({"bits": 1, "method": "hqq"}, "2..8 bits"),
+    ]:
+        with pytest.raises(ConfigError, match=needle) as err:
+            spec_from_cli(**kwargs)
+        assert err.value.hint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole models: quantize -> save -> reload
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_int_method_stores_exactly_the_qat_quantizer_codes(tiny_llama_dir: Path) -> None:
+    from bittune.quant.select import quantizable_linears
+
+    model = _load(tiny_llama_dir)
+    originals = {n: lin.weight.detach().clone() for n, lin in quantizable_linears(model)}
+    quantize(model, IntSpec(bits=3, group_size=16, symmetric=True))
+    for name, w in originals.items():
+        layer = model.get_submodule(name)
+        codes, scale, zero = quantize_int(w, 3, 16, symmetric=True)
+        assert torch.equal(layer.codes(), codes)
+        assert torch.equal(layer.scale.float(), scale) and torch.equal(layer.zero.float(), zero)
+    assert type(model.lm_head).__name__ == "Linear"  # the head stays full precision
+
+
+SPECS = {
+    "int4": IntSpec(bits=4, group_size=16),
+    "int2-sym-row": IntSpec(bits=2, group_size=-1, symmetric=True),
+    "hqq3": HqqSpec(bits=3, group_size=16),
+    "nf4": BnbSpec(method="nf4"),
+    "fp4-no-dq": BnbSpec(method="fp4", double_quant=False),
+    "llm-int8": BnbSpec(method="llm-int8"),
+    "fp16": CastSpec(method="fp16"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_quantize_save_reload_gives_identical_outputs(
+    tiny_llama_dir: Path, tokenizer, tmp_path: Path, name: str
+) -> None:
+    from bittune.model import load_for_inference
+    from bittune.quant.io import save_quantized
+
+    spec = SPECS[name]
+    model = _load(tiny_llama_dir)
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+    quantize(model, spec)
+    reference = model
+    if isinstance(spec, CastSpec):
+        # CPU computes in float32: the reloaded model is the fp32 model with its weights rounded to fp16.
+        reference = _load(tiny_llama_dir)
+        for p in reference.parameters():
+            p.data = p.data.half().float()
+    with torch.no_grad():
+        expected = reference(input_ids=IDS).logits
+    assert not torch.equal(expected, before)  # quantization did something
+    save_quantized(model, tmp_path, spec=spec, task="causal-lm", tokenizer=tokenizer)
+    del model
+    # Through the same loader `bittune eval` / `generate` use, and with no access to the original weights.
+    reloaded, _, task = load_for_inference(str(tmp_path), device="cpu")
+    assert task == "causal-lm"
+    with torch.no_grad():
+        got = reloaded(input_ids=IDS).logits
+    assert torch.equal(got, expected)
+
+
+def test_int_reload_needs_no_original_weights_and_keeps_ties(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from bittune.quant.io import load_quantized, save_quantized
+
+    copy = tmp_path / "orig"
+    shutil.copytree(tiny_llama_dir, copy)
+    model = _load(copy)
+    quantize(model, IntSpec(bits=4, group_size=16))
+    out = tmp_path / "q"
+    out.mkdir()
+    save_quantized(model, out, spec=IntSpec(bits=4, group_size=16), task="causal-lm")
+    shutil.rmtree(copy)
+    reloaded, _ = load_quantized(out)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert all(p.device.type == "cpu" for p in reloaded.parameters())
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NF4: the codes are bitsandbytes' own
+
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230731010437,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
+
+
+def nf4_reference_codes(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Plain-torch NF4: per block of 64 values, the nearest of the 16 NF4 levels to ``w / absmax``; packed 2/byte."""
+    blocks = w.float().reshape(-1, blocksize)
+    normed = blocks / blocks.abs().amax(dim=1, keepdim=True)
+    codes = (normed.unsqueeze(-1) - NF4_LEVELS).abs().argmin(dim=-1).reshape(-1).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2]  # bitsandbytes: first value in the high nibble
+
+
+def test_nf4_codes_agree_with_bitsandbytes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    from bittune.quant.io import save_quantized
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    bnb_codes, _ = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(nf4_reference_codes(w), bnb_codes.reshape(-1))
+
+    model = _load(tiny_llama_dir)
+    original = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    quantize(model, BnbSpec(method="nf4"))
+    save_quantized(model, tmp_path, spec=BnbSpec(method="nf4"), task="causal-lm")
+    stored = load_file(tmp_path / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
+    expected, _ = bnb.functional.quantize_4bit(original, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(stored.reshape(-1), expected.reshape(-1))
+    assert torch.equal(stored.reshape(-1), nf4_reference_codes(original))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flows: quantize with a report, merge, compare (tiny trained runs)
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", color_chat_rows(24))
+
+
+def _train(model_dir: Path, data: Path, out: Path, method: str) -> Path:
+    from bittune.config import config_from_dict
+    from bittune.recipes.finetune import train
+
+    raw = {
+        "model": {"path": str(model_dir)},
+        "method": method,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(data), "eval": str(data), "format": "chat", "max_length": 64},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 2e-2, "seed": 1, "device": "cpu"},
+        "output_dir": str(out),
+    }
+    if method == "qlora":
+        raw["quant"] = {"bits": 4}
+    return train(config_from_dict(raw), progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, chat_file: Path) -> Path:
+    return _train(tiny_llama_dir, chat_file, tmp_path_factory.mktemp("lora") / "run", "lora")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, chat_file: Path) -> Path:
+    pytest.importorskip("bitsandbytes")
+    return _train(tiny_llama_dir, chat_file, tmp_path_factory.mktemp("qlora") / "run", "qlora")
+
+
+def test_quantize_path_writes_model_and_measured_report(tiny_llama_dir: Path, chat_file: Path, tmp_path: Path):
+    from bittune.inference import evaluate_on_data
+    from bittune.quant.flows import quantize_path
+
+    out = tmp_path / "q"
+    report = quantize_path(str(tiny_llama_dir), HqqSpec(bits=3, group_size=16), out, data=str(chat_file), device="cpu")
+    ref, q = report["models"]
+    assert q["size_mb"] < ref["size_mb"] and q["weights_in_memory_mb"] < ref["weights_in_memory_mb"]
+    assert q["latency_ms"] > 0 and q["tokens_per_s"] > 0
+    assert math.isfinite(q["delta"]["loss"]) and q["delta"]["loss"] != 0
+    assert q["delta"]["loss"] == pytest.approx(q["eval_loss"] - ref["eval_loss"])
+    assert json.loads((out / "quant_report.json").read_text())["models"][1]["name"] == "hqq3-g16"
+    assert "| hqq3-g16 |" in (out / "quant_report.md").read_text()
+    # `bittune eval` on the folder reproduces the report's number.
+    again = evaluate_on_data(str(out), data=str(chat_file))
+    assert again["eval_loss"] == pytest.approx(q["eval_loss"], abs=1e-6)
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.e2e
+def test_merge_into_fp32_equals_adapter_outputs(lora_run: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from bittune.model import load_for_inference
+    from bittune.quant.flows import merge_run
+
+    adapter_model, _, _ = load_for_inference(str(lora_run), device="cpu")
+    expected = _logits(adapter_model)
+    assert (expected - _logits(_load(tiny_llama_dir))).abs().max() > 1e-3  # the adapter is not a no-op
+    report = merge_run(str(lora_run), tmp_path / "m", device="cpu")
+    merged, _, _ = load_for_inference(str(tmp_path / "m"), device="cpu")
+    assert not hasattr(merged, "peft_config")
+    assert (_logits(merged) - expected).abs().max() < 1e-4
+    assert abs(report["models"][1]["delta"]["loss"]) < 1e-5
+    assert report["warnings"] == []
+
+
+@pytest.mark.e2e
+def test_qlora_merge_dequantizes_the_nf4_base_first(qlora_run: Path, tmp_path: Path) -> None:
+    from bittune.model import load_for_inference
+    from bittune.quant.merge import load_merged
+
+    adapter_on_nf4, _, _ = load_for_inference(str(qlora_run), device="cpu")
+    merged, _, _, info = load_merged(str(qlora_run))
+    assert info["base_quantization"]["type"] == "nf4"
+    assert (_logits(merged) - _logits(adapter_on_nf4)).abs().max() < 1e-4
+
+
+@pytest.mark.e2e
+def test_merge_into_quantized_base_reports_a_measured_delta(qlora_run: Path, tmp_path: Path) -> None:
+    from bittune.inference import evaluate_on_data
+    from bittune.quant.flows import merge_run
+
+    out = tmp_path / "mq"
+    report = merge_run(str(qlora_run), out, into_bits=4, device="cpu")
+    assert report["spec"]["method"] == "nf4"  # the run's own quantization by default
+    names = [m["name"] for m in report["models"]]
+    assert names == ["adapter on base (as trained)", "merged fp32 (dequantized NF4 base)", "merged nf4-dq"]
+    final = report["models"][-1]
+    assert math.isfinite(final["delta"]["loss"]) and final["delta"]["loss"] != 0
+    assert bool(report["warnings"]) == final["delta"]["large"]
+    saved = json.loads((out / "merge_report.json").read_text())
+    assert saved["models"][-1]["delta"] == pytest.approx(final["delta"])
+    again = evaluate_on_data(str(out), data=report["data"])
+    assert again["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.e2e
+def test_compare_writes_table_json_and_png(tiny_llama_dir: Path, lora_run: Path, chat_file: Path, tmp_path: Path):
+    from bittune.compare import compare_models
+    from bittune.quant.flows import quantize_path
+
+    q = tmp_path / "int4"
+    quantize_path(str(tiny_llama_dir), IntSpec(bits=4, group_size=16), q, device="cpu")
+    out = tmp_path / "cmp"
+    result = compare_models([str(tiny_llama_dir), str(lora_run), str(q)], data=str(chat_file), out=out, device="cpu")
+    kinds = [m["kind"] for m in result["models"]]
+    assert kinds == ["full precision", "adapter", "int4-g16"]
+    for m in result["models"]:
+        assert m["eval_perplexity"] > 1 and m["tokens_per_s"] > 0 and m["load_s"] >= 0
+    png = (out / "compare.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert (out / "compare.md").read_text().count("\n| ") == 4  # header + 3 models
