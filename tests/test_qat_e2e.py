@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bittune.config import config_from_dict
+from bittune.quant.qat import convert, read_qat_settings
 from bittune.recipes.finetune import train
 from bittune.training.metrics import read_metrics
 from helpers import color_chat_rows, make_tiny_llama, make_tokenizer, sentiment_rows, write_jsonl
@@ -99,6 +100,23 @@ def test_qat_stages_switch_bits_keep_checkpoints_and_convert_reproduces_the_fina
     assert (result.final_dir / "model.safetensors").is_file()
     again = eval_converted(run)
     assert again["eval_loss"] == pytest.approx(result.final_metrics["eval_loss"], rel=1e-6)
+
+    # `bittune quantize RUN_DIR` with no settings takes qat.json's, stores real packed codes, and the reloaded
+    # low-bit model computes what the last stage evaluated (no original weights needed).
+    from bittune.model import load_for_inference
+    from bittune.quant.flows import quantize_path
+    from bittune.quant.spec import IntSpec, spec_for_source
+
+    spec = spec_for_source(str(run), bits=None, method=None, group_size=None, symmetric=False)
+    assert spec == IntSpec(bits=4, group_size=16, symmetric=False)
+    quantize_path(str(run), spec, tmp_path / "q4")
+    quantized, _, _ = load_for_inference(str(tmp_path / "q4"), device="cpu")
+    converted, _, _ = load_for_inference(str(run), device="cpu")
+    q = read_qat_settings(run)
+    converted = convert(converted, bits=q["bits"], group_size=q["group_size"], symmetric=q["symmetric"])
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 11]])
+    with torch.no_grad():
+        assert torch.equal(quantized(ids).logits, converted(ids).logits)
 
 
 @pytest.mark.parametrize("method", ["qat", "lora"])

@@ -245,7 +245,9 @@ def _log(message: str) -> None:
 def quantize(
     model: Annotated[str, typer.Argument(help="Model folder, hub id or run directory (adapters are merged first).")],
     out: Annotated[Path, typer.Option("--out", help="New folder for the quantized model and its report.")],
-    bits: Annotated[int, typer.Option(help="16, 8, 4, 3 or 2.")] = 4,
+    bits: Annotated[
+        int | None, typer.Option(help="16, 8, 4, 3 or 2 (default 4; a QAT run: its final stage's settings).")
+    ] = None,
     method: Annotated[
         str | None, typer.Option(help="fp16, bf16, nf4, fp4, llm-int8, int or hqq (default: by --bits).")
     ] = None,
@@ -261,9 +263,9 @@ def quantize(
 ) -> None:
     """Quantize a model and report size, memory, speed and the quality change against the original."""
     from bittune.quant.flows import describe, quantize_path
-    from bittune.quant.spec import spec_from_cli
+    from bittune.quant.spec import spec_for_source
 
-    spec = spec_from_cli(bits=bits, method=method, group_size=group_size, symmetric=symmetric)
+    spec = spec_for_source(model, bits=bits, method=method, group_size=group_size, symmetric=symmetric)
     report = quantize_path(
         model,
         spec,

@@ -68,7 +68,7 @@ def compare_models(
         ``{"task", "data", "models": [...]}`` with one entry per path, in order.
     """
     from bittune.inference import prepare_eval_rows
-    from bittune.model import _check_source, load_for_inference, resolve_inference_source
+    from bittune.model import load_for_inference, model_source, resolve_inference_source
     from bittune.quant.flows import check_data, check_out_dir
     from bittune.quant.report import measure, table, warm_imports, weights_size
     from bittune.training.checkpoint import atomic_dir
@@ -78,7 +78,7 @@ def compare_models(
     out = Path(out)
     check_out_dir(out)
     for p in paths:  # reads no weights: fail before the slow part
-        _check_source(resolve_inference_source(p)[0])
+        model_source(resolve_inference_source(p)[0])
     check_data(data)
     tasks = {p: resolve_inference_source(p)[2] for p in paths}
     if len(set(tasks.values())) > 1:

@@ -68,11 +68,11 @@ def _source_size(source: str) -> float | None:
 
 def preflight(source: str, spec: Spec | None, data: str | None) -> None:
     """Every check that needs no weights, before the slow part: the path, the group size, the data file."""
-    from bittune.model import _check_source, resolve_inference_source
+    from bittune.model import model_source, resolve_inference_source
     from bittune.quant.io import is_quantized_dir
 
     base, _, task = resolve_inference_source(source)
-    _check_source(base)
+    model_source(base)
     if is_quantized_dir(base):
         raise ModelLoadError(
             f"{source} is already quantized", hint="quantize the original full-precision model (or run dir) instead"

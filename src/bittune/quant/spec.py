@@ -146,3 +146,22 @@ def spec_from_cli(
     if method == "int":
         return IntSpec(bits=bits, group_size=g, symmetric=symmetric)
     return HqqSpec(bits=bits, group_size=g)
+
+
+def spec_for_source(
+    source: str, *, bits: int | None, method: str | None, group_size: int | None, symmetric: bool
+) -> CastSpec | BnbSpec | IntSpec | HqqSpec:
+    """:func:`spec_from_cli`, defaulting to a QAT run's own final quantization when nothing is asked for.
+
+    A run trained with ``qat:`` records in ``qat.json`` the bit-width, group size and zero-point mode its last
+    stage trained at; quantizing with exactly those settings reproduces the numbers it evaluated, so that is
+    what ``bittune quantize RUN_DIR`` does unless ``--bits/--method/--group-size/--symmetric`` say otherwise.
+    """
+    from bittune.quant.qat import read_qat_settings
+
+    qat = (
+        read_qat_settings(source) if bits is None and method is None and group_size is None and not symmetric else None
+    )
+    if qat is not None:
+        return IntSpec(bits=qat["bits"], group_size=qat["group_size"], symmetric=qat["symmetric"])
+    return spec_from_cli(bits=4 if bits is None else bits, method=method, group_size=group_size, symmetric=symmetric)
