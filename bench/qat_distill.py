@@ -59,18 +59,24 @@ def build_sentiment(out_dir: Path, n_train: int, n_eval: int, seed: int = 0) -> 
     return train, ev
 
 
-def run(raw: dict[str, Any]) -> tuple[Path, float]:
+def run(raw: dict[str, Any], reuse: bool) -> tuple[Path, float]:
+    """Train (or, with ``reuse``, take the finished run already there); returns the run dir and its loop time."""
     from bittune.config import config_from_dict
     from bittune.recipes.finetune import train
+    from bittune.training.metrics import read_metrics
 
-    t0 = time.perf_counter()
-    result = train(config_from_dict(raw), progress=False)
-    gc.collect()
-    return result.run_dir, time.perf_counter() - t0
+    run_dir = Path(raw["output_dir"])
+    if not (reuse and (run_dir / "summary.json").is_file()):
+        run_dir = train(config_from_dict(raw), progress=False).run_dir
+        gc.collect()
+    elapsed = [r["elapsed_s"] for r in read_metrics(run_dir / "metrics.jsonl") if "elapsed_s" in r]
+    return run_dir, elapsed[-1]
 
 
-def accuracy(run_dir: Path, eval_file: Path, *, ptq_bits: int | None = None, convert_qat: bool = False) -> float:
-    """Held-out accuracy of a run's model: as trained, after PTQ to ``ptq_bits``, or after QAT convert."""
+def measure(
+    run_dir: Path, eval_file: Path, *, ptq_bits: int | None = None, convert_qat: bool = False
+) -> dict[str, float]:
+    """Held-out accuracy and loss of a run's model: as trained, after PTQ to ``ptq_bits``, or after QAT convert."""
     import torch
 
     from bittune.data import make_collator, prepare_data
@@ -94,7 +100,8 @@ def accuracy(run_dir: Path, eval_file: Path, *, ptq_bits: int | None = None, con
     )  # fmt: skip
     collate = make_collator(task, tokenizer.pad_token_id, False)
     batches = (collate(data.train[i : i + 64]) for i in range(0, len(data.train), 64))
-    return evaluate(model, batches, task=task, device=torch.device("cpu"))["eval_accuracy"]
+    result = evaluate(model, batches, task=task, device=torch.device("cpu"))
+    return {"acc": result["eval_accuracy"], "loss": result["eval_loss"]}
 
 
 def config(model: str, train_file: Path, ev: Path, out: Path, **sections: Any) -> dict[str, Any]:
@@ -130,12 +137,13 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=3, help="QAT steps of each stage before the last")
     parser.add_argument("--final-steps", type=int, default=12, help="QAT steps of the last (target bits) stage")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs in --work, only re-measure")
     args = parser.parse_args()
     if args.quick:
         args.n_train, args.n_eval, args.warm_steps, args.final_steps = 128, 64, 2, 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = args.work
-    if work.exists():
+    if work.exists() and not args.reuse:
         import shutil
 
         shutil.rmtree(work)
@@ -146,15 +154,15 @@ def main() -> None:
     t_total = time.perf_counter()
     batch = {"batch_size": args.batch, "eval_batch_size": 64}
     fp_train = {**batch, "epochs": args.fp_epochs, "lr": args.fp_lr}
-    fp_run, fp_s = run(config(minilm, train_file, eval_file, work / "fp", train=fp_train))
+    fp_run, fp_s = run(config(minilm, train_file, eval_file, work / "fp", train=fp_train), args.reuse)
     fp_model = str(fp_run / "model")
-    rows: list[dict[str, Any]] = [{"name": "full precision (fp32)", "bits": 32, "acc": accuracy(fp_run, eval_file),
-                                   "train_s": round(fp_s)}]  # fmt: skip
+    fp = measure(fp_run, eval_file)
+    rows: list[dict[str, Any]] = [{"name": "full precision (fp32)", "bits": 32, **fp, "train_s": round(fp_s)}]
     log(f"fp: {rows[-1]}")
     ptq = {}
     for bits in (4, 3):
-        ptq[bits] = accuracy(fp_run, eval_file, ptq_bits=bits)
-        rows.append({"name": f"PTQ {bits}-bit", "bits": bits, "acc": ptq[bits]})
+        ptq[bits] = measure(fp_run, eval_file, ptq_bits=bits)
+        rows.append({"name": f"PTQ {bits}-bit", "bits": bits, **ptq[bits]})
         log(f"ptq {bits}: {ptq[bits]}")
 
     schedules = {4: [8, 6, 4], 3: [8, 6, 4, 3]}
@@ -177,22 +185,33 @@ def main() -> None:
             sections = {**extra, "train": {**qat_train, **extra.get("train", {})}}
             raw = config(fp_model, train_file, eval_file, work / f"b{bits}-{i}", **sections)
             del raw["data"]["eval"]  # evaluated once below, on the converted model (saves the per-stage evals)
-            run_dir, secs = run(raw)
+            run_dir, secs = run(raw, args.reuse)
             if "qat" in extra:
-                acc = accuracy(run_dir, eval_file, convert_qat=True)
+                got = measure(run_dir, eval_file, convert_qat=True)
             else:
-                acc = accuracy(run_dir, eval_file, ptq_bits=bits)
-            recovered = (acc - ptq[bits]) / (rows[0]["acc"] - ptq[bits]) if rows[0]["acc"] != ptq[bits] else None
-            rows.append({"name": name, "bits": bits, "acc": acc, "recovered": recovered, "train_s": round(secs)})
+                got = measure(run_dir, eval_file, ptq_bits=bits)
+            if "qat" not in extra:
+                control_dir = run_dir
+            recovered = {f"recovered_{k}": recovered_fraction(got[k], ptq[bits][k], fp[k]) for k in ("acc", "loss")}
+            rows.append({"name": name, "bits": bits, **got, **recovered, "train_s": round(secs)})
             log(f"{name}: {rows[-1]}")
+    # The control at 3 bits: the same extra-trained fp model (18 steps, vs QAT's 21), quantized to 3 bits.
+    got = measure(control_dir, eval_file, ptq_bits=3)
+    recovered = {f"recovered_{k}": recovered_fraction(got[k], ptq[3][k], fp[k]) for k in ("acc", "loss")}
+    rows.append({"name": "control: the 4-bit control's model, PTQ 3-bit", "bits": 3, **got, **recovered})
     total_s = time.perf_counter() - t_total
     write(args, rows, total_s)
+
+
+def recovered_fraction(value: float, ptq: float, fp: float) -> float | None:
+    """(value - ptq) / (fp - ptq): 1 = all of PTQ's loss recovered, 0 = none (works for accuracy and for loss)."""
+    return (value - ptq) / (fp - ptq) if fp != ptq else None
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]], total_s: float) -> None:
     import torch
 
-    fp = rows[0]["acc"]
+    fp = rows[0]
     lines = [
         "# QAT and distillation vs post-training quantization (MiniLM sentiment, CPU)",
         "",
@@ -203,21 +222,27 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], total_s: float) 
         f"asymmetric, round-to-nearest. Full precision: {args.fp_epochs} epoch(s), lr {args.fp_lr}, "
         f"batch {args.batch}. "
         f"QAT from the full-precision model: {args.warm_steps} steps per stage, {args.final_steps} at the target "
-        f"bits, lr {args.qat_lr} linear decay, batch {args.batch}. Total wall time "
-        f"{total_s / 60:.1f} min.",
+        f"bits, lr {args.qat_lr} linear decay, batch {args.batch}. Training loops "
+        f"{sum(r.get('train_s', 0) for r in rows) / 60:.1f} min in all; this invocation {total_s / 60:.1f} min"
+        f"{' (re-measured the finished runs of an earlier invocation)' if args.reuse else ''}.",
         "",
-        "| model | bits | accuracy | drop vs fp | recovered | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | bits | accuracy | drop vs fp | recovered (acc) | eval loss | recovered (loss) | train loop (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def pct(x: float | None) -> str:
+        return "" if x is None else f"{x:.0%}"
+
     for r in rows:
-        rec = r.get("recovered")
         lines.append(
-            f"| {r['name']} | {r['bits']} | {r['acc']:.1%} | {fp - r['acc']:+.1%} | "
-            f"{'' if rec is None else f'{rec:.0%}'} | {r.get('train_s', '')} |"
+            f"| {r['name']} | {r['bits']} | {r['acc']:.1%} | {fp['acc'] - r['acc']:+.1%} | "
+            f"{pct(r.get('recovered_acc'))} | {r['loss']:.4f} | {pct(r.get('recovered_loss'))} | "
+            f"{r.get('train_s', '')} |"
         )
     lines += [
         "",
-        "recovered = (acc - acc_PTQ) / (acc_fp - acc_PTQ) at the same bit-width.",
+        "recovered = (x - x_PTQ) / (x_fp - x_PTQ) at the same bit-width, for x = accuracy and x = eval loss "
+        f"(cross-entropy on the {args.n_eval} held-out rows).",
         "",
         f"Command: `{shlex.join(['python', 'bench/qat_distill.py', *sys.argv[1:]])}`",
     ]
