@@ -253,12 +253,6 @@ class Case:
 
 CASES: dict[str, Case] = {}
 
-# Reasons shared by the xfail cases (known bugs; see the issue report).
-LOADING_BAR = (
-    "this is only found after the model is loaded, so transformers' 'Loading weights' progress bar (and, in a "
-    "terminal, a FutureWarning from peft) comes before the message on stderr"
-)
-
 
 def case(name: str, *, via: str = "inproc", xfail: str | None = None, needs: tuple[str, ...] = ()) -> Callable:
     """Register ``build`` as catalogue entry ``name``."""
@@ -540,7 +534,7 @@ def _bad_targets_validate(env: Env) -> Scenario:
     return Scenario(["validate", str(cfg)], "lora.target_modules", ["qkv_proj", "all-linear"], out=env.tmp / "out")
 
 
-@case("lora-target-modules-not-in-model", xfail=LOADING_BAR)
+@case("lora-target-modules-not-in-model")
 def _bad_targets(env: Env) -> Scenario:
     cfg = env.config(env.run_config(lora={"target_modules": ["qkv_proj"]}))
     return Scenario(["train", str(cfg)], "lora.target_modules", ["qkv_proj", "all-linear"], out=env.tmp / "out")
@@ -631,11 +625,7 @@ def _live_lock(env: Env) -> Scenario:
     )  # fmt: skip
 
 
-@case(
-    "resume-with-corrupt-checkpoint",
-    needs=("stopped_run",),
-    xfail=LOADING_BAR,
-)
+@case("resume-with-corrupt-checkpoint", needs=("stopped_run",))
 def _corrupt_checkpoint(env: Env) -> Scenario:
     run = env.copy_run(env.stopped_run)
     weights = run / "checkpoints" / "step-4" / "weights.safetensors"

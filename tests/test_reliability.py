@@ -177,3 +177,29 @@ def test_peak_rss_of_a_job_excludes_the_process_that_started_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert float(out.stdout.strip()) < 800, out.stdout
+
+
+@pytest.mark.parametrize("victim", ["weights.safetensors", "optimizer.pt", "rng.pt", "state.json"])
+def test_checkpoint_integrity_check_catches_each_truncated_file(tmp_path, victim):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from bittune.errors import CheckpointError
+    from bittune.training.checkpoint import verify_checkpoint_files
+
+    ckpt = tmp_path / "step-2"
+    ckpt.mkdir()
+    save_file({"w": torch.randn(64, 64)}, ckpt / "weights.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.randn(64, 64)}}}, ckpt / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state()}, ckpt / "rng.pt")
+    (ckpt / "scheduler.json").write_text(json.dumps({"last_epoch": 2}))
+    (ckpt / "state.json").write_text(json.dumps({"step": 2}))
+    (ckpt / "COMPLETE").write_text("")
+    verify_checkpoint_files(ckpt)  # intact: accepted
+
+    data = (ckpt / victim).read_bytes()
+    (ckpt / victim).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} is corrupt"):
+        verify_checkpoint_files(ckpt)

@@ -133,6 +133,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         QUANT_FILE,
         attach_lora,
         bnb_config,
+        check_lora_targets,
         count_parameters,
         load_model,
         load_tokenizer,
@@ -154,6 +155,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         prune_checkpoints,
         save_checkpoint,
         sweep_stale_temp,
+        verify_checkpoint_files,
     )
     from bittune.training.distill import check_output_size, distillation_loss_sum, load_teacher, teacher_logits
     from bittune.training.evaluate import count_targets, evaluate, model_inputs
@@ -204,6 +206,19 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
             hint="remove model.num_labels (it is read from the data) or fix the labels",
         )
     collate = make_collator(task, tokenizer.pad_token_id, data.packed)
+
+    # --- cheap checks, before minutes of loading weights -----------------------------------------------------
+    if not full:
+        check_lora_targets(
+            cfg.model.path,
+            task=task,
+            target_modules=cfg.lora.target_modules,
+            num_labels=len(label_names or []) or 2,
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
+        )
+    if resume and (ckpts := list_checkpoints(run_dir / "checkpoints")):
+        verify_checkpoint_files(ckpts[-1])
 
     # --- distillation teacher (frozen, eval mode; its tokenizer is checked before its weights are read) -----
     dcfg, teacher = cfg.distill, None

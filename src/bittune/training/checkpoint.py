@@ -177,6 +177,33 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def verify_checkpoint_files(path: Path) -> None:
+    """Cheap integrity check of a checkpoint's files (headers and archive indexes, no tensor data read).
+
+    Run before the model loads, so a truncated or corrupt checkpoint is reported in a second, not after minutes of
+    loading weights. :func:`load_checkpoint` still checks everything it reads.
+    """
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete", hint="delete it; resume uses the previous one")
+    try:
+        with safe_open(path / "weights.safetensors", framework="pt") as f:
+            f.keys()
+        for archive in [path / "optimizer.pt", *sorted(path.glob("rng*.pt"))]:
+            with zipfile.ZipFile(archive) as z:  # torch.save writes a zip whose index sits at the end
+                z.infolist()
+        for name in ("scheduler.json", "state.json"):
+            json.loads((path / name).read_text())
+    except (OSError, SafetensorError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc})",
+            hint="delete that step folder and resume again: the previous checkpoint is used",
+        ) from None
+
+
 def load_checkpoint(
     path: Path,
     *,
