@@ -29,12 +29,12 @@ DEFAULT_PROMPTS = ("What is the capital of France?", "Write a haiku about the oc
 # must agree closely (measured ~1e-5 and ~0.01 of the logit std; a missing rotary Q/K reordering gives 4-6 and ~50%
 # top-1), while Q8_0 and Q4_0 lose precision by design (SmolLM2: ~0.3 and ~2.9). So quantized files are checked
 # against transformers running the GGUF's own weights, dequantized: what is left is llama.cpp rounding activations
-# to 8 bits in its quantized matmuls (SmolLM2: ~0.2 of the logit std). That reference reads the file the way the
-# writer wrote it, so it cannot see a misplaced tensor or row: the dequantized weights are also checked against
-# the model's own, each within its block's rounding bound.
+# to 8 bits in its quantized matmuls (SmolLM2 and a tuned copy: 0.19-0.43 of the logit std). That reference reads
+# the file the way the writer wrote it, so it cannot see a misplaced tensor or row: the dequantized weights are
+# also checked against the model's own, each within its block's rounding bound.
 # Bounds are max|Δlogit| as a fraction of the std of the reference logits, and least top-1 agreement over all
 # prompt positions.
-TOLERANCE = {"f32": 1e-3, "f16": 0.05, "q8_0": 0.5, "q4_0": 0.5}
+TOLERANCE = {"f32": 1e-3, "f16": 0.05, "q8_0": 0.75, "q4_0": 0.75}
 MIN_TOP1 = {"f32": 0.99, "f16": 0.97, "q8_0": 0.8, "q4_0": 0.7}
 QUANTIZED = ("q8_0", "q4_0")
 
