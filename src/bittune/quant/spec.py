@@ -20,7 +20,8 @@ from bittune.errors import ConfigError
 
 METHODS = ("fp16", "bf16", "nf4", "fp4", "llm-int8", "int", "hqq")
 # The method used when only --bits is given.
-DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "hqq", 2: "hqq"}
+# 3 and 2 bits: round-to-nearest, which measured better than hqq there on SmolLM2 (BENCHMARKS.md).
+DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "int", 2: "int"}
 
 
 class _Spec(BaseModel):
