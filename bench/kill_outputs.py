@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
@@ -70,8 +72,21 @@ def comparable(path: Path) -> str | None:
         if f.name.startswith(("quant_report", "merge_report")):
             continue
         h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
+        h.update(_canonical_bytes(f))
     return h.hexdigest()
+
+
+def _canonical_bytes(f: Path) -> bytes:
+    """A file's bytes; for safetensors its tensors by name (the header's key order is not fixed from run to run)."""
+    if f.suffix != ".safetensors":
+        return f.read_bytes()
+    from safetensors.torch import load_file
+
+    tensors = load_file(f)
+    return b"".join(
+        name.encode() + tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        for name in sorted(tensors)
+    )
 
 
 def run(argv: list[str], timeout: float = 600) -> tuple[int, float]:

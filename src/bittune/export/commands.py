@@ -108,8 +108,9 @@ def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _q
 def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quiet) -> dict[str, Any]:
     """Write ``path`` as a merged Hugging Face folder at ``out`` with a model card (README.md)."""
     from bittune.export.card import model_card
-    from bittune.export.hf import check_out_dir, replace_dir, save_hf_folder
+    from bittune.export.hf import check_out_dir, save_hf_folder
     from bittune.export.source import load_merged, resolve_source
+    from bittune.training.checkpoint import atomic_dir
 
     out = check_out_dir(out)
     source = resolve_source(path)
@@ -124,6 +125,6 @@ def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quie
         merged=source.adapter is not None,
     )
     info = {"source": Path(path).name, "merged_adapter": source.adapter is not None, "task": source.task}
-    replace_dir(out, lambda tmp: save_hf_folder(model, tokenizer, tmp, card=card, info=info))
+    atomic_dir(out, lambda tmp: save_hf_folder(model, tokenizer, tmp, card=card, info=info), marker=False)
     files = sorted(p.name for p in out.iterdir())
     return {"path": str(out), "files": files, "merged_adapter": source.adapter is not None}

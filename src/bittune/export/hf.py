@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,33 +30,6 @@ def check_out_dir(out: Path) -> Path:
     if not os.access(out.parent, os.W_OK):
         raise StorageError(f"--out {out}: {out.parent} is not writable", hint="choose a writable location")
     return out
-
-
-def replace_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temp folder beside ``final`` with ``write(tmp)``, then swap it into place (nothing half-written)."""
-    from bittune.training.checkpoint import fsync_dir
-
-    final = Path(final)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except OSError as exc:
-        raise StorageError(
-            f"could not write {final}: {exc.strerror or exc}", hint="free disk space or fix permissions, then retry"
-        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def save_hf_folder(model: Any, tokenizer: Any, folder: Path, *, card: str | None, info: dict[str, Any]) -> None:

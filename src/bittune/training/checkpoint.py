@@ -54,10 +54,11 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+def atomic_dir(final: Path, write: Callable[[Path], None], *, marker: bool = True) -> Path:
     """Create directory ``final`` atomically: ``write(tmp)`` fills a temp dir that is then renamed into place.
 
-    An existing ``final`` is replaced only after the new one is complete.
+    An existing ``final`` is replaced only after the new one is complete. ``marker=False`` leaves out the
+    ``COMPLETE`` file, for folders handed to other tools (an HF export uploaded to the Hub).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,8 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         write(tmp)
-        (tmp / COMPLETE).write_text("ok\n")
+        if marker:
+            (tmp / COMPLETE).write_text("ok\n")
         _fsync_tree(tmp)
         if final.exists():
             old = final.parent / f".old-{final.name}-{os.getpid()}"
