@@ -20,8 +20,9 @@ from bittune.errors import ConfigError
 
 METHODS = ("fp16", "bf16", "nf4", "fp4", "llm-int8", "int", "hqq")
 # The method used when only --bits is given.
-# 3 and 2 bits: round-to-nearest, which measured better than hqq there on SmolLM2 (BENCHMARKS.md).
-DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "int", 2: "int"}
+# 3 and 2 bits: hqq, clearly ahead of round-to-nearest on MiniLM's genuine float32 weights (BENCHMARKS.md; on the
+# bundled SmolLM2, whose weights come from a 4-bit GGUF, round-to-nearest wins: try both with `bittune compare`).
+DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "hqq", 2: "hqq"}
 
 
 class _Spec(BaseModel):
