@@ -119,6 +119,23 @@ def _measure_saved(
     return entry
 
 
+def _load_reference(
+    source: str, name: str, dev: Any, data: str | None, data_opts: dict[str, Any] | None, batch_size: int
+) -> tuple[Any, Any, str, list, dict[str, Any]]:
+    """Load ``source`` as it is (adapter on its base, no quantization), read the rows, and measure it."""
+    from bittune.model import load_for_inference
+    from bittune.quant.report import measure, warm_imports
+
+    warm_imports(source)
+    t0 = time.perf_counter()
+    model, tokenizer, task = load_for_inference(source, device=str(dev))
+    load_s = round(time.perf_counter() - t0, 2)
+    rows = _rows(source, tokenizer, task, model, data, data_opts or {})
+    reference = {"name": name, "size_mb": _source_size(source), "load_s": load_s}
+    reference.update(measure(model, tokenizer, task, rows, batch_size=batch_size))
+    return model, tokenizer, task, rows, reference
+
+
 def quantize_path(
     source: str,
     spec: Spec,
@@ -142,11 +159,11 @@ def quantize_path(
     Returns:
         The report (also in ``out/quant_report.json`` and ``.md``).
     """
-    from bittune.model import load_for_inference, resolve_device
+    from bittune.model import resolve_device
     from bittune.quant import quantize
     from bittune.quant.io import save_quantized
     from bittune.quant.merge import load_merged
-    from bittune.quant.report import measure, warm_imports, write_report
+    from bittune.quant.report import write_report
     from bittune.quant.select import quantizable_linears
     from bittune.training.checkpoint import atomic_dir
 
@@ -156,14 +173,10 @@ def quantize_path(
     preflight(source, spec, data)
     dev = resolve_device(device)
     log(f"loading {source} ...")
-    warm_imports(source)
-    t0 = time.perf_counter()
-    ref_model, tokenizer, task = load_for_inference(source, device=str(dev))
-    ref_load_s = round(time.perf_counter() - t0, 2)
-    rows = _rows(source, tokenizer, task, ref_model, data, data_opts or {})
-    log("measuring the unquantized model" + (f" on {len(rows)} rows of {data}" if rows else "") + " ...")
-    reference = {"name": "reference (unquantized)", "size_mb": _source_size(source), "load_s": ref_load_s}
-    reference.update(measure(ref_model, tokenizer, task, rows, batch_size=batch_size))
+    log("measuring the unquantized model" + (f" on {data}" if data else "") + " ...")
+    ref_model, tokenizer, task, rows, reference = _load_reference(
+        source, "reference (unquantized)", dev, data, data_opts, batch_size
+    )
     if _has_adapter_or_bnb(ref_model):
         del ref_model
         gc.collect()
@@ -257,11 +270,11 @@ def merge_run(
     measured against it on the run's eval data (or ``data``; else the run's train data), and the change goes into
     ``out/merge_report.json``; ``report["warnings"]`` is non-empty when the change is large.
     """
-    from bittune.model import load_for_inference, resolve_device
+    from bittune.model import resolve_device
     from bittune.quant import quantize
     from bittune.quant.io import save_quantized
     from bittune.quant.merge import load_merged, require_adapter_run
-    from bittune.quant.report import measure, quality_delta, warm_imports, write_report
+    from bittune.quant.report import measure, quality_delta, write_report
     from bittune.training.checkpoint import atomic_dir
 
     out = Path(out)
@@ -274,13 +287,9 @@ def merge_run(
     preflight(run_dir, spec, data)
     dev = resolve_device(device)
     log(f"loading {run_dir} (adapter on its base, as trained) ...")
-    warm_imports(run_dir)
-    t0 = time.perf_counter()
-    ref_model, tokenizer, task = load_for_inference(run_dir, device=str(dev))
-    ref_load_s = round(time.perf_counter() - t0, 2)
-    rows = _rows(run_dir, tokenizer, task, ref_model, data, data_opts or {})
-    reference = {"name": "adapter on base (as trained)", "size_mb": _source_size(run_dir), "load_s": ref_load_s}
-    reference.update(measure(ref_model, tokenizer, task, rows, batch_size=batch_size))
+    ref_model, tokenizer, task, rows, reference = _load_reference(
+        run_dir, "adapter on base (as trained)", dev, data, data_opts, batch_size
+    )
     del ref_model
     gc.collect()
     log("merging the adapter in float32 ...")
