@@ -208,10 +208,29 @@ def recovered_fraction(value: float, ptq: float, fp: float) -> float | None:
     return (value - ptq) / (fp - ptq) if fp != ptq else None
 
 
+def result_table(rows: list[dict[str, Any]], loss_name: str) -> list[str]:
+    """Markdown rows: accuracy, drop against the first row (full precision), recovered fractions, loss, train time."""
+    fp = rows[0]
+    lines = [
+        f"| model | bits | accuracy | drop vs fp | recovered (acc) | {loss_name} | recovered (loss) | train loop (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pct(x: float | None) -> str:
+        return "" if x is None else f"{x:.0%}"
+
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['bits']} | {r['acc']:.1%} | {fp['acc'] - r['acc']:+.1%} | "
+            f"{pct(r.get('recovered_acc'))} | {r['loss']:.4f} | {pct(r.get('recovered_loss'))} | "
+            f"{r.get('train_s', '')} |"
+        )
+    return lines
+
+
 def write(args: argparse.Namespace, rows: list[dict[str, Any]], total_s: float) -> None:
     import torch
 
-    fp = rows[0]
     lines = [
         "# QAT and distillation vs post-training quantization (MiniLM sentiment, CPU)",
         "",
@@ -226,19 +245,8 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], total_s: float) 
         f"{sum(r.get('train_s', 0) for r in rows) / 60:.1f} min in all; this invocation {total_s / 60:.1f} min"
         f"{' (re-measured the finished runs of an earlier invocation)' if args.reuse else ''}.",
         "",
-        "| model | bits | accuracy | drop vs fp | recovered (acc) | eval loss | recovered (loss) | train loop (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-
-    def pct(x: float | None) -> str:
-        return "" if x is None else f"{x:.0%}"
-
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['bits']} | {r['acc']:.1%} | {fp['acc'] - r['acc']:+.1%} | "
-            f"{pct(r.get('recovered_acc'))} | {r['loss']:.4f} | {pct(r.get('recovered_loss'))} | "
-            f"{r.get('train_s', '')} |"
-        )
+    lines += result_table(rows, "eval loss")
     lines += [
         "",
         "recovered = (x - x_PTQ) / (x_fp - x_PTQ) at the same bit-width, for x = accuracy and x = eval loss "

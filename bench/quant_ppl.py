@@ -3,7 +3,8 @@
 Text: the English chatterbot-corpus conversations (shipped in the ``chatterbot-corpus`` package that ``make install``
 adds), as plain text rows of about 400 words, the first ``--tokens`` tokens' worth. Each configuration is quantized
 from the same fp32 model, saved, reloaded from disk and evaluated on the same rows with ``bittune``'s own
-evaluation (token-weighted loss over every token). Results go to ``bench/results/quant_ppl.md`` and ``.json``.
+evaluation (token-weighted loss over every token). GPTQ calibrates on the rows *after* the evaluation rows (8,192
+tokens of other conversations from the same corpus). Results go to ``bench/results/quant_ppl.md`` and ``.json``.
 
     python bench/quant_ppl.py                   # ~30 min on 2 CPU cores (longer when they are shared)
     python bench/quant_ppl.py --only fp32 int3-g64 hqq3-g64
@@ -29,10 +30,11 @@ from bittune.demo.assets import prepare_smollm2
 from bittune.inference import prepare_eval_rows
 from bittune.model import load_for_inference
 from bittune.quant import quantize
+from bittune.quant.api import calibration_batches
 from bittune.quant.io import load_quantized, save_quantized
 from bittune.quant.report import measure, quality_delta, weights_size
 from bittune.quant.select import quantizable_linears
-from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec
+from bittune.quant.spec import BnbSpec, CastSpec, GptqSpec, HqqSpec, IntSpec
 
 MB = 1024**2
 CONFIGS = {
@@ -46,6 +48,9 @@ CONFIGS = {
     "hqq4-g64": HqqSpec(bits=4, group_size=64),
     "hqq3-g64": HqqSpec(bits=3, group_size=64),
     "hqq2-g64": HqqSpec(bits=2, group_size=64),
+    "gptq4-g64": GptqSpec(bits=4, group_size=64),
+    "gptq3-g64": GptqSpec(bits=3, group_size=64),
+    "gptq2-g64": GptqSpec(bits=2, group_size=64),
 }
 
 
@@ -79,12 +84,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bittune-quant-bench-"))
     data = work / "text.jsonl"
     tokenizer = load_for_inference(str(model_dir), device="cpu")[1]
-    rows, total = [], 0
+    rows, calib_rows, total = [], [], 0
     for r in text_rows():
+        if total >= args.tokens:
+            calib_rows.append({"input_ids": tokenizer(r["text"])["input_ids"]})
+            continue
         rows.append(r)
         total += len(tokenizer(r["text"])["input_ids"])
-        if total >= args.tokens:
-            break
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     opts = {"fmt": "text", "max_length": 1024}
     results, reference = [], None
@@ -101,7 +107,10 @@ def main() -> None:
                 body = [n for n, _ in quantizable_linears(model)]
                 n_body = sum(model.get_submodule(n).weight.numel() for n in body)
                 t1 = time.perf_counter()
-                quantize(model, spec)
+                batches = None
+                if isinstance(spec, GptqSpec):
+                    batches = calibration_batches(calib_rows, spec.calibration_tokens)
+                quantize(model, spec, calibration=batches)
                 quant_s = time.perf_counter() - t1
                 folder = work / name
                 folder.mkdir()
@@ -153,7 +162,8 @@ def write(args: argparse.Namespace, results: list[dict], tokens: int, n_rows: in
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
         f"Text: {n_rows} rows (~{tokens:,} tokens) of the English chatterbot-corpus conversations, format text. "
         "Every model is quantized from the same fp32 weights, saved, reloaded from disk and evaluated on the same "
-        "rows. Body linears are quantized, the tied embedding/head stays fp32 (so sizes include 113 MB of it).",
+        "rows. Body linears are quantized, the tied embedding/head stays fp32 (so sizes include 113 MB of it). "
+        "GPTQ calibrates on 8,192 tokens of the corpus's later conversations (not the evaluation rows).",
         "",
         f"Command: `{cmd}`",
         "",

@@ -64,8 +64,8 @@ CASES: dict[str, Case] = {
         "stores 4 bits",
     ),
     "unknown-method": (
-        lambda t, m, d: ["quantize", str(m), "--bits", "4", "--method", "gptq", "--out", str(t / "o")],
-        "unknown --method 'gptq'",
+        lambda t, m, d: ["quantize", str(m), "--bits", "4", "--method", "awq", "--out", str(t / "o")],
+        "unknown --method 'awq'",
     ),
     "unsupported-bits": (lambda t, m, d: ["quantize", str(m), "--bits", "5", "--out", str(t / "o")], "--bits 5"),
     "group-size-not-dividing": (

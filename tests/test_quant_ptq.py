@@ -11,7 +11,7 @@ import torch
 
 from bittune.quant import quantize
 from bittune.quant.intq import dequantize, pack_codes, quantize_dequantize, quantize_int, unpack_codes
-from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec, spec_from_cli
+from bittune.quant.spec import BnbSpec, CastSpec, GptqSpec, HqqSpec, IntSpec, spec_from_cli
 from helpers import color_chat_rows, write_jsonl
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 4, 17, 60, 2, 11]])
@@ -102,10 +102,10 @@ def test_spec_from_cli_defaults_and_refusals() -> None:
     )
     for kwargs, needle in [
         ({"bits": 3, "method": "nf4"}, "stores 4 bits"),
-        ({"bits": 4, "method": "gptq"}, "unknown --method"),
+        ({"bits": 4, "method": "awq"}, "unknown --method"),
         ({"bits": 5}, "not supported"),
         ({"bits": 4, "method": "int", "group_size": 0}, "not a number of columns"),
-        ({"bits": 4, "method": "nf4", "group_size": 32}, "applies to --method int|hqq"),
+        ({"bits": 4, "method": "nf4", "group_size": 32}, "applies to --method int|hqq|gptq"),
         ({"bits": 1, "method": "hqq"}, "2..8 bits"),
     ]:
         with pytest.raises(ConfigError, match=needle) as err:
@@ -357,6 +357,18 @@ def test_merge_into_quantized_base_reports_a_measured_delta(qlora_run: Path, tmp
     assert saved["models"][-1]["delta"] == pytest.approx(final["delta"])
     again = evaluate_on_data(str(out), data=report["data"])
     assert again["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.e2e
+def test_merge_into_gptq_calibrates_on_the_runs_train_file(lora_run: Path, chat_file: Path, tmp_path: Path) -> None:
+    from bittune.quant.flows import merge_run, quantize_path
+
+    report = merge_run(str(lora_run), tmp_path / "mg", into_bits=3, method="gptq", group_size=16, device="cpu")
+    assert report["spec"]["method"] == "gptq" and report["models"][-1]["name"] == "merged gptq3-g16"
+    assert math.isfinite(report["models"][-1]["delta"]["loss"])
+    # quantize on a run dir: the same default calibration text, recorded in the report.
+    q = quantize_path(str(lora_run), GptqSpec(bits=3, group_size=16), tmp_path / "q", device="cpu")
+    assert q["calibration"]["data"] == str(chat_file) and q["calibration"]["tokens"] > 0
 
 
 @pytest.mark.e2e

@@ -231,6 +231,13 @@ TemplateOption = Annotated[str | None, typer.Option(help="Chat template (default
 MaxLengthOption = Annotated[int | None, typer.Option(help="Token limit per row.")]
 MaxRowsOption = Annotated[int | None, typer.Option(help="Measure on the first N rows only.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+CalibOption = Annotated[
+    str | None,
+    typer.Option("--calib", help="gptq: calibration text, any data format (default: a run's train file)."),
+]
+CalibTokensOption = Annotated[
+    int | None, typer.Option("--calib-tokens", help="gptq: tokens of --calib to calibrate on (default 8192).")
+]
 
 
 def _data_opts(fmt: str | None, template: str | None, max_length: int | None, max_rows: int | None) -> dict:
@@ -249,10 +256,16 @@ def quantize(
         int | None, typer.Option(help="16, 8, 4, 3 or 2 (default 4; a QAT run: its final stage's settings).")
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="fp16, bf16, nf4, fp4, llm-int8, int or hqq (default: by --bits).")
+        str | None, typer.Option(help="fp16, bf16, nf4, fp4, llm-int8, int, hqq or gptq (default: by --bits).")
     ] = None,
-    group_size: Annotated[int | None, typer.Option(help="int/hqq: columns per group (default 64; -1 per row).")] = None,
-    symmetric: Annotated[bool, typer.Option("--symmetric", help="int: symmetric codes (fixed zero point).")] = False,
+    group_size: Annotated[
+        int | None, typer.Option(help="int/hqq/gptq: columns per group (default 64; -1 per row).")
+    ] = None,
+    symmetric: Annotated[
+        bool, typer.Option("--symmetric", help="int/gptq: symmetric codes (fixed zero point).")
+    ] = False,
+    calib: CalibOption = None,
+    calib_tokens: CalibTokensOption = None,
     data: DataOption = None,
     fmt: FormatOption = None,
     template: TemplateOption = None,
@@ -265,12 +278,15 @@ def quantize(
     from bittune.quant.flows import describe, quantize_path
     from bittune.quant.spec import spec_for_source
 
-    spec = spec_for_source(model, bits=bits, method=method, group_size=group_size, symmetric=symmetric)
+    spec = spec_for_source(
+        model, bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
+    )
     report = quantize_path(
         model,
         spec,
         out,
         data=data,
+        calib=calib,
         data_opts=_data_opts(fmt, template, max_length, max_rows),
         batch_size=batch_size,
         device=device,
@@ -290,8 +306,10 @@ def merge(
     method: Annotated[
         str | None, typer.Option(help="With --into-quantized: method (default: the run's own, else by bits).")
     ] = None,
-    group_size: Annotated[int | None, typer.Option(help="int/hqq: columns per group (default 64).")] = None,
-    symmetric: Annotated[bool, typer.Option("--symmetric", help="int: symmetric codes.")] = False,
+    group_size: Annotated[int | None, typer.Option(help="int/hqq/gptq: columns per group (default 64).")] = None,
+    symmetric: Annotated[bool, typer.Option("--symmetric", help="int/gptq: symmetric codes.")] = False,
+    calib: CalibOption = None,
+    calib_tokens: CalibTokensOption = None,
     data: DataOption = None,
     fmt: FormatOption = None,
     template: TemplateOption = None,
@@ -310,7 +328,9 @@ def merge(
         method=method,
         group_size=group_size,
         symmetric=symmetric,
+        calib_tokens=calib_tokens,
         data=data,
+        calib=calib,
         data_opts=_data_opts(fmt, template, max_length, max_rows),
         batch_size=batch_size,
         device=device,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def quantize(model: Any, spec: Any) -> Any:
+def quantize(model: Any, spec: Any, *, calibration: Any = None, log: Any = None) -> Any:
     """Quantize ``model`` in place as ``spec`` says (see :func:`bittune.quant.api.quantize`)."""
     from bittune.quant.api import quantize as _quantize
 
-    return _quantize(model, spec)
+    return _quantize(model, spec, calibration=calibration, log=log)

@@ -6,11 +6,12 @@ never the output head. The model is changed in place and returned.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from bittune.errors import ConfigError
 from bittune.quant.select import HEAD_NAMES, quantizable_linears
-from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec
+from bittune.quant.spec import BnbSpec, CastSpec, GptqSpec, HqqSpec, IntSpec, Spec
 
 if TYPE_CHECKING:
     import torch
@@ -44,15 +45,24 @@ def check_group_size(model: torch.nn.Module, group_size: int) -> None:
         )
 
 
-def quantize(model: torch.nn.Module, spec: CastSpec | BnbSpec | IntSpec | HqqSpec) -> torch.nn.Module:
+def quantize(
+    model: torch.nn.Module,
+    spec: Spec,
+    *,
+    calibration: Iterable[dict[str, torch.Tensor]] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> torch.nn.Module:
     """Quantize ``model`` in place as ``spec`` says and return it.
 
     Args:
         model: A full-precision transformers model (no adapters: merge them first).
-        spec: :class:`CastSpec`, :class:`BnbSpec`, :class:`IntSpec` or :class:`HqqSpec`.
+        spec: :class:`CastSpec`, :class:`BnbSpec`, :class:`IntSpec`, :class:`HqqSpec` or :class:`GptqSpec`.
+        calibration: Model input batches (``input_ids`` ...) for methods that look at activations (GPTQ);
+            :func:`calibration_batches` makes them from tokenized rows.
+        log: Progress messages for the slow methods.
 
     Raises:
-        ConfigError: a group size that does not fit the model.
+        ConfigError: a group size that does not fit the model, or GPTQ without calibration batches.
     """
     if isinstance(spec, CastSpec):
         import torch
@@ -60,9 +70,73 @@ def quantize(model: torch.nn.Module, spec: CastSpec | BnbSpec | IntSpec | HqqSpe
         return model.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[spec.method]))
     if isinstance(spec, BnbSpec):
         return _quantize_bnb(model, spec)
+    if isinstance(spec, GptqSpec):
+        return _quantize_gptq(model, spec, calibration, log)
     if isinstance(spec, IntSpec | HqqSpec):
         return _quantize_grid(model, spec)
     raise TypeError(f"not a quantization spec: {spec!r}")
+
+
+def calibration_batches(
+    rows: Iterable[dict[str, Any]], tokens: int, *, seq_len: int = 512, per_row: bool = False
+) -> list[dict[str, Any]]:
+    """GPTQ calibration batches from tokenized rows (``input_ids``), about ``tokens`` tokens in all.
+
+    Causal-LM rows are concatenated and cut into ``seq_len``-token sequences (no padding, so every position is a
+    real input; the last piece may be shorter). With ``per_row`` (classifiers, whose rows each carry their own
+    special tokens) each row is one batch of its own.
+    """
+    import torch
+
+    if per_row:
+        batches, n = [], 0
+        for row in rows:
+            if n >= tokens:
+                break
+            batches.append({"input_ids": torch.tensor([list(row["input_ids"])])})
+            n += len(row["input_ids"])
+        return batches
+    ids: list[int] = []
+    for row in rows:
+        ids.extend(int(t) for t in row["input_ids"])
+        if len(ids) >= tokens:
+            break
+    ids = ids[:tokens]
+    return [{"input_ids": torch.tensor([ids[i : i + seq_len]])} for i in range(0, len(ids), seq_len)]
+
+
+def _quantize_gptq(
+    model: torch.nn.Module,
+    spec: GptqSpec,
+    calibration: Iterable[dict[str, torch.Tensor]] | None,
+    log: Callable[[str], None] | None,
+) -> torch.nn.Module:
+    import torch
+
+    from bittune.quant.gptq import gptq_quantize_model
+    from bittune.quant.linear import QuantizedLinear
+
+    if calibration is None:
+        raise ConfigError(
+            "--method gptq needs calibration text", hint="add --calib FILE: a few thousand tokens like your use"
+        )
+    check_group_size(model, spec.group_size)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
+    linears = quantizable_linears(model)
+    was_training = model.training
+    model.eval()
+    codes = gptq_quantize_model(
+        model, linears, batches, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+        act_order=spec.act_order, log=log,
+    )  # fmt: skip
+    model.train(was_training)
+    with torch.no_grad():
+        for name, linear in linears:
+            c, scale, zero = codes[name]
+            q = QuantizedLinear.from_codes(linear, c, scale, zero, bits=spec.bits, group_size=spec.group_size)
+            _set_module(model, name, q)
+    return model
 
 
 def _quantize_grid(model: torch.nn.Module, spec: IntSpec | HqqSpec) -> torch.nn.Module:

@@ -15,9 +15,8 @@ from typing import Any
 
 from bittune.errors import ConfigError, ModelLoadError, StorageError
 from bittune.quant.api import check_group_size
-from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec, spec_from_cli
+from bittune.quant.spec import BnbSpec, GptqSpec, GridSpec, Spec, spec_from_cli
 
-Spec = CastSpec | BnbSpec | IntSpec | HqqSpec
 Log = Callable[[str], None]
 MB = 1024**2
 
@@ -66,8 +65,46 @@ def _source_size(source: str) -> float | None:
     return None if sizes[0] is None else round(sum(sizes) / MB, 2)
 
 
-def preflight(source: str, spec: Spec | None, data: str | None) -> None:
-    """Every check that needs no weights, before the slow part: the path, the group size, the data file."""
+def calibration_data(source: str, spec: Spec | None, calib: str | None) -> str | None:
+    """The text GPTQ calibrates on: ``--calib``, else a run's train file; refused if there is none.
+
+    Never the eval file by default: calibrating on the rows the quality is then measured on flatters the result.
+    """
+    if not isinstance(spec, GptqSpec):
+        if calib:
+            raise ConfigError("--calib applies to --method gptq only", hint="drop --calib, or add --method gptq")
+        return None
+    if calib:
+        return calib
+    run_file = Path(source) / "run_config.yaml"
+    if run_file.is_file():
+        import yaml
+
+        train = ((yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}).get("data") or {}).get("train")
+        if train:
+            return train
+    raise ConfigError(
+        "--method gptq needs calibration text and none was given",
+        hint="add --calib FILE (a few thousand tokens like your use, in any data format bittune reads; "
+        "not your eval file)",
+    )
+
+
+def _calibration_batches(
+    source: str, spec: Spec, calib: str | None, tokenizer: Any, task: str, model: Any, opts: dict[str, Any]
+) -> list | None:
+    from bittune.quant.api import calibration_batches
+
+    if calib is None or not isinstance(spec, GptqSpec):
+        return None
+    # Enough rows for the token budget unless rows average under 4 tokens; the file is not tokenized past that.
+    rows = _rows(source, tokenizer, task, model, calib, {**opts, "max_rows": max(spec.calibration_tokens // 4, 1)})
+    # Classifier rows stay separate ([CLS] ... [SEP] each); causal-LM text is packed into full-length sequences.
+    return calibration_batches(rows, spec.calibration_tokens, per_row=task == "classification")
+
+
+def preflight(source: str, spec: Spec | None, data: str | None, calib: str | None = None) -> None:
+    """Every check that needs no weights, before the slow part: the path, the group size, the data files."""
     from bittune.model import model_source, resolve_inference_source
     from bittune.quant.io import is_quantized_dir
 
@@ -77,9 +114,10 @@ def preflight(source: str, spec: Spec | None, data: str | None) -> None:
         raise ModelLoadError(
             f"{source} is already quantized", hint="quantize the original full-precision model (or run dir) instead"
         )
-    if isinstance(spec, IntSpec | HqqSpec) and spec.group_size != -1:
+    if isinstance(spec, GridSpec) and spec.group_size != -1:
         check_group_size(_skeleton(base, task), spec.group_size)
     check_data(data)
+    check_data(calib)
 
 
 def check_data(data: str | None) -> None:
@@ -142,6 +180,7 @@ def quantize_path(
     out: Path,
     *,
     data: str | None = None,
+    calib: str | None = None,
     data_opts: dict[str, Any] | None = None,
     batch_size: int = 8,
     device: str = "auto",
@@ -154,7 +193,8 @@ def quantize_path(
         spec: What to do (see :mod:`bittune.quant.spec`).
         out: New folder (must not exist, or be empty).
         data: Data to measure quality on; default: the run's eval file, else quality is not measured.
-        data_opts: ``fmt``, ``template``, ``max_length``, ``max_rows`` for reading ``data``.
+        calib: GPTQ's calibration text; default: a run's train file (see :func:`calibration_data`).
+        data_opts: ``fmt``, ``template``, ``max_length``, ``max_rows`` for reading ``data`` (and ``calib``).
 
     Returns:
         The report (also in ``out/quant_report.json`` and ``.md``).
@@ -170,7 +210,8 @@ def quantize_path(
     out = Path(out)
     check_out_dir(out)
     data, data_note = _eval_data(source, data, train_fallback=False)
-    preflight(source, spec, data)
+    calib = calibration_data(source, spec, calib)
+    preflight(source, spec, data, calib)
     dev = resolve_device(device)
     log(f"loading {source} ...")
     log("measuring the unquantized model" + (f" on {data}" if data else "") + " ...")
@@ -184,9 +225,10 @@ def quantize_path(
     else:
         model = ref_model
     layers = [n for n, _ in quantizable_linears(model)]
+    batches = _calibration_batches(source, spec, calib, tokenizer, task, model, data_opts or {})
     log(f"quantizing {len(layers)} linear layers: {spec.label()} ...")
     t0 = time.perf_counter()
-    quantize(model, spec)
+    quantize(model, spec, calibration=batches, log=log)
     quant_s = round(time.perf_counter() - t0, 1)
     label_names = _label_names(model, task)
     report: dict[str, Any] = {}
@@ -204,6 +246,7 @@ def quantize_path(
             source=source,
             spec=spec.model_dump(),
             data=data,
+            calibration=_calibration_note(calib, batches),
             device=str(dev),
             quantize_s=quant_s,
             models=[reference, entry],
@@ -213,6 +256,12 @@ def quantize_path(
 
     atomic_dir(out, write)
     return report
+
+
+def _calibration_note(calib: str | None, batches: list | None) -> dict[str, Any] | None:
+    if not batches:
+        return None
+    return {"data": calib, "tokens": sum(int(b["input_ids"].numel()) for b in batches)}
 
 
 def _has_adapter_or_bnb(model: Any) -> bool:
@@ -231,12 +280,19 @@ def _notes(data: str | None, data_note: str | None, dev: Any, spec: Spec | None)
         notes.append("no --eval data: size, memory and speed only; quality not measured")
     if dev.type == "cpu":
         notes.append("CPU: computed in float32 (16-bit weights are upcast on load)")
-    if isinstance(spec, IntSpec | HqqSpec):
-        notes.append("int/hqq layers have no fused kernels: each forward dequantizes, then a float matmul")
+    if isinstance(spec, GridSpec):
+        notes.append("int/hqq/gptq layers have no fused kernels: each forward dequantizes, then a float matmul")
     return notes
 
 
-def merge_spec(adapter: str, bits: int, method: str | None, group_size: int | None, symmetric: bool) -> Spec:
+def merge_spec(
+    adapter: str,
+    bits: int,
+    method: str | None,
+    group_size: int | None,
+    symmetric: bool,
+    calib_tokens: int | None = None,
+) -> Spec:
     """The spec for ``merge --into-quantized BITS``: by default the run's own training quantization at those bits."""
     from bittune.model import QUANT_FILE
 
@@ -247,7 +303,9 @@ def merge_spec(adapter: str, bits: int, method: str | None, group_size: int | No
             if bits == 8:
                 return BnbSpec(method="llm-int8")
             return BnbSpec(method=q["type"], double_quant=q["double_quant"])
-    return spec_from_cli(bits=bits, method=method, group_size=group_size, symmetric=symmetric)
+    return spec_from_cli(
+        bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
+    )
 
 
 def merge_run(
@@ -258,7 +316,9 @@ def merge_run(
     method: str | None = None,
     group_size: int | None = None,
     symmetric: bool = False,
+    calib_tokens: int | None = None,
     data: str | None = None,
+    calib: str | None = None,
     data_opts: dict[str, Any] | None = None,
     batch_size: int = 8,
     device: str = "auto",
@@ -280,11 +340,15 @@ def merge_run(
     out = Path(out)
     adapter = require_adapter_run(run_dir)
     check_out_dir(out)
-    spec = None if into_bits is None else merge_spec(adapter, into_bits, method, group_size, symmetric)
-    if spec is None and (method or group_size is not None or symmetric):
-        raise ConfigError("--method/--group-size/--symmetric need --into-quantized BITS", hint="add --into-quantized 4")
+    spec = None if into_bits is None else merge_spec(adapter, into_bits, method, group_size, symmetric, calib_tokens)
+    if spec is None and (method or group_size is not None or symmetric or calib_tokens is not None):
+        raise ConfigError(
+            "--method/--group-size/--symmetric/--calib-tokens need --into-quantized BITS",
+            hint="add --into-quantized 4",
+        )
     data, data_note = _eval_data(run_dir, data, train_fallback=True)
-    preflight(run_dir, spec, data)
+    calib = calibration_data(run_dir, spec, calib)
+    preflight(run_dir, spec, data, calib)
     dev = resolve_device(device)
     log(f"loading {run_dir} (adapter on its base, as trained) ...")
     ref_model, tokenizer, task, rows, reference = _load_reference(
@@ -312,7 +376,8 @@ def merge_run(
             fp_entry["size_mb"] = round(sum(p.stat().st_size for p in tmp.glob("*.safetensors")) / MB, 2)
         else:
             log(f"re-quantizing the merged model: {spec.label()} ...")
-            quantize(merged, spec)
+            batches = _calibration_batches(run_dir, spec, calib, tokenizer, task, merged, data_opts or {})
+            quantize(merged, spec, calibration=batches, log=log)
             save_quantized(
                 merged, tmp, spec=spec, task=task, tokenizer=tokenizer, source=run_dir, label_names=label_names
             )

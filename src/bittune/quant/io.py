@@ -21,7 +21,7 @@ from typing import Any
 
 from bittune.errors import ModelLoadError
 from bittune.model import QUANTIZED_FILE
-from bittune.quant.spec import BnbSpec, CastSpec, HqqSpec, IntSpec, spec_from_dict
+from bittune.quant.spec import GridSpec, Spec, spec_from_dict
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
@@ -53,7 +53,7 @@ def save_quantized(
     model: Any,
     folder: Path,
     *,
-    spec: CastSpec | BnbSpec | IntSpec | HqqSpec,
+    spec: Spec,
     task: str,
     tokenizer: Any = None,
     source: str | None = None,
@@ -64,7 +64,7 @@ def save_quantized(
     Callers write into a temporary folder and rename it into place (see ``training.checkpoint.atomic_dir``).
     """
     folder = Path(folder)
-    if isinstance(spec, IntSpec | HqqSpec):
+    if isinstance(spec, GridSpec):
         _save_grid(model, folder)
     else:
         model.save_pretrained(folder, safe_serialization=True)
@@ -117,7 +117,7 @@ def load_quantized(path: str | Path, *, device: Any = None) -> tuple[Any, str]:
     manifest = read_manifest(path)
     spec, task = manifest["spec"], manifest["task"]
     device = torch.device(device or "cpu")
-    if isinstance(spec, IntSpec | HqqSpec):
+    if isinstance(spec, GridSpec):
         model = _load_grid(path, spec, task, manifest["layers"], device)
     else:
         model = _auto_class(task).from_pretrained(
@@ -135,7 +135,7 @@ def _auto_class(task: str) -> Any:
     return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
 
 
-def _load_grid(path: Path, spec: IntSpec | HqqSpec, task: str, layers: list[str], device: Any) -> Any:
+def _load_grid(path: Path, spec: GridSpec, task: str, layers: list[str], device: Any) -> Any:
     import torch
     from accelerate import init_empty_weights
     from safetensors import SafetensorError

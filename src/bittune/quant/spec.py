@@ -7,7 +7,9 @@ Methods:
 * ``llm-int8``: bitsandbytes LLM.int8 (row-wise int8 weights, outlier columns in fp16 at run time).
 * ``int``: group-wise round-to-nearest integers at 2..8 bits (:mod:`bittune.quant.intq`), symmetric or not.
 * ``hqq``: the same integer grid, with each group's zero point fitted by half-quadratic optimisation
-  (:mod:`bittune.quant.hqq`); beats round-to-nearest at 3 and 2 bits.
+  (:mod:`bittune.quant.hqq`); needs no data; beats round-to-nearest at 3 and 2 bits on genuine float weights.
+* ``gptq``: the same integer grid, codes chosen with calibration text so that each layer's outputs change least
+  (:mod:`bittune.quant.gptq`); the best at 3 and 2 bits, and needs a few thousand tokens of the user's text.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from bittune.errors import ConfigError
 
-METHODS = ("fp16", "bf16", "nf4", "fp4", "llm-int8", "int", "hqq")
-# The method used when only --bits is given.
+METHODS = ("fp16", "bf16", "nf4", "fp4", "llm-int8", "int", "hqq", "gptq")
+GRID_METHODS = ("int", "hqq", "gptq")  # integer codes at 2..8 bits with group scales (QuantizedLinear on disk)
+# The method used when only --bits is given (GPTQ is never a silent default: it needs calibration text).
 # 3 and 2 bits: hqq, clearly ahead of round-to-nearest on MiniLM's genuine float32 weights (BENCHMARKS.md; on the
-# bundled SmolLM2, whose weights come from a 4-bit GGUF, round-to-nearest wins: try both with `bittune compare`).
+# bundled SmolLM2, whose weights come from a 4-bit GGUF, round-to-nearest beats hqq and gptq beats both).
 DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "hqq", 2: "hqq"}
 
 
@@ -93,18 +96,37 @@ class HqqSpec(_GroupSpec):
         return f"hqq{self.bits}-g{self.group_size}"
 
 
-QuantSpec = Annotated[CastSpec | BnbSpec | IntSpec | HqqSpec, Field(discriminator="method")]
-_ADAPTER: TypeAdapter[CastSpec | BnbSpec | IntSpec | HqqSpec] = TypeAdapter(QuantSpec)
+class GptqSpec(_GroupSpec):
+    """GPTQ: codes chosen column by column, with calibration inputs, so that each layer's outputs stay close."""
+
+    method: Literal["gptq"] = "gptq"
+    symmetric: bool = False
+    act_order: bool = Field(True, description="Quantize input columns in decreasing order of their energy.")
+    calibration_tokens: int = Field(8192, ge=64, description="Tokens of calibration text to collect Hessians on.")
+
+    def label(self) -> str:
+        return f"gptq{self.bits}-g{self.group_size}{'-sym' if self.symmetric else ''}"
 
 
-def spec_from_dict(raw: dict) -> CastSpec | BnbSpec | IntSpec | HqqSpec:
+GridSpec = IntSpec | HqqSpec | GptqSpec  # stored as QuantizedLinear codes + float16 scales/zeros
+Spec = CastSpec | BnbSpec | GridSpec
+QuantSpec = Annotated[Spec, Field(discriminator="method")]
+_ADAPTER: TypeAdapter[Spec] = TypeAdapter(QuantSpec)
+
+
+def spec_from_dict(raw: dict) -> Spec:
     """Rebuild a spec from its ``model_dump()`` (as saved in a quantized folder)."""
     return _ADAPTER.validate_python(raw)
 
 
 def spec_from_cli(
-    *, bits: int, method: str | None = None, group_size: int | None = None, symmetric: bool = False
-) -> CastSpec | BnbSpec | IntSpec | HqqSpec:
+    *,
+    bits: int,
+    method: str | None = None,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    calibration_tokens: int | None = None,
+) -> Spec:
     """The spec for ``bittune quantize --bits B [--method M] [--group-size G] [--symmetric]``.
 
     Raises:
@@ -122,19 +144,28 @@ def spec_from_cli(
     if method in fixed_bits and bits != fixed_bits[method]:
         raise ConfigError(
             f"--method {method} stores {fixed_bits[method]} bits, not --bits {bits}",
-            hint=f"use --bits {fixed_bits[method]} with {method}, or --method int|hqq for {bits} bits",
+            hint=f"use --bits {fixed_bits[method]} with {method}, or --method int|hqq|gptq for {bits} bits",
         )
-    if method in ("int", "hqq") and not 2 <= bits <= 8:
+    if method in GRID_METHODS and not 2 <= bits <= 8:
         raise ConfigError(
             f"--method {method} supports 2..8 bits, not --bits {bits}",
             hint="use --bits 2, 3, 4 or 8 (or --method fp16 for 16 bits)",
         )
-    if group_size is not None and method not in ("int", "hqq"):
+    if group_size is not None and method not in GRID_METHODS:
         raise ConfigError(
-            f"--group-size applies to --method int|hqq, not {method}", hint="drop --group-size (bitsandbytes uses 64)"
+            f"--group-size applies to --method int|hqq|gptq, not {method}",
+            hint="drop --group-size (bitsandbytes uses 64)",
         )
-    if symmetric and method != "int":
-        raise ConfigError(f"--symmetric applies to --method int, not {method}", hint="drop --symmetric")
+    if symmetric and method not in ("int", "gptq"):
+        raise ConfigError(f"--symmetric applies to --method int|gptq, not {method}", hint="drop --symmetric")
+    if calibration_tokens is not None and method != "gptq":
+        raise ConfigError(
+            f"--calib-tokens applies to --method gptq, not {method}", hint="drop --calib-tokens, or use --method gptq"
+        )
+    if calibration_tokens is not None and calibration_tokens < 64:
+        raise ConfigError(
+            f"--calib-tokens {calibration_tokens} is too few to calibrate on", hint="use 2048 or more (default 8192)"
+        )
     if group_size is not None and (group_size == 0 or group_size < -1):
         raise ConfigError(
             f"--group-size {group_size} is not a number of columns",
@@ -147,12 +178,21 @@ def spec_from_cli(
     g = 64 if group_size is None else group_size
     if method == "int":
         return IntSpec(bits=bits, group_size=g, symmetric=symmetric)
+    if method == "gptq":
+        extra = {} if calibration_tokens is None else {"calibration_tokens": calibration_tokens}
+        return GptqSpec(bits=bits, group_size=g, symmetric=symmetric, **extra)
     return HqqSpec(bits=bits, group_size=g)
 
 
 def spec_for_source(
-    source: str, *, bits: int | None, method: str | None, group_size: int | None, symmetric: bool
-) -> CastSpec | BnbSpec | IntSpec | HqqSpec:
+    source: str,
+    *,
+    bits: int | None,
+    method: str | None,
+    group_size: int | None,
+    symmetric: bool,
+    calibration_tokens: int | None = None,
+) -> Spec:
     """:func:`spec_from_cli`, defaulting to a QAT run's own final quantization when nothing is asked for.
 
     A run trained with ``qat:`` records in ``qat.json`` the bit-width, group size and zero-point mode its last
@@ -162,8 +202,16 @@ def spec_for_source(
     from bittune.quant.qat import read_qat_settings
 
     qat = (
-        read_qat_settings(source) if bits is None and method is None and group_size is None and not symmetric else None
+        read_qat_settings(source)
+        if bits is None and method is None and group_size is None and not symmetric and calibration_tokens is None
+        else None
     )
     if qat is not None:
         return IntSpec(bits=qat["bits"], group_size=qat["group_size"], symmetric=qat["symmetric"])
-    return spec_from_cli(bits=4 if bits is None else bits, method=method, group_size=group_size, symmetric=symmetric)
+    return spec_from_cli(
+        bits=4 if bits is None else bits,
+        method=method,
+        group_size=group_size,
+        symmetric=symmetric,
+        calibration_tokens=calibration_tokens,
+    )
