@@ -366,3 +366,68 @@ def test_eos_is_where_generation_stops_with_the_tokenizers_own_first() -> None:
     assert eos_ids(NS(eos_token_id=1), NS(eos_token_id=2), tok) == [2]  # the generation config wins
     assert eos_ids(NS(eos_token_id=3), NS(eos_token_id=None), tok) == [3]
     assert eos_ids(NS(eos_token_id=None), None, tok) == [9]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_export_of_a_quantized_folder_writes_its_quantized_values(
+    fmt: str, tiny_llama_dir: Path, tokenizer, tmp_path: Path
+) -> None:
+    # A `bittune quantize` folder stores packed codes: read as a plain model it would load random weights.
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bittune.export.commands import export_model
+    from bittune.quant import quantize
+    from bittune.quant.io import load_quantized, save_quantized
+    from bittune.quant.spec import GptqSpec
+
+    spec = GptqSpec(bits=3, group_size=16)
+    calib = [
+        {"input_ids": torch.randint(3, 100, (1, 48), generator=torch.Generator().manual_seed(i))} for i in range(4)
+    ]
+    model = quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), spec, calibration=calib)
+    folder = tmp_path / "q"
+    folder.mkdir()
+    save_quantized(model, folder, spec=spec, task="causal-lm", tokenizer=tokenizer)
+    quantized, _ = load_quantized(folder)
+    original = _hf_weights(tiny_llama_dir)
+    name = "model.layers.0.self_attn.v_proj.weight"
+    v = quantized.get_submodule(name.removesuffix(".weight")).dequantized_weight().numpy()
+    assert not np.allclose(v, original[name])
+    ids = torch.tensor([[1, 5, 9, 20, 33, 4]])
+    if fmt == "hf":
+        result = export_model(str(folder), fmt="hf", out=tmp_path / "hf")
+        assert result["files"] and "gptq3-g16 quantized values" in (tmp_path / "hf" / "README.md").read_text()
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+        with torch.inference_mode():
+            torch.testing.assert_close(reloaded(ids).logits, quantized(ids).logits, atol=1e-5, rtol=1e-5)
+    else:
+        result = export_model(str(folder), fmt="gguf", qtype="f32", out=tmp_path / "q.gguf")
+        assert result["dequantized_from"] == "gptq3-g16"
+        tensors = _tensors(gguf.GGUFReader(str(tmp_path / "q.gguf")))
+        np.testing.assert_array_equal(tensors["blk.0.attn_v.weight"][0], v)
+
+
+def test_hf_export_of_an_nf4_folder_holds_its_dequantized_weights(tiny_llama_dir: Path, tokenizer, tmp_path: Path):
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bittune.export.commands import export_model
+    from bittune.quant import quantize
+    from bittune.quant.io import load_quantized, save_quantized
+    from bittune.quant.spec import BnbSpec
+
+    spec = BnbSpec(method="nf4")
+    folder = tmp_path / "q"
+    folder.mkdir()
+    save_quantized(quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), spec), folder, spec=spec,
+                   task="causal-lm", tokenizer=tokenizer)  # fmt: skip
+    quantized, _ = load_quantized(folder)
+    export_model(str(folder), fmt="hf", out=tmp_path / "hf")  # transformers must not try to re-pack bnb weights
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    ids = torch.tensor([[1, 5, 9, 20, 33, 4]])
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(ids).logits, quantized(ids).logits, atol=1e-5, rtol=1e-5)

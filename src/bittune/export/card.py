@@ -79,7 +79,14 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def model_card(
-    *, name: str, base: str, task: str, run_dir: Path | None, kbit: dict[str, Any] | None = None, merged: bool = False
+    *,
+    name: str,
+    base: str,
+    task: str,
+    run_dir: Path | None,
+    kbit: dict[str, Any] | None = None,
+    merged: bool = False,
+    quantized: str | None = None,
 ) -> str:
     """The README.md text for an export.
 
@@ -90,6 +97,7 @@ def model_card(
         run_dir: The bittune run it came from, or None for a plain model folder.
         kbit: The QLoRA base quantization of the run, if any.
         merged: Whether a LoRA adapter was merged into the weights.
+        quantized: The method label of a ``bittune quantize`` folder whose values were dequantized for export.
     """
     run = read_run(run_dir) if run_dir else {"config": {}, "summary": {}, "metrics": [], "quantization": None}
     cfg, summary = run["config"], run["summary"]
@@ -121,6 +129,8 @@ def model_card(
         method_rows.append(("base quantization in training", f"{q.get('bits')}-bit {q.get('type', '')}".strip()))
         if merged:
             method_rows.append(("merge", "adapter merged into the full-precision base (not the k-bit one)"))
+    if quantized:
+        method_rows.append(("weights", f"{quantized} quantized values, stored dequantized in float"))
     lines += _table(method_rows)
 
     data = cfg.get("data") or {}

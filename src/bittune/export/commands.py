@@ -17,6 +17,10 @@ def _quiet(_: str) -> None:
     pass
 
 
+def _dequantizing(source: Any) -> str:
+    return f" (a {source.quantized} folder: its quantized values are written in float)" if source.quantized else ""
+
+
 def export_model(
     path: str,
     *,
@@ -78,7 +82,7 @@ def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _q
     check_architecture(source.config, f"{path} ({source.base})" if source.adapter else path)
     tokenizer = load_source_tokenizer(source)
     check_tokenizer(tokenizer)  # before the weights are read
-    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else ""))
+    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else _dequantizing(source)))
     model, tokenizer = load_merged(source, tokenizer)
     name = Path(source.run_dir or source.base).name
     target = out.with_name(f".{out.name}.verify-{os.getpid()}") if verify else out
@@ -102,6 +106,8 @@ def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _q
             target.unlink(missing_ok=True)
     result["source"] = path
     result["merged_adapter"] = source.adapter is not None
+    if source.quantized:
+        result["dequantized_from"] = source.quantized
     return result
 
 
@@ -114,7 +120,7 @@ def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quie
 
     out = check_out_dir(out)
     source = resolve_source(path)
-    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else ""))
+    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else _dequantizing(source)))
     model, tokenizer = load_merged(source)
     card = model_card(
         name=name or out.name,
@@ -123,8 +129,11 @@ def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quie
         run_dir=source.run_dir,
         kbit=source.kbit,
         merged=source.adapter is not None,
+        quantized=source.quantized,
     )
     info = {"source": Path(path).name, "merged_adapter": source.adapter is not None, "task": source.task}
+    if source.quantized:
+        info["dequantized_from"] = source.quantized
     atomic_dir(out, lambda tmp: save_hf_folder(model, tokenizer, tmp, card=card, info=info), marker=False)
     files = sorted(p.name for p in out.iterdir())
     return {"path": str(out), "files": files, "merged_adapter": source.adapter is not None}

@@ -22,6 +22,7 @@ class ExportSource:
         run_dir: The bittune run directory, when ``path`` is one.
         config: The base model's config.json as a dict.
         kbit: The adapter's ``bittune_quantization.json`` (a QLoRA run), or None.
+        quantized: The label of a ``bittune quantize`` folder's method (e.g. ``gptq3-g64``), or None.
     """
 
     path: str
@@ -31,6 +32,7 @@ class ExportSource:
     run_dir: Path | None
     config: dict[str, Any] = field(default_factory=dict)
     kbit: dict[str, Any] | None = None
+    quantized: str | None = None
 
     @property
     def architecture(self) -> str:
@@ -61,7 +63,13 @@ def resolve_source(path: str) -> ExportSource:
     kbit = None
     if adapter and (Path(adapter) / QUANT_FILE).is_file():
         kbit = json.loads((Path(adapter) / QUANT_FILE).read_text(encoding="utf-8"))
-    return ExportSource(path, base, adapter, task, run_dir, config, kbit)
+    quantized = None
+    if adapter is None:
+        from bittune.quant.io import is_quantized_dir, read_manifest
+
+        if is_quantized_dir(base):
+            quantized = read_manifest(base)["spec"].label()
+    return ExportSource(path, base, adapter, task, run_dir, config, kbit, quantized)
 
 
 def _read_config(base: str) -> dict[str, Any]:
@@ -93,6 +101,10 @@ def load_merged(source: ExportSource, tokenizer: Any = None) -> tuple[Any, Any]:
     against): merging into 4-bit blocks would need a re-quantization, and a full-precision export is what
     llama.cpp and the Hub expect. The model card says so.
 
+    A ``bittune quantize`` folder is loaded as quantized and its layers dequantized: the export holds exactly the
+    values the quantized model computes with, in float (its own weight files hold packed codes no float reader
+    understands; loading them as a plain model would silently start from random weights).
+
     Returns:
         (model in eval mode, tokenizer)
     """
@@ -101,6 +113,14 @@ def load_merged(source: ExportSource, tokenizer: Any = None) -> tuple[Any, Any]:
     from bittune.model import load_model
 
     tokenizer = tokenizer if tokenizer is not None else load_source_tokenizer(source)
+    if source.quantized is not None:
+        from bittune.quant.io import load_quantized
+        from bittune.quant.merge import dequantize_bnb_linears, dequantize_grid_linears
+
+        model, _ = load_quantized(source.base, device="cpu")
+        dequantize_grid_linears(model)
+        dequantize_bnb_linears(model)
+        return model.float().eval(), tokenizer
     label_names = None
     if source.task == "classification":
         labels = Path(source.adapter or source.base) / "labels.json"

@@ -49,6 +49,42 @@ def dequantize_bnb_linears(model: Any) -> int:
         for attr in ("hf_quantizer", "is_quantized", "quantization_method"):
             if attr in model.__dict__:
                 delattr(model, attr)
+        # transformers records how it converted the checkpoint on load and reverts that on save; the bitsandbytes
+        # unpacking steps have no inverse (save_pretrained would raise), and the weights are plain floats now.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions if _reversible(c)] or None
+    return len(targets)
+
+
+def _reversible(conversion: Any) -> bool:
+    try:
+        [op.reverse_op for op in getattr(conversion, "operations", None) or []]
+    except NotImplementedError:
+        return False
+    return True
+
+
+def dequantize_grid_linears(model: Any) -> int:
+    """Replace every :class:`~bittune.quant.linear.QuantizedLinear` (int/hqq/gptq) by an ``nn.Linear`` holding the
+    float32 weight it computes with, so that float-only writers (GGUF, safetensors) see the quantized values.
+
+    Returns:
+        How many layers were replaced.
+    """
+    import torch
+
+    from bittune.quant.api import _set_module
+    from bittune.quant.linear import QuantizedLinear
+
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name, layer in targets:
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(layer.dequantized_weight())
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias.float())
+        _set_module(model, name, linear.to(layer.qweight.device))
     return len(targets)
 
 
