@@ -503,6 +503,42 @@ def _model_file(env: Env) -> Scenario:
     )  # fmt: skip
 
 
+def _quantized_folder(env: Env) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from bittune.quant import quantize
+    from bittune.quant.io import save_quantized
+    from bittune.quant.spec import IntSpec
+
+    folder = env.tmp / "int4"
+    folder.mkdir()
+    spec = IntSpec(bits=4, group_size=16)
+    model = quantize(AutoModelForCausalLM.from_pretrained(env.tiny_llama_dir), spec)
+    save_quantized(model, folder, spec=spec, task="causal-lm", tokenizer=None)
+    for f in env.tiny_llama_dir.iterdir():  # a quantize output carries its tokenizer
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@case("model-path-is-a-quantized-folder")
+def _model_quantized(env: Env) -> Scenario:
+    # Training it would silently start from random weights: transformers finds none of the float names.
+    path = _quantized_folder(env)
+    cfg = env.config(env.run_config(model_dir=path))
+    return Scenario(
+        ["train", str(cfg)], f"model.path {path}", ["`bittune quantize` output", "full-precision model"],
+        out=env.tmp / "out",
+    )  # fmt: skip
+
+
+@case("validate-a-quantized-folder")
+def _validate_quantized(env: Env) -> Scenario:
+    path = _quantized_folder(env)
+    cfg = env.config(env.run_config(model_dir=path))
+    return Scenario(["validate", str(cfg)], f"model.path {path}", ["`bittune quantize` output"], out=env.tmp / "out")
+
+
 @case("gguf-truncated")
 def _gguf_truncated(env: Env) -> Scenario:
     path = env.data("model.gguf", b"GGUF")

@@ -144,6 +144,21 @@ def _hub_error(path: str, exc: Exception) -> ModelLoadError:
     )
 
 
+def refuse_quantized_folder(path: str) -> None:
+    """Refuse a ``bittune quantize`` output as a model to train or load as float weights.
+
+    Its safetensors hold packed integer codes under other names; transformers would not find the weights it
+    expects and would silently start from random ones.
+    """
+    manifest = Path(path).expanduser() / QUANTIZED_FILE
+    if manifest.is_file():
+        raise ModelLoadError(
+            f"model.path {path} is a `bittune quantize` output (packed low-bit codes), not trainable float weights",
+            hint="train from the original full-precision model or run directory (method: qlora trains on a 4-bit "
+            "base); evaluate, compare or export the quantized folder instead",
+        )
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     """Load a tokenizer and make sure it can pad.
 
@@ -186,6 +201,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = model_source(path)
+    refuse_quantized_folder(path)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -17,9 +17,10 @@ def validate_run(cfg: RunConfig) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from bittune.errors import ModelLoadError
-    from bittune.model import check_lora_targets, load_tokenizer, model_source
+    from bittune.model import check_lora_targets, load_tokenizer, model_source, refuse_quantized_folder
     from bittune.recipes.finetune import prepare_run_data
 
+    refuse_quantized_folder(model_source(cfg.model.path))
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     try:
         AutoConfig.from_pretrained(model_source(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code)
