@@ -231,6 +231,9 @@ TemplateOption = Annotated[str | None, typer.Option(help="Chat template (default
 MaxLengthOption = Annotated[int | None, typer.Option(help="Token limit per row.")]
 MaxRowsOption = Annotated[int | None, typer.Option(help="Measure on the first N rows only.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+GroupSizeOption = Annotated[int | None, typer.Option(help="int/hqq/gptq: columns per group (default 64; -1 per row).")]
+SymmetricOption = Annotated[bool, typer.Option("--symmetric", help="int/gptq: symmetric codes (fixed zero point).")]
+BatchSizeOption = Annotated[int, typer.Option(help="Rows per forward pass when measuring.")]
 CalibOption = Annotated[
     str | None,
     typer.Option("--calib", help="gptq: calibration text, any data format (default: a run's train file)."),
@@ -258,12 +261,8 @@ def quantize(
     method: Annotated[
         str | None, typer.Option(help="fp16, bf16, nf4, fp4, llm-int8, int, hqq or gptq (default: by --bits).")
     ] = None,
-    group_size: Annotated[
-        int | None, typer.Option(help="int/hqq/gptq: columns per group (default 64; -1 per row).")
-    ] = None,
-    symmetric: Annotated[
-        bool, typer.Option("--symmetric", help="int/gptq: symmetric codes (fixed zero point).")
-    ] = False,
+    group_size: GroupSizeOption = None,
+    symmetric: SymmetricOption = False,
     calib: CalibOption = None,
     calib_tokens: CalibTokensOption = None,
     data: DataOption = None,
@@ -271,7 +270,7 @@ def quantize(
     template: TemplateOption = None,
     max_length: MaxLengthOption = None,
     max_rows: MaxRowsOption = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per forward pass when measuring.")] = 8,
+    batch_size: BatchSizeOption = 8,
     device: DeviceOption = "auto",
 ) -> None:
     """Quantize a model and report size, memory, speed and the quality change against the original."""
@@ -306,8 +305,8 @@ def merge(
     method: Annotated[
         str | None, typer.Option(help="With --into-quantized: method (default: the run's own, else by bits).")
     ] = None,
-    group_size: Annotated[int | None, typer.Option(help="int/hqq/gptq: columns per group (default 64).")] = None,
-    symmetric: Annotated[bool, typer.Option("--symmetric", help="int/gptq: symmetric codes.")] = False,
+    group_size: GroupSizeOption = None,
+    symmetric: SymmetricOption = False,
     calib: CalibOption = None,
     calib_tokens: CalibTokensOption = None,
     data: DataOption = None,
@@ -315,7 +314,7 @@ def merge(
     template: TemplateOption = None,
     max_length: MaxLengthOption = None,
     max_rows: MaxRowsOption = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per forward pass when measuring.")] = 8,
+    batch_size: BatchSizeOption = 8,
     device: DeviceOption = "auto",
 ) -> None:
     """Merge a run's adapter into its base (full precision, or re-quantized) and measure the change."""

@@ -31,16 +31,21 @@ def check_out_dir(out: Path) -> None:
         raise StorageError(f"--out {out} already exists and is not empty", hint="pick a new --out folder or delete it")
 
 
+def _run_data(source: str) -> dict[str, Any]:
+    """The ``data:`` section of ``source``'s run config, or ``{}`` when ``source`` is not a run directory."""
+    run_file = Path(source) / "run_config.yaml"
+    if not run_file.is_file():
+        return {}
+    import yaml
+
+    return (yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}).get("data") or {}
+
+
 def _eval_data(source: str, data: str | None, *, train_fallback: bool) -> tuple[str | None, str | None]:
     """The data to measure on and a note on where it came from: ``data``, the run's eval file, or its train file."""
     if data:
         return data, None
-    run_file = Path(source) / "run_config.yaml"
-    if not run_file.is_file():
-        return None, None
-    import yaml
-
-    run_data = (yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}).get("data", {})
+    run_data = _run_data(source)
     if run_data.get("eval"):
         return run_data["eval"], f"data: the run's eval file {run_data['eval']}"
     if train_fallback and run_data.get("train"):
@@ -76,13 +81,9 @@ def calibration_data(source: str, spec: Spec | None, calib: str | None) -> str |
         return None
     if calib:
         return calib
-    run_file = Path(source) / "run_config.yaml"
-    if run_file.is_file():
-        import yaml
-
-        train = ((yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}).get("data") or {}).get("train")
-        if train:
-            return train
+    train = _run_data(source).get("train")
+    if train:
+        return train
     raise ConfigError(
         "--method gptq needs calibration text and none was given",
         hint="add --calib FILE (a few thousand tokens like your use, in any data format bittune reads; "

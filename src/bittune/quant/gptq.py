@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from bittune.quant.intq import int_qparams, quantize_codes
+from bittune.quant.intq import dequantize, int_qparams, quantize_codes
 
 DAMP = 0.01
 BLOCK = 128  # columns updated together (lazy batch updates: the same result, fewer passes over W)
@@ -177,7 +177,7 @@ def gptq_quantize_model(
                 act_order=act_order,
             )  # fmt: skip
             results[name] = (codes, scale, zero)
-            deq = ((codes.float() - zero) * scale).reshape(lin.out_features, -1)[:, : lin.in_features]
+            deq = dequantize(codes, scale, zero, lin.weight.shape)
             lin.weight.data.copy_(deq.to(lin.weight.dtype))
 
     def collect(names: list[str]) -> tuple[dict[str, HessianCollector], list[Any]]:
