@@ -80,6 +80,11 @@ def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=q, device_map={"": "cpu"})
+    # Stock files, stock libraries; only bitsandbytes' AVX512-BF16 eval kernel is switched off, as bittune does
+    # (it computes in bf16 and needs 64+ inputs per layer; see bittune.model.pin_bnb_cpu_kernels).
+    for m in base.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     stock = PeftModel.from_pretrained(base, result.final_dir).eval()
     ours, _, _ = load_for_inference(str(result.run_dir), device="cpu")
     ids = torch.tensor([[1, 5, 9, 20, 33, 4, 17]])
@@ -140,3 +145,27 @@ def test_half_precision_compute_is_refused_on_cpu(tiny_llama_dir, chat_file, tmp
     with pytest.raises(ModelLoadError, match="50x slower"):
         train(config_from_dict(raw), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_4bit_layers_keep_the_training_numerics_in_eval(tokenizer, tmp_path):
+    """bitsandbytes switches 4-bit layers to a bf16 kernel in no-grad eval on CPUs with AVX512-BF16 (which also
+    fails on layers narrower than its 64-wide blocks); bittune pins the fp32 path so eval computes what training did.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from bittune.model import bnb_config, pin_bnb_cpu_kernels
+    from helpers import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path / "m", tokenizer)
+    q = bnb_config(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": "cpu"})
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    pin_bnb_cpu_kernels(model)
+    assert all(m.support_avx512bf16_for_cpu is False for m in layers)
+    ids = torch.tensor([[1, 5, 9, 20, 33, 4]])
+    model.train()
+    train_logits = model(ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, train_logits, atol=1e-6, rtol=1e-6)

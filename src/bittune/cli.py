@@ -37,6 +37,12 @@ SetOption = Annotated[
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
     _state["debug"] = debug
+    if not debug:
+        import logging
+
+        # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing; that
+        # says nothing actionable to a user and would come before bittune's own messages.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # Hub ids work for users with a network; on an offline machine they fail fast instead of retrying.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

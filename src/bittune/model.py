@@ -104,6 +104,19 @@ def bnb_config(*, bits: int, quant_type: str, double_quant: bool, compute_dtype:
     )
 
 
+def pin_bnb_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep bitsandbytes 4-bit layers on their fp32 CPU path in eval too (in place; returns ``model``).
+
+    On CPUs with AVX512-BF16 bitsandbytes repacks a 4-bit weight on the first no-grad eval forward and computes in
+    bf16 from then on: eval then differs from what training computed (and layers narrower than 64 inputs fail).
+    bittune evaluates what it trained, so the per-layer switch ``support_avx512bf16_for_cpu`` is turned off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def model_source(path: str) -> str:
     """Where to load ``model.path`` from, failing early, with a clear message, on paths that cannot be a model.
 
@@ -225,7 +238,7 @@ def load_model(
     if task == "classification" and pad_token_id is not None and model.config.pad_token_id is None:
         # Decoder classifiers find the last real token through pad_token_id.
         model.config.pad_token_id = pad_token_id
-    return model
+    return pin_bnb_cpu_kernels(model) if quantization is not None else model
 
 
 def attach_lora(

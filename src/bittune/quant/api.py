@@ -214,4 +214,6 @@ def _quantize_bnb(model: torch.nn.Module, spec: BnbSpec) -> torch.nn.Module:
                 new.bias = torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
             _set_module(model, name, new.to(device))  # placement is what quantizes
     model.config.quantization_config = bnb_quantization_config(spec)
-    return model
+    from bittune.model import pin_bnb_cpu_kernels
+
+    return pin_bnb_cpu_kernels(model)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bittune.errors import ModelLoadError
-from bittune.model import QUANTIZED_FILE
+from bittune.model import QUANTIZED_FILE, pin_bnb_cpu_kernels
 from bittune.quant.spec import GridSpec, Spec, spec_from_dict
 
 WEIGHTS_FILE = "model.safetensors"
@@ -126,6 +126,7 @@ def load_quantized(path: str | Path, *, device: Any = None) -> tuple[Any, str]:
             # bitsandbytes layers quantize/unpack on placement: let transformers place them.
             device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
         )
+        pin_bnb_cpu_kernels(model)
     return model.eval(), task
 
 
