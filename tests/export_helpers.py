@@ -76,6 +76,8 @@ def tokenizer_with_pre(pre_tokenizer: dict[str, Any]) -> Any:
     lines = corpus() + [
         f"In {1990 + i} I'm sure we'll pay {i * 12345} dollars.\n\nThey've 3.14 x{i}" for i in range(40)
     ]
+    # Blank lines and runs of spaces before a number: where splitting digits first changes the whitespace tokens.
+    lines += [f"Step\n\n{i}. Then  {i}  more\n\n\n{i * 7}" for i in range(40)]
     tok.train_from_iterator(lines, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
