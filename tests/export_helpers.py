@@ -7,8 +7,14 @@ from pathlib import Path
 from typing import Any
 
 
-def make_tiny(path: Path, tokenizer: Any, arch: str, seed: int = 0, **extra: Any) -> Path:
-    """Save a random 2-layer ``qwen2``, ``mistral`` or ``gpt2`` causal LM (hidden 32) and its tokenizer."""
+def make_tiny(
+    path: Path, tokenizer: Any, arch: str, seed: int = 0, hidden: int = 32, init: float = 0.25, **extra: Any
+) -> Path:
+    """Save a random 2-layer ``llama``, ``qwen2``, ``mistral`` or ``gpt2`` causal LM and its tokenizer.
+
+    ``hidden`` 256 gives rows llama.cpp's K-quants (256-weight super-blocks) can hold; ``init`` the weights' std
+    (wide random models with the default 0.25 are chaotic: tiny rounding changes flip their logits).
+    """
     import torch
     import transformers as tf
 
@@ -20,7 +26,7 @@ def make_tiny(path: Path, tokenizer: Any, arch: str, seed: int = 0, **extra: Any
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "initializer_range": 0.25,
+        "initializer_range": init,
     }
     if arch == "gpt2":
         config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
@@ -32,8 +38,8 @@ def make_tiny(path: Path, tokenizer: Any, arch: str, seed: int = 0, **extra: Any
             "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         }[arch]
         config = cls_cfg(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
