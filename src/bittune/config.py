@@ -94,7 +94,11 @@ class QatConfig(_Section):
     )
     group_size: int = Field(64, gt=0, description="Weights sharing one scale and zero point (along a row).")
     symmetric: bool = Field(False, description="Fixed zero point; default: per-group min/max zero point.")
-    method: Literal["int"] = Field("int", description="Quantizer: group-wise round-to-nearest integers.")
+    method: Literal["int", "gguf-q4_0", "gguf-q8_0"] = Field(
+        "int",
+        description="Quantizer: group-wise round-to-nearest integers (int), or llama.cpp's own Q4_0/Q8_0 blocks "
+        "(gguf-q4_0, gguf-q8_0: the GGUF export of that type is exactly the trained model).",
+    )
 
     @model_validator(mode="after")
     def _stages(self) -> QatConfig:
@@ -106,6 +110,14 @@ class QatConfig(_Section):
             problems.append(f"qat.schedule bits must be 2..8, got {bad}")
         if self.steps_per_stage is not None and self.stage_steps is not None:
             problems.append("set qat.steps_per_stage or qat.stage_steps, not both")
+        ggml_bits = {"gguf-q4_0": 4, "gguf-q8_0": 8}.get(self.method)
+        if ggml_bits is not None and self.schedule and self.schedule[-1] != ggml_bits:
+            problems.append(
+                f"qat.method {self.method} trains for the {self.method[5:].upper()} export, so the last "
+                f"qat.schedule stage must be {ggml_bits} bits (got {self.schedule[-1]})"
+            )
+        if ggml_bits is not None and "group_size" in self.model_fields_set and self.group_size != 32:
+            problems.append(f"qat.group_size: llama.cpp's {self.method[5:].upper()} blocks are 32 weights; drop it")
         if self.stage_steps is not None:
             if len(self.stage_steps) != len(self.schedule):
                 problems.append(

@@ -206,6 +206,12 @@ def spec_for_source(
         if bits is None and method is None and group_size is None and not symmetric and calibration_tokens is None
         else None
     )
+    if qat is not None and str(qat.get("method", "int")).startswith("gguf-"):
+        kind = str(qat["method"])[5:]
+        raise ConfigError(
+            f"{source} was trained on llama.cpp's {kind.upper()} grid, which `bittune quantize` does not store",
+            hint=f"export it to that type: bittune export {source} --format gguf --type {kind} --out model.gguf",
+        )
     if qat is not None:
         return IntSpec(bits=qat["bits"], group_size=qat["group_size"], symmetric=qat["symmetric"])
     return spec_from_cli(

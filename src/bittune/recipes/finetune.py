@@ -276,7 +276,12 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     qat, fake_quant = cfg.qat, None
     if qat is not None:
         # After LoRA, so that the merged weight W + BA is what gets fake-quantized (see quant/qat.py).
-        fake_quant = attach_fake_quant(model, bits=qat.schedule[0], group_size=qat.group_size, symmetric=qat.symmetric)
+        try:
+            fake_quant = attach_fake_quant(
+                model, bits=qat.schedule[0], group_size=qat.group_size, symmetric=qat.symmetric, method=qat.method
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc), hint="see qat.method in the README") from None
     if teacher is not None and task == "causal-lm":
         check_output_size(model, teacher, dcfg.teacher)
     trainable, total = count_parameters(model)
