@@ -123,7 +123,7 @@ def test_lora_run_round_trip_through_the_cli(
 # --- K-quants and IQ types through llama.cpp's own quantizer ------------------------------------------------------
 
 # Per type: the largest max |Δlogit| against transformers running the file's own dequantized weights, as a fraction
-# of the logit std (measured on this model: 0.06-0.14 for all of them; llama.cpp quantizes activations to Q8_K in
+# of the logit std (measured on this model: 0.11-0.15 for all of them; llama.cpp quantizes activations to Q8_K in
 # these matmuls), and a GGML type the file must hold.
 KQUANTS = {
     "q2_k": (0.3, "Q2_K"),
@@ -231,6 +231,55 @@ def test_gguf_lora_without_the_qk_reordering_is_caught(
     with pytest.raises(BittuneError, match=re.escape("max |Δlogit|")):
         export_model(str(run), fmt="gguf-lora", qtype="f16", out=tmp_path / "a.gguf", verify=True)
     assert not (tmp_path / "a.gguf").exists()
+
+
+# --- QAT on llama.cpp's grid ---------------------------------------------------------------------------------------
+
+
+def test_qat_q4_0_export_computes_the_trained_model_in_llamacpp(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """llama.cpp's logits on the Q4_0 file against transformers running the QAT model as trained (its last stage's
+    quantized weights; the tied head, which QAT leaves in float, at the Q8_0 the q4_0 export stores it in)."""
+    import numpy as np
+    import torch
+
+    from bittune.config import config_from_dict
+    from bittune.model import load_for_inference
+    from bittune.quant.ggml_grid import ggml_quantize_dequantize
+    from bittune.quant.qat import convert
+    from bittune.recipes.finetune import train
+
+    data = write_jsonl(tmp_path / "chat.jsonl", color_chat_rows(32))
+    raw = {
+        "model": {"path": str(tiny_llama_dir)},
+        "method": "qat",
+        "qat": {"schedule": [8, 4], "steps_per_stage": 3, "method": "gguf-q4_0"},
+        "data": {"train": str(data), "format": "chat", "max_length": 64},
+        "train": {"batch_size": 8, "lr": 3e-3, "seed": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    run = train(config_from_dict(raw), progress=False).run_dir
+    result = _export(run, tmp_path / "m.gguf", "q4_0")
+    assert result["verify"]["passed"], result["verify"]["problems"]
+
+    model, tokenizer, _ = load_for_inference(str(run), device="cpu")
+    trained = convert(model, bits=4, group_size=32, symmetric=True, method="gguf-q4_0").eval()
+    with torch.no_grad():
+        emb = trained.get_input_embeddings().weight
+        emb.copy_(ggml_quantize_dequantize(emb, 8))
+    import llama_cpp
+
+    ids = tokenizer("What colour is the sky? It is blue and green.", add_special_tokens=False)["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, type_k=0, type_v=0,
+                          verbose=False)  # fmt: skip
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        want = trained(torch.tensor([ids])).logits[0].numpy()
+    # What is left is llama.cpp rounding activations to 8 bits in its Q4_0/Q8_0 matmuls.
+    assert np.abs(got - want).max() < 0.5 * want.std() and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
 # --- cross-check against llama.cpp's own converter ----------------------------------------------------------------
