@@ -102,6 +102,18 @@ def gguf_name(source: Any) -> str:
     return f"{base}-{method}" + (f"-{qat}" if qat and qat != "int" else "")
 
 
+def _note_qat_grid(path: str, qtype: str, log: Log) -> None:
+    """Say when a run trained on llama.cpp's grid is exported to another type than the one it trained for."""
+    from bittune.quant.qat import read_qat_settings
+
+    method = str((read_qat_settings(path) or {}).get("method", "int"))
+    if method.startswith("gguf-") and method[5:] != qtype:
+        log(
+            f"note: this run trained on llama.cpp's {method[5:].upper()} grid; --type {method[5:]} stores exactly "
+            f"the trained weights, --type {qtype} writes its float (latent) weights in {qtype}"
+        )
+
+
 def export_gguf(
     path: str,
     out: Path,
@@ -147,6 +159,7 @@ def export_gguf(
     check_tokenizer(tokenizer)  # before the weights are read
     log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else _dequantizing(source)))
     model, tokenizer = load_merged(source, tokenizer)
+    _note_qat_grid(path, qtype, log)
     name = gguf_name(source)
     matrix = None
     if imatrix_file is not None:
