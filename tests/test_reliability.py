@@ -13,7 +13,7 @@ import pytest
 
 from bittune.config import config_from_dict
 from bittune.errors import BittuneError, NonFiniteError, StorageError
-from bittune.recipes.finetune import train
+from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
 from helpers import color_chat_rows, write_jsonl
 from test_recipe import run_config
@@ -112,7 +112,8 @@ def test_second_job_on_the_same_output_dir_is_refused(tiny_llama_dir, chat_file,
 
 def test_corrupt_checkpoint_is_a_clean_error(tiny_llama_dir, chat_file, tmp_path):
     raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 6, "save_every": 2})
-    train(config_from_dict(raw), stop_after_step=4, progress=False)
+    with stop_after(4):
+        train(config_from_dict(raw), progress=False)
     weights = tmp_path / "run" / "checkpoints" / "step-4" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     from bittune.errors import CheckpointError
@@ -140,6 +141,7 @@ def test_hub_token_never_reaches_any_output(tiny_llama_dir, chat_file, tmp_path)
 
 
 def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    import bittune.storage as storage
     import bittune.training.checkpoint as ckpt
 
     root = tmp_path / "checkpoints"
@@ -153,7 +155,7 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
         next(Path(path).iterdir()).unlink()  # the delete got as far as one file...
         raise KeyboardInterrupt  # ...when the process died
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(storage.shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         ckpt.prune_checkpoints(root, keep_last=2)
     monkeypatch.undo()
@@ -161,7 +163,7 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
     assert names[1:] == ["step-2", "step-3"] and names[0].startswith(".del-step-1-")
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-2", "step-3"]
     (root / ".tmp-step-4-999").mkdir()  # and a checkpoint write that was killed
-    ckpt.sweep_stale_temp(root)
+    storage.sweep_stale_temp(root)
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
 
 

@@ -71,7 +71,7 @@ def compare_models(
     from bittune.model import load_for_inference, model_source, resolve_inference_source
     from bittune.quant.flows import check_data, check_out_dir
     from bittune.quant.report import measure, table, warm_imports, weights_size
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.storage import atomic_dir
 
     if not paths:
         raise BittuneError("compare needs at least one model", hint="bittune compare MODEL_A MODEL_B --data FILE")

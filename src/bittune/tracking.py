@@ -181,7 +181,7 @@ class Trackers:
             return {}
 
     def _write_links(self) -> None:
-        from bittune.training.checkpoint import atomic_write_text
+        from bittune.storage import atomic_write_text
 
         links = {"project": self.project, "run_name": self.run_name, "backends": self.where}
         atomic_write_text(self._links, redact(json.dumps(links, indent=2)))

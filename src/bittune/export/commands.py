@@ -116,7 +116,7 @@ def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quie
     from bittune.export.card import model_card
     from bittune.export.hf import check_out_dir, save_hf_folder
     from bittune.export.source import load_merged, resolve_source
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.storage import atomic_dir
 
     out = check_out_dir(out)
     source = resolve_source(path)

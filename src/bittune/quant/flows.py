@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bittune.errors import ConfigError, ModelLoadError, StorageError
+from bittune.errors import ConfigError, ModelLoadError
 from bittune.quant.api import check_group_size
 from bittune.quant.spec import BnbSpec, GptqSpec, GridSpec, Spec, spec_from_cli
 
@@ -27,8 +27,9 @@ def _quiet(_: str) -> None:
 
 def check_out_dir(out: Path) -> None:
     """``out`` must not exist, or be an empty folder: results are never written over other files."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise StorageError(f"--out {out} already exists and is not empty", hint="pick a new --out folder or delete it")
+    from bittune.storage import check_output_path
+
+    check_output_path(out)
 
 
 def _run_data(source: str) -> dict[str, Any]:
@@ -206,7 +207,7 @@ def quantize_path(
     from bittune.quant.merge import load_merged
     from bittune.quant.report import write_report
     from bittune.quant.select import quantizable_linears
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.storage import atomic_dir
 
     out = Path(out)
     check_out_dir(out)
@@ -336,7 +337,7 @@ def merge_run(
     from bittune.quant.io import save_quantized
     from bittune.quant.merge import load_merged, require_adapter_run
     from bittune.quant.report import measure, quality_delta, write_report
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.storage import atomic_dir
 
     out = Path(out)
     adapter = require_adapter_run(run_dir)

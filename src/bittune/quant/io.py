@@ -61,7 +61,7 @@ def save_quantized(
 ) -> None:
     """Write a quantized ``model`` (from :func:`bittune.quant.quantize`) into an existing, empty ``folder``.
 
-    Callers write into a temporary folder and rename it into place (see ``training.checkpoint.atomic_dir``).
+    Callers write into a temporary folder and rename it into place (see ``bittune.storage.atomic_dir``).
     """
     folder = Path(folder)
     if isinstance(spec, GridSpec):

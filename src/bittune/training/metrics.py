@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bittune.training.checkpoint import atomic_write_text
+from bittune.storage import atomic_write_text
 
 
 def _clean(value: Any) -> Any:
