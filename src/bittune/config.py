@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bittune.errors import ConfigError
 
 Task = Literal["causal-lm", "classification"]
 Method = Literal["full", "lora", "qlora", "qat"]
+ADAPTER_METHODS = ("lora", "qlora")  # the methods that train a LoRA adapter (and read the lora section)
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 DataFormat = Literal["text", "completion", "alpaca", "chat", "classification"]
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
@@ -57,7 +68,7 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
-    """LoRA adapter settings (used when ``method: lora``)."""
+    """LoRA adapter settings: ``method: lora`` or ``qlora`` only (defaults when the section is left out)."""
 
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
@@ -260,7 +271,7 @@ class RunConfig(_Section):
 
     model: ModelConfig
     method: Method = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: LoraConfig | None = Field(None, description="LoRA settings; method lora or qlora (default: LoraConfig()).")
     quant: QuantConfig | None = Field(None, description="Base quantization; only with method: qlora.")
     qat: QatConfig | None = Field(None, description="Quantization-aware training; method: qat, or lora with it.")
     distill: DistillConfig | None = Field(None, description="Distillation from a teacher; any method.")
@@ -269,11 +280,37 @@ class RunConfig(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str
+    # Where the config came from (file and the line of every key), for messages that point into the YAML.
+    _source: str | None = PrivateAttr(None)
+    _lines: dict[tuple[str, ...], int] = PrivateAttr(default_factory=dict)
 
     @field_validator("output_dir")
     @classmethod
     def _expand_home(cls, v: str) -> str:
         return _expand(v)
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_only_with_an_adapter(cls, v: LoraConfig | None, info: ValidationInfo) -> LoraConfig | None:
+        method = info.data.get("method")
+        if v is not None and method is not None and method not in ADAPTER_METHODS:
+            raise ValueError(
+                f"lora is set but method is '{method}', which trains no adapter, so its settings would be ignored: "
+                "remove the lora section, or use method: lora"
+            )
+        return v
+
+    def __eq__(self, other: object) -> bool:
+        """Same settings (where each came from does not count)."""
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    def locate(self, key: str) -> str | None:
+        """``file:line`` of a dotted key (or of its closest parent present) in the YAML this config came from."""
+        parts = tuple(key.split("."))
+        for n in range(len(parts), 0, -1):
+            if parts[:n] in self._lines:
+                return f"{self._source}:{self._lines[parts[:n]]}"
+        return None
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -289,6 +326,8 @@ class RunConfig(_Section):
             problems.append("data.packing only applies to causal-lm training")
         if self.method == "qlora" and self.quant is None:
             self.__dict__["quant"] = QuantConfig()  # defaults: 4-bit NF4 with double quant
+        if self.method in ADAPTER_METHODS and self.lora is None:
+            self.__dict__["lora"] = LoraConfig()
         if self.quant is not None and self.method != "qlora":
             problems.append(
                 f"quant is set but method is '{self.method}': a k-bit base can only be trained through an adapter; "
@@ -421,18 +460,23 @@ def _section_model(path: tuple[str, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = RunConfig
     for part in path:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # An optional section (``LoraConfig | None``) is its model.
+        members = () if field is None else (typing.get_args(field.annotation) or (field.annotation,))
+        sections = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not sections:
             return None
-        model = field.annotation
+        model = sections[0]
     return model
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, resolved: bool = False) -> RunConfig:
     """Read, override and validate a run config.
 
     Args:
         path: YAML file.
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML.
+        resolved: ``path`` is a run's ``run_config.yaml`` (written by :func:`dump_config`). Versions before
+            ``lora:`` became optional listed it for every method; it is dropped where the method has no adapter.
 
     Returns:
         The validated config.
@@ -458,6 +502,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: the file is empty", hint="see configs/ for complete examples")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    if resolved and raw.get("method") not in ADAPTER_METHODS:
+        raw.pop("lora", None)
     return config_from_dict(raw, overrides, source=str(path), lines=_key_lines(text))
 
 
@@ -471,7 +517,7 @@ def config_from_dict(
     """Validate a config given as a nested dict (after applying overrides). See :func:`load_config`."""
     raw = apply_overrides(raw, overrides)
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         problems = _format_errors(exc, source, lines or {}, raw)
         n = len(problems)
@@ -479,6 +525,8 @@ def config_from_dict(
             f"{source}: {n} problem{'s' if n > 1 else ''} in the config:\n" + "\n".join(f"  - {p}" for p in problems),
             hint="correct the keys listed above (see README 'Config reference')",
         ) from None
+    cfg._source, cfg._lines = source, dict(lines or {})
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:
