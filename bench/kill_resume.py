@@ -71,7 +71,7 @@ SABOTAGE = {
         "_load = c.load_checkpoint\n"
         "def _lose_position(*a, **k):\n"
         "    state = _load(*a, **k)\n"
-        "    state['step_in_epoch'] = 0\n"
+        "    state.step_in_epoch = 0\n"
         "    return state\n"
         "c.load_checkpoint = _lose_position\n"
     ),
@@ -262,7 +262,7 @@ def write_config(path: Path, *, model: Path, data: Path, method: str, steps: int
     cfg = {
         "model": {"path": str(model)},
         "method": method,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        **({"lora": {"r": 8, "alpha": 16, "dropout": 0.1}} if method == "lora" else {}),
         "data": {"train": str(data), "format": "chat", "max_length": 64, "eval_fraction": 0.1},
         "train": {
             "batch_size": 8,

@@ -93,11 +93,12 @@ def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stopped_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, chat_file: Path) -> Path:
     """A 6-step LoRA run stopped (as if killed) after step 4, with checkpoints step-2 and step-4."""
     from bittune.config import config_from_dict
-    from bittune.recipes.finetune import train
+    from bittune.recipes.finetune import stop_after, train
 
     out = tmp_path_factory.mktemp("stopped") / "run"
     raw = base_config(tiny_llama_dir, chat_file, out, max_steps=6, save_every=2)
-    assert train(config_from_dict(raw), stop_after_step=4, progress=False).stopped_early
+    with stop_after(4):
+        assert train(config_from_dict(raw), progress=False).stopped_early
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     return out
 
@@ -432,9 +433,20 @@ def _task_vs_format(env: Env) -> Scenario:
 
 @case("full-method-with-quant")
 def _full_with_quant(env: Env) -> Scenario:
-    cfg = env.config(env.run_config(method="full", quant={"bits": 4}))
+    raw = env.run_config(method="full", quant={"bits": 4})
+    del raw["lora"]  # full fine-tuning has no adapter settings (a lora section is its own error, below)
+    cfg = env.config(raw)
     return Scenario(
         ["train", str(cfg)], "quant is set but method is 'full'", [str(cfg), "use method: qlora"], out=env.tmp / "out"
+    )
+
+
+@case("lora-section-with-full-method")
+def _full_with_lora(env: Env) -> Scenario:
+    cfg = env.config(env.run_config(method="full"))
+    line = cfg.read_text().splitlines().index("lora:") + 1
+    return Scenario(
+        ["train", str(cfg)], f"{cfg}:{line}: lora", ["method is 'full'", "remove the lora section"], out=env.tmp / "out"
     )
 
 

@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from bittune.config import config_from_dict
-from bittune.recipes.finetune import epoch_batches, train
+from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
+from bittune.training.schedule import epoch_batches
 from helpers import color_chat_rows, write_jsonl
 from test_recipe import run_config
 
@@ -114,7 +115,8 @@ def test_fsdp_resumes_one_process_run_and_its_sharded_checkpoint_loads_in_one_pr
     )
     run = tmp_path / "fsdp"
     leg1 = config(tiny_llama_dir, chat_file, run, method="full", batch=8, strategy="fsdp", save_every=2)
-    train(config_from_dict(leg1), stop_after_step=2, progress=False)
+    with stop_after(2):
+        train(config_from_dict(leg1), progress=False)
     leg2 = config(tiny_llama_dir, chat_file, run, method="full", batch=4, strategy="fsdp", save_every=2)
     launch(leg2, tmp_path, "--resume")
     assert_same_curve(step_records(ref.run_dir), step_records(run))

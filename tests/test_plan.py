@@ -55,6 +55,8 @@ def plan_cfg(model_dir: Path, **sections):
             raw.setdefault(key, {}).update(value)
         else:
             raw[key] = value
+    if raw["method"] not in ("lora", "qlora"):  # full fine-tuning and QAT train no adapter: no lora section
+        raw.pop("lora", None)
     return config_from_dict(raw)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from bittune.config import config_from_dict
 from bittune.quant.qat import convert, read_qat_settings
-from bittune.recipes.finetune import train
+from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
 from helpers import color_chat_rows, make_tiny_llama, make_tokenizer, sentiment_rows, write_jsonl
 
@@ -34,6 +34,8 @@ def config(model_dir: Path, data_file: Path, out: Path, **sections) -> dict:
             raw[key] = value
     if raw["qat"] is None:  # qat=None: a run without QAT
         del raw["qat"]
+    if raw["method"] not in ("lora", "qlora"):  # full fine-tuning and QAT train no adapter: no lora section
+        raw.pop("lora", None)
     return raw
 
 
@@ -50,8 +52,8 @@ def eval_converted(run_dir: Path) -> dict[str, float]:
     from bittune.config import load_config
     from bittune.data import make_collator
     from bittune.model import load_for_inference
+    from bittune.preflight import prepare_run_data
     from bittune.quant.qat import convert, read_qat_settings
-    from bittune.recipes.finetune import prepare_run_data
     from bittune.training.evaluate import evaluate
 
     cfg = load_config(run_dir / "run_config.yaml")
@@ -131,7 +133,8 @@ def test_resume_across_a_stage_boundary_is_bit_identical(tiny_llama_dir, chat_fi
         )  # fmt: skip
 
     straight = train(cfg(tmp_path / "straight"), progress=False)
-    stopped = train(cfg(tmp_path / "resumed"), stop_after_step=5, progress=False)
+    with stop_after(5):
+        stopped = train(cfg(tmp_path / "resumed"), progress=False)
     assert stopped.stopped_early
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-4"]
     resumed = train(cfg(tmp_path / "resumed"), resume=True, progress=False)  # from step 4 (8 bits) into 3 bits

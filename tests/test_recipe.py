@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bittune.config import config_from_dict
-from bittune.recipes.finetune import train
+from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
 from helpers import color_chat_rows, sentiment_rows, write_jsonl
 
@@ -30,6 +30,8 @@ def run_config(model_dir: Path, data_file: Path, out: Path, **sections) -> dict:
             raw.setdefault(key, {}).update(value)
         else:
             raw[key] = value
+    if raw["method"] not in ("lora", "qlora"):  # full fine-tuning and QAT train no adapter: no lora section
+        raw.pop("lora", None)
     return raw
 
 
@@ -155,7 +157,8 @@ def test_resume_is_bit_identical(tiny_llama_dir, chat_file, tmp_path, method):
         )  # fmt: skip
 
     straight = train(cfg(tmp_path / "straight"), progress=False)
-    stopped = train(cfg(tmp_path / "resumed"), stop_after_step=10, progress=False)
+    with stop_after(10):
+        stopped = train(cfg(tmp_path / "resumed"), progress=False)
     assert stopped.stopped_early and stopped.final_dir is None
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-4", "step-8"]
     resumed = train(cfg(tmp_path / "resumed"), resume=True, progress=False)

@@ -191,8 +191,10 @@ def plan(
     """Estimate peak memory and time per step of CONFIG before training, and whether it fits."""
     from bittune.config import load_config
     from bittune.plan import estimate
+    from bittune.preflight import preflight
 
     cfg = load_config(config, set_ or [])
+    preflight(cfg, cheap=True).raise_problems()  # model path and LoRA targets; no data, no device
     report = estimate(cfg, device=device, matmul_flops=matmul_tflops * 1e12 if matmul_tflops else None)
     print(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
 

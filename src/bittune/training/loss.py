@@ -7,6 +7,8 @@ divided by the number of target tokens in the whole step, so the accumulated gra
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +34,31 @@ def loss_sum(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     if task == "classification":
         return classification_loss_sum(logits, labels)
     return causal_lm_loss_sum(logits, labels)
+
+
+def count_targets(task: str, labels: torch.Tensor) -> int:
+    """Loss terms in a batch: shifted non-ignored tokens (causal) or rows (classification)."""
+    if task == "classification":
+        return int(labels.numel())
+    return int((labels[:, 1:] != -100).sum())
+
+
+class TaskLoss:
+    """The loss of plain training: the task's own loss summed over a batch's targets (see :func:`loss_sum`).
+
+    A loss function of the training step is called as ``loss_fn(logits, labels, inputs)`` and returns
+    ``(loss_sum, task_part)``: the sum to divide by the step's target count, and the task-loss part of it when the
+    loss has other parts (distillation, :class:`bittune.training.distill.DistillLoss`), else None.
+    """
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def targets(self, labels: torch.Tensor) -> int:
+        """How many loss terms ``labels`` holds (the normaliser of the step's loss)."""
+        return count_targets(self.task, labels)
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return loss_sum(self.task, logits, labels), None
