@@ -180,9 +180,13 @@ def test_an_older_run_config_that_lists_lora_for_full_still_loads(tmp_path):
     """run_config.yaml of earlier versions listed the LoRA defaults for every method."""
     old = {"model": {"path": "m"}, "method": "full", "lora": {"r": 16, "alpha": 32.0, "dropout": 0.05},
            "data": {"train": "d.jsonl"}, "output_dir": "o"}  # fmt: skip
-    path = tmp_path / "run_config.yaml"
+    path = tmp_path / "old.yaml"
     path.write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match="lora is set but method is 'full'"):
         load_config(path)
     cfg = load_config(path, resolved=True)
     assert cfg.method == "full" and cfg.lora is None
+    # A run's own run_config.yaml (`bittune train RUN/run_config.yaml --resume`) is read as resolved.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.yaml").write_text(path.read_text())
+    assert load_config(tmp_path / "run" / "run_config.yaml") == cfg

@@ -475,8 +475,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     Args:
         path: YAML file.
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML.
-        resolved: ``path`` is a run's ``run_config.yaml`` (written by :func:`dump_config`). Versions before
-            ``lora:`` became optional listed it for every method; it is dropped where the method has no adapter.
+        resolved: ``path`` is a run's ``run_config.yaml`` (written by :func:`dump_config`; a file of that name
+            always counts as one). Versions before ``lora:`` became optional listed it for every method; it is
+            dropped where the method has no adapter, so ``bittune train RUN/run_config.yaml --resume`` still works.
 
     Returns:
         The validated config.
@@ -502,7 +503,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         raise ConfigError(f"{path}: the file is empty", hint="see configs/ for complete examples")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    if resolved and raw.get("method") not in ADAPTER_METHODS:
+    if (resolved or path.name == "run_config.yaml") and raw.get("method") not in ADAPTER_METHODS:
         raw.pop("lora", None)
     return config_from_dict(raw, overrides, source=str(path), lines=_key_lines(text))
 

@@ -130,7 +130,7 @@ def train_step(
     weights = weights or [1.0] * len(batches)
     targets = procs.total(sum(w * loss_fn.targets(b["labels"]) for w, b in zip(weights, batches)))
     tokens = procs.total(sum(w * count_tokens(b) for w, b in zip(weights, batches)))
-    step_loss, task_loss, distilled = 0.0, 0.0, False
+    step_loss, task_loss = 0.0, None  # task_loss: the task part of a loss with other parts (distillation)
     for i, (weight, batch) in enumerate(zip(weights, batches)):
         with procs.accumulating(model, last=i == len(batches) - 1):
             inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
@@ -143,8 +143,7 @@ def train_step(
             procs.backward(loss)
         step_loss += loss.item()
         if task is not None:
-            distilled = True
-            task_loss += weight * task.item() / targets
+            task_loss = (task_loss or 0.0) + weight * task.item() / targets
     step_loss = procs.total(step_loss)
     grad_norm = procs.grad_norm(params, max_grad_norm, model)
     lr = scheduler.get_last_lr()[0]
@@ -153,7 +152,8 @@ def train_step(
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(step_loss, grad_norm, lr, tokens, procs.total(task_loss) if distilled else None, nonfinite)
+    task_loss = procs.total(task_loss) if task_loss is not None else None
+    return StepStats(step_loss, grad_norm, lr, tokens, task_loss, nonfinite)
 
 
 def count_tokens(batch: dict[str, Any]) -> int:
