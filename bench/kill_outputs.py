@@ -101,7 +101,7 @@ def build_run(work: Path) -> Path:
     """A finished tiny LoRA run (adapter/ + run_config.yaml)."""
     from bittune.config import config_from_dict
     from bittune.recipes.finetune import train
-    from helpers import color_chat_rows, make_tiny_llama, make_tokenizer, write_jsonl
+    from tiny import color_chat_rows, make_tiny_llama, make_tokenizer, write_jsonl
 
     model = make_tiny_llama(work / "tiny-llama", make_tokenizer(), hidden=64)
     data = write_jsonl(work / "chat.jsonl", color_chat_rows(32))

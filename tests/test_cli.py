@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 REPO = Path(__file__).parent.parent
 

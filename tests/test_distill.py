@@ -10,7 +10,7 @@ import torch
 from bittune.errors import ConfigError
 from bittune.training.distill import check_same_tokenizer, distillation_loss_sum
 from bittune.training.loss import loss_sum
-from helpers import make_tokenizer
+from tiny import make_tokenizer
 
 
 def softmax(row: list[float], t: float) -> list[float]:

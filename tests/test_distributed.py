@@ -19,8 +19,7 @@ import yaml
 from bittune.config import config_from_dict
 from bittune.recipes.finetune import epoch_batches, train
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 

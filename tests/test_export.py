@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export_helpers import GPT2_PRE, SMOLLM_PRE, make_tiny, split_then_bytelevel, tokenizer_with_pre
-from helpers import CHATML_TEMPLATE, color_chat_rows, write_jsonl
+from tiny import (
+    CHATML_TEMPLATE,
+    GPT2_PRE,
+    SMOLLM_PRE,
+    color_chat_rows,
+    make_tiny,
+    split_then_bytelevel,
+    tokenizer_with_pre,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +341,7 @@ def test_hf_export_of_a_lora_classifier_run(tmp_path: Path, tiny_bert_dir: Path)
     from bittune.config import config_from_dict
     from bittune.export.commands import export_model
     from bittune.model import load_for_inference
-    from helpers import sentiment_rows
+    from tiny import sentiment_rows
 
     raw = {
         "model": {"path": str(tiny_bert_dir), "task": "classification"},

@@ -10,8 +10,7 @@ import torch
 from bittune.config import config_from_dict
 from bittune.errors import ConfigError
 from bittune.recipes.finetune import train
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import first_last, losses, run_config
+from tiny import color_chat_rows, first_last, losses, run_config, write_jsonl
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -100,7 +99,7 @@ def test_double_quant_shrinks_the_stored_scales(tokenizer, tmp_path):
 
     from bittune.model import bnb_config
     from bittune.training.memory import weights_footprint
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     # Wide layers: on a 32-wide toy the fixed per-layer tables of double quant outweigh what it saves.
     model_dir = make_tiny_llama(tmp_path / "wide", tokenizer, hidden=512, layers=1)
@@ -154,7 +153,7 @@ def test_4bit_layers_keep_the_training_numerics_in_eval(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from bittune.model import bnb_config, pin_bnb_cpu_kernels
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     path = make_tiny_llama(tmp_path / "m", tokenizer)
     q = bnb_config(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.float32)

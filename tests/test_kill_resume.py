@@ -23,8 +23,7 @@ import pytest
 from bittune.config import config_from_dict
 from bittune.recipes.finetune import train
 from bittune.training.checkpoint import COMPLETE, list_checkpoints
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from bittune.config import config_from_dict
 from bittune.plan import estimate, model_shape
 from bittune.plan.activations import ActivationSpec, layer_bytes_per_token
 from bittune.plan.shapes import meta_shape
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 LLAMA = dict(
     vocab_size=300,

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import color_chat_rows, write_jsonl
-from test_bad_inputs import run_inproc, run_subprocess, snapshot
+from tiny import color_chat_rows, run_inproc, run_subprocess, snapshot, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from bittune.quant import quantize
 from bittune.quant.gptq import HessianCollector, gptq_quantize_weight, layer_output_error
 from bittune.quant.intq import dequantize, quantize_codes, quantize_dequantize, quantize_int
 from bittune.quant.spec import GptqSpec, IntSpec, spec_from_cli
-from helpers import color_chat_rows, write_jsonl
-from test_bad_inputs import run_inproc
+from tiny import color_chat_rows, run_inproc, write_jsonl
 
 
 def correlated_inputs(n: int = 2048, d: int = 128, seed: int = 0) -> torch.Tensor:

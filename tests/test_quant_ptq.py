@@ -12,7 +12,7 @@ import torch
 from bittune.quant import quantize
 from bittune.quant.intq import dequantize, pack_codes, quantize_dequantize, quantize_int, unpack_codes
 from bittune.quant.spec import BnbSpec, CastSpec, GptqSpec, HqqSpec, IntSpec, spec_from_cli
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 4, 17, 60, 2, 11]])
 

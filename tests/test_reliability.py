@@ -15,8 +15,7 @@ from bittune.config import config_from_dict
 from bittune.errors import BittuneError, NonFiniteError, StorageError
 from bittune.recipes.finetune import train
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 

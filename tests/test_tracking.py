@@ -17,8 +17,7 @@ import pytest
 import yaml
 
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 
