@@ -418,7 +418,6 @@ def test_export_of_a_quantized_folder_writes_its_quantized_values(
 
 
 def test_hf_export_of_an_nf4_folder_holds_its_dequantized_weights(tiny_llama_dir: Path, tokenizer, tmp_path: Path):
-    pytest.importorskip("bitsandbytes")
     import torch
     from transformers import AutoModelForCausalLM
 

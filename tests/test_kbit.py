@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -11,8 +12,6 @@ from bittune.config import config_from_dict
 from bittune.errors import ConfigError
 from bittune.recipes.finetune import train
 from tiny import color_chat_rows, first_last, losses, run_config, write_jsonl
-
-bnb = pytest.importorskip("bitsandbytes")
 
 # These train on the CPU path on purpose (fp32 compute, CPU-only refusals). One process holds one accelerate
 # device, so on a GPU machine they are left to CI and the GPU paths are covered by test_gpu.py.

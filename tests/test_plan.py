@@ -181,7 +181,6 @@ def test_unknown_architecture_falls_back_to_meta_count(tmp_path):
 
 def test_kbit_weights_match_the_loaded_footprint(tiny_llama_dir):
     """The 4-bit/8-bit weight bytes, scales included, equal what bitsandbytes really allocates."""
-    pytest.importorskip("bitsandbytes")
     from bittune.model import bnb_config, load_model
     from bittune.training.memory import weights_footprint
 

@@ -233,7 +233,7 @@ def nf4_reference_codes(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 
 
 def test_nf4_codes_agree_with_bitsandbytes(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from safetensors.torch import load_file
 
     from bittune.quant.io import save_quantized
@@ -286,7 +286,6 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, cha
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, chat_file: Path) -> Path:
-    pytest.importorskip("bitsandbytes")
     return _train(tiny_llama_dir, chat_file, tmp_path_factory.mktemp("qlora") / "run", "qlora")
 
 
