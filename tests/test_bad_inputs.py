@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tiny import color_chat_rows, run_inproc, run_subprocess, sentiment_rows, snapshot, write_jsonl
+from tiny import color_chat_rows, run_cli, run_inproc, run_subprocess, sentiment_rows, snapshot, write_jsonl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared inputs
@@ -918,6 +918,19 @@ def test_eval_of_a_classifier_folder_with_default_labels(
     tmp_path: Path, classifier_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Not a bad input: the valid neighbour of generate-on-a-classifier-folder, which fails for the same reason."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     data = write_jsonl(tmp_path / "s.jsonl", [{"text": "good movie", "label": 1}, {"text": "bad movie", "label": 0}])
-    code, err = run_inproc(["eval", str(classifier_model), "--data", str(data)], capsys)
+    code, out, err = run_cli(["eval", str(classifier_model), "--data", str(data)], capsys)
     assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == {"eval_loss", "eval_accuracy", "eval_f1_macro", "rows", "data"} and result["rows"] == 2
+    # The numbers are stock transformers' on the same rows: label ids 1 and 0 are LABEL_1 and LABEL_0.
+    tok = AutoTokenizer.from_pretrained(classifier_model)
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_model).eval()
+    labels = torch.tensor([1, 0])
+    with torch.no_grad():
+        logits = model(**tok(["good movie", "bad movie"], return_tensors="pt", padding=True)).logits
+    assert result["eval_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert result["eval_accuracy"] == float((logits.argmax(-1) == labels).float().mean())

@@ -455,6 +455,12 @@ def first_last(values: list[float], k: int = 3) -> tuple[float, float]:
 
 def run_inproc(argv: list[str], capsys: Any) -> tuple[int, str]:
     """``bittune ARGV`` in this process: (exit code, stderr). An escaping exception counts as a traceback."""
+    code, _, err = run_cli(argv, capsys)
+    return code, err
+
+
+def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """``bittune ARGV`` in this process: (exit code, stdout, stderr), like :func:`run_inproc`."""
     from bittune.cli import main
 
     capsys.readouterr()  # drop whatever earlier setup printed
@@ -482,7 +488,8 @@ def run_inproc(argv: list[str], capsys: Any) -> tuple[int, str]:
                 del h.flush
             else:
                 h.flush = flush
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def run_subprocess(argv: list[str]) -> tuple[int, str]:
