@@ -420,7 +420,10 @@ def labelled_text(tokenizer: Any, row: dict[str, list[int]]) -> list[str]:
 
 
 def run_config(model_dir: Path, data_file: Path, out: Path, **sections: Any) -> dict:
-    """A small LoRA run config as a dict (30 constant-lr steps, no dropout); each keyword updates one section."""
+    """A small LoRA run config as a dict (30 constant-lr steps, no dropout); each keyword updates one section.
+
+    The ``lora`` section is left out for ``method: full`` and ``qat``, which do not use it.
+    """
     raw: dict[str, Any] = {
         "model": {"path": str(model_dir)},
         "method": "lora",
@@ -434,6 +437,8 @@ def run_config(model_dir: Path, data_file: Path, out: Path, **sections: Any) -> 
             raw.setdefault(key, {}).update(value)
         else:
             raw[key] = value
+    if raw["method"] in ("full", "qat"):
+        del raw["lora"]
     return raw
 
 
