@@ -23,9 +23,20 @@ pytestmark = pytest.mark.e2e
 
 TOKENS = {
     "HF_TOKEN": "hf_PLANTEDsecret0123456789abcdefXYZ",
+    "HUGGING_FACE_HUB_TOKEN": "hf_PLANTEDlegacyhub0123456789abcdef",
     "WANDB_API_KEY": "PLANTEDwandbkey0123456789abcdef0123456789",
     "MLFLOW_TRACKING_TOKEN": "PLANTEDmlflowtoken0123456789",
+    "MLFLOW_TRACKING_PASSWORD": "PLANTEDmlflowpassword0123456789",
+    "TRACKIO_WRITE_TOKEN": "PLANTEDtrackiowrite0123456789",
 }
+
+
+def test_every_secret_variable_the_readme_names_is_planted_and_redacted():
+    from bittune.tracking import SECRET_ENV
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    named = readme[readme.index("The values of `HF_TOKEN`") :].split("are never written", 1)[0]
+    assert set(TOKENS) == set(SECRET_ENV) == {w.strip("`,") for w in named.split() if w.strip("`,").isupper()}
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +194,10 @@ def test_metrics_jsonl_is_written_without_any_tracker(tiny_llama_dir, tmp_path):
     assert not (result.run_dir / "tracking").exists() and not (result.run_dir / "tracking.json").exists()
 
 
-def test_flatten_and_redact(monkeypatch):
+@pytest.mark.parametrize("name", list(TOKENS))
+def test_flatten_and_redact(monkeypatch, name):
     from bittune.tracking import flatten
 
-    monkeypatch.setenv("HF_TOKEN", "hf_secretvalue123")
+    monkeypatch.setenv(name, "hf_secretvalue123")
     flat = flatten({"a": {"b": 1, "c": None, "d": [1, 2]}, "e": "x hf_secretvalue123 y", "f": True})
     assert flat == {"a.b": 1, "a.c": "null", "a.d": "[1, 2]", "e": "x *** y", "f": True}
