@@ -342,9 +342,10 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
                 f"{max(1, saved // world)} with {world} process(es), if it divides)",
             )
         state.setdefault("qat_stages", [])
+    logged_through = 0
     if main:
         if resume:
-            truncate_after(run_dir / "metrics.jsonl", state["step"])
+            logged_through = truncate_after(run_dir / "metrics.jsonl", state["step"])
         atomic_write_text(run_dir / "run_config.yaml", redact(dump_config(cfg)))
         if ds_config is not None:
             atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2))
@@ -363,6 +364,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
             wandb_mode=trk.wandb_mode,
             mlflow_tracking_uri=trk.mlflow_tracking_uri,
             resume=resume,
+            logged_through=logged_through,
         )
         trackers.start(cfg.model_dump(mode="json"))
 
