@@ -52,8 +52,8 @@ def test_kbit_lora_trains_on_cpu(tiny_llama_dir, chat_file, tmp_path, quant, opt
 
 @cpu_only
 @pytest.mark.e2e
-@pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny_llama_dir, chat_file, tmp_path, bits):
+@pytest.mark.parametrize("quant", [{"bits": 4}, {"bits": 4, "type": "fp4"}, {"bits": 8}], ids=["nf4", "fp4", "int8"])
+def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny_llama_dir, chat_file, tmp_path, quant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -64,14 +64,14 @@ def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny
         chat_file,
         tmp_path / "run",
         method="qlora",
-        quant={"bits": bits},
+        quant=quant,
         train={"max_steps": 5, "device": "cpu"},
     )
     result = train(config_from_dict(raw), progress=False)
-    if bits == 4:
+    if quant["bits"] == 4:
         q = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_type=quant.get("type", "nf4"),
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
