@@ -13,7 +13,8 @@ On a tiny random Llama and a short LoRA run built in-process (offline), for each
 
     python bench/kill_outputs.py [--kills 5] [--seed 1] [--out bench/results/kill_outputs.md]
 
-Exits 1 on any violation. tests/test_kill_outputs.py runs a one-kill version.
+Exits 1 on any violation. tests/test_kill_outputs.py kills the same commands at fixed points instead (half-way
+through writing the weights, at the rename into place).
 """
 
 from __future__ import annotations
