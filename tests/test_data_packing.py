@@ -10,7 +10,7 @@ import pytest
 
 from bittune.data import count_target_tokens, make_collator, model_inputs
 from bittune.data.packing import pack_rows
-from data_helpers import make_tokenizer, prepare, write_rows
+from tiny import data_tokenizer, prepare, write_rows
 
 TEXTS = [
     "Hello there, how are you today?",
@@ -33,7 +33,7 @@ def _segments(row: dict[str, list[int]]) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
-    tok = make_tokenizer(pad_is_eos=True)
+    tok = data_tokenizer(pad_is_eos=True)
     path = write_rows(tmp_path_factory.mktemp("pack") / "t.jsonl", [{"text": t} for t in TEXTS])
     plain = prepare(tok, path, fmt="text", max_length=MAX)
     packed = prepare(tok, path, fmt="text", max_length=MAX, packing=True)
@@ -143,7 +143,7 @@ def test_packed_examples_do_not_attend_to_each_other(packed: tuple[Any, Any, Any
 
 
 def test_eval_split_is_packed_too(tmp_path: Path) -> None:
-    tok = make_tokenizer()
+    tok = data_tokenizer()
     path = write_rows(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS])
     data = prepare(tok, path, fmt="text", max_length=MAX, packing=True, eval_fraction=0.3)
     assert data.eval and all(len(r["position_ids"]) == MAX for r in data.eval)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from export_helpers import GPT2_PRE, SMOLLM_PRE, make_tiny, split_then_bytelevel, tokenizer_with_pre
-from helpers import color_chat_rows, write_jsonl
+from tiny import GPT2_PRE, SMOLLM_PRE, color_chat_rows, make_tiny, split_then_bytelevel, tokenizer_with_pre, write_jsonl
 
 pytestmark = pytest.mark.llamacpp
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run `make test-llamacpp`")
@@ -81,7 +80,7 @@ def test_each_pre_tokenizer_tokenizes_as_in_transformers(tmp_path: Path, pre: di
     from bittune.export.source import load_merged, resolve_source
     from bittune.export.tokenizer_meta import _LLAMA3_REGEX, _QWEN2_REGEX
     from bittune.export.verify import compare_with_llamacpp
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     if isinstance(pre, str):
         pre = split_then_bytelevel(_LLAMA3_REGEX if pre == "llama3" else _QWEN2_REGEX)

@@ -7,8 +7,7 @@ import torch
 
 from bittune.config import config_from_dict
 from bittune.recipes.finetune import train
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import first_last, losses, run_config
+from tiny import color_chat_rows, first_last, losses, run_config, write_jsonl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
 from bittune.config import config_from_dict
 from bittune.errors import ConfigError
 from bittune.recipes.finetune import train
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import first_last, losses, run_config
-
-bnb = pytest.importorskip("bitsandbytes")
+from tiny import color_chat_rows, first_last, losses, run_config, write_jsonl
 
 # These train on the CPU path on purpose (fp32 compute, CPU-only refusals). One process holds one accelerate
 # device, so on a GPU machine they are left to CI and the GPU paths are covered by test_gpu.py.
@@ -54,8 +52,8 @@ def test_kbit_lora_trains_on_cpu(tiny_llama_dir, chat_file, tmp_path, quant, opt
 
 @cpu_only
 @pytest.mark.e2e
-@pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny_llama_dir, chat_file, tmp_path, bits):
+@pytest.mark.parametrize("quant", [{"bits": 4}, {"bits": 4, "type": "fp4"}, {"bits": 8}], ids=["nf4", "fp4", "int8"])
+def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny_llama_dir, chat_file, tmp_path, quant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -66,14 +64,14 @@ def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny
         chat_file,
         tmp_path / "run",
         method="qlora",
-        quant={"bits": bits},
+        quant=quant,
         train={"max_steps": 5, "device": "cpu"},
     )
     result = train(config_from_dict(raw), progress=False)
-    if bits == 4:
+    if quant["bits"] == 4:
         q = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_type=quant.get("type", "nf4"),
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
@@ -100,7 +98,7 @@ def test_double_quant_shrinks_the_stored_scales(tokenizer, tmp_path):
 
     from bittune.model import bnb_config
     from bittune.training.memory import weights_footprint
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     # Wide layers: on a 32-wide toy the fixed per-layer tables of double quant outweigh what it saves.
     model_dir = make_tiny_llama(tmp_path / "wide", tokenizer, hidden=512, layers=1)
@@ -154,7 +152,7 @@ def test_4bit_layers_keep_the_training_numerics_in_eval(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from bittune.model import bnb_config, pin_bnb_cpu_kernels
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     path = make_tiny_llama(tmp_path / "m", tokenizer)
     q = bnb_config(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.float32)

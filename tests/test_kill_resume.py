@@ -24,8 +24,7 @@ from bittune.config import config_from_dict
 from bittune.recipes.finetune import stop_after, train
 from bittune.storage import COMPLETE
 from bittune.training.checkpoint import list_checkpoints
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from bittune.config import config_from_dict
 from bittune.plan import estimate, model_shape
 from bittune.plan.activations import ActivationSpec, layer_bytes_per_token
 from bittune.plan.shapes import meta_shape
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 LLAMA = dict(
     vocab_size=300,
@@ -183,7 +183,6 @@ def test_unknown_architecture_falls_back_to_meta_count(tmp_path):
 
 def test_kbit_weights_match_the_loaded_footprint(tiny_llama_dir):
     """The 4-bit/8-bit weight bytes, scales included, equal what bitsandbytes really allocates."""
-    pytest.importorskip("bitsandbytes")
     from bittune.model import bnb_config, load_model
     from bittune.training.memory import weights_footprint
 

@@ -12,7 +12,7 @@ from bittune.config import config_from_dict
 from bittune.quant.qat import convert, read_qat_settings
 from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, make_tiny_llama, make_tokenizer, sentiment_rows, write_jsonl
+from tiny import color_chat_rows, make_tiny_llama, make_tokenizer, sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.e2e
 

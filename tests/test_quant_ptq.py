@@ -12,7 +12,7 @@ import torch
 from bittune.quant import quantize
 from bittune.quant.intq import dequantize, pack_codes, quantize_dequantize, quantize_int, unpack_codes
 from bittune.quant.spec import BnbSpec, CastSpec, GptqSpec, HqqSpec, IntSpec, spec_from_cli
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, run_cli, write_jsonl
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 4, 17, 60, 2, 11]])
 
@@ -233,7 +233,7 @@ def nf4_reference_codes(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 
 
 def test_nf4_codes_agree_with_bitsandbytes(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from safetensors.torch import load_file
 
     from bittune.quant.io import save_quantized
@@ -286,7 +286,6 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, cha
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, chat_file: Path) -> Path:
-    pytest.importorskip("bitsandbytes")
     return _train(tiny_llama_dir, chat_file, tmp_path_factory.mktemp("qlora") / "run", "qlora")
 
 
@@ -387,3 +386,38 @@ def test_compare_writes_table_json_and_png(tiny_llama_dir: Path, lora_run: Path,
     png = (out / "compare.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert (out / "compare.md").read_text().count("\n| ") == 4  # header + 3 models
+
+
+@pytest.mark.parametrize(
+    ("task", "other", "large"),
+    [
+        ("causal-lm", {"eval_loss": 2.0199, "eval_perplexity": math.exp(2.0199)}, False),
+        ("causal-lm", {"eval_loss": 2.0201, "eval_perplexity": math.exp(2.0201)}, True),
+        ("causal-lm", {"eval_loss": float("nan"), "eval_perplexity": float("nan")}, True),
+        ("classification", {"eval_loss": 2.0, "eval_accuracy": 0.891}, False),
+        ("classification", {"eval_loss": 2.0, "eval_accuracy": 0.889}, True),
+    ],
+)
+def test_large_change_threshold_is_the_one_the_readme_states(task: str, other: dict, large: bool) -> None:
+    """README: a warning "when it is large (over ~2% perplexity or 1 point of accuracy)"."""
+    from bittune.quant.report import quality_delta
+
+    reference = {"eval_loss": 2.0, "eval_perplexity": math.exp(2.0), "eval_accuracy": 0.9}
+    delta = quality_delta(reference, other, task)
+    assert delta["large"] is large
+    if task == "causal-lm" and math.isfinite(other["eval_loss"]):
+        assert delta["perplexity_pct"] == pytest.approx(2.0, abs=0.05)  # the threshold sits at ~2% perplexity
+
+
+@pytest.mark.e2e
+def test_merge_into_quantized_warns_on_a_large_change(lora_run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m2"
+    argv = ["merge", str(lora_run), "--out", str(out), "--into-quantized", "2", "--method", "int", "--group-size", "16"]
+    code, _, err = run_cli([*argv, "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "merge_report.json").read_text())
+    final = report["models"][-1]
+    assert final["name"] == "merged int2-g16" and final["delta"]["large"] and final["delta"]["loss"] > 0.02
+    (warning,) = report["warnings"]
+    assert warning.startswith("merged int2-g16 changed quality against the adapter on its base: perplexity +")
+    assert f"warning: {warning}" in " ".join(err.split())  # printed, as the terminal wraps it

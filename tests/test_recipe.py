@@ -11,36 +11,9 @@ import torch
 from bittune.config import config_from_dict
 from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, sentiment_rows, write_jsonl
+from tiny import color_chat_rows, first_last, losses, run_config, sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.e2e
-
-
-def run_config(model_dir: Path, data_file: Path, out: Path, **sections) -> dict:
-    raw = {
-        "model": {"path": str(model_dir)},
-        "method": "lora",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(data_file), "format": "chat", "max_length": 64},
-        "train": {"batch_size": 8, "lr": 1e-2, "max_steps": 30, "seed": 1, "scheduler": "constant"},
-        "output_dir": str(out),
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
-    if raw["method"] not in ("lora", "qlora"):  # full fine-tuning and QAT train no adapter: no lora section
-        raw.pop("lora", None)
-    return raw
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
-
-
-def first_last(values: list[float], k: int = 3) -> tuple[float, float]:
-    return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
 @pytest.fixture(scope="module")

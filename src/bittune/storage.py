@@ -47,10 +47,34 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, having changed nothing, where the OS or file system cannot do it.
+    """
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def atomic_dir(final: Path, write: Callable[[Path], None], *, marker: bool = True) -> Path:
     """Create directory ``final`` atomically: ``write(tmp)`` fills a temp dir that is then renamed into place.
 
-    An existing ``final`` is replaced only after the new one is complete. ``marker=False`` leaves out the
+    An existing ``final`` is replaced only after the new one is complete, by an atomic swap where the OS has one
+    (:func:`exchange_paths`), so ``final`` is never missing in between. ``marker=False`` leaves out the
     ``COMPLETE`` file, for folders handed to other tools (an HF export uploaded to the Hub).
 
     Raises:
@@ -67,11 +91,14 @@ def atomic_dir(final: Path, write: Callable[[Path], None], *, marker: bool = Tru
         if marker:
             (tmp / COMPLETE).write_text("ok\n")
         _fsync_tree(tmp)
-        if final.exists():
+        if final.exists() and exchange_paths(tmp, final):
+            # One atomic swap: the path always holds the previous or the new complete folder.
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous one; a kill here leaves a hidden .tmp-*
+        elif final.exists():  # no atomic swap here: a kill between the renames leaves the previous one as .old-*
             old = final.parent / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)  # a kill here leaves only a hidden .old-* folder
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)

@@ -496,9 +496,10 @@ def open_logs(
     from bittune.training.progress import ProgressReporter
 
     run_dir, metrics, trackers = Path(cfg.output_dir), None, None
+    logged_through = 0  # steps the trackers already received before an interruption
     if rt.main:
         if resume:  # records an interrupted run logged after its checkpoint are dropped
-            truncate_after(run_dir / "metrics.jsonl", state.step)
+            logged_through = truncate_after(run_dir / "metrics.jsonl", state.step)
         atomic_write_text(run_dir / "run_config.yaml", redact(dump_config(cfg)))
         if rt.ds_config is not None:
             atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(rt.ds_config, indent=2))
@@ -517,6 +518,7 @@ def open_logs(
                 wandb_mode=trk.wandb_mode,
                 mlflow_tracking_uri=trk.mlflow_tracking_uri,
                 resume=resume,
+                logged_through=logged_through,
             )
             trackers.start(cfg.model_dump(mode="json"))
             stack.callback(trackers.finish)
