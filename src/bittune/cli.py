@@ -447,6 +447,28 @@ def compare(
     print(json.dumps({"out": str(out), "plot": str(out / "compare.png")}))
 
 
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A bittune run directory.")],
+    compare: Annotated[
+        list[str] | None,
+        typer.Option("--compare", help="Another model to put beside base and tuned (quantized/merged folder, run)."),
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Data to measure on (default: the run's eval file).")] = None,
+    gguf: Annotated[
+        Path | None, typer.Option(help="A GGUF export: its llama.cpp replies join the side-by-side samples.")
+    ] = None,
+    base: Annotated[bool, typer.Option("--base/--no-base", help="Measure the base model too.")] = True,
+    device: DeviceOption = "auto",
+) -> None:
+    """Write RUN/report/{report.md, report.html, *.png}: metrics beside the base model's, curves, memory and speed,
+    quantization, benchmarks, confusion matrix, side-by-side generations."""
+    from bittune.report.build import write_report
+
+    out = write_report(run, compare=compare, data=data, gguf=gguf, base=base, device=device, log=_log)
+    print(json.dumps({"report": str(out / "report.md"), "html": str(out / "report.html")}))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``bittune`` command; turns user errors into one clean message."""
     try:
