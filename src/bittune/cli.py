@@ -448,6 +448,22 @@ def compare(
 
 
 @app.command()
+def ladder(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML); each rung trains into OUTPUT_DIR/<rung>.")],
+    target: Annotated[str, typer.Option(help="METRIC OP VALUE, e.g. 'accuracy>=0.85' or 'loss<=1.2'.")],
+    set_: SetOption = None,
+    rungs: Annotated[str, typer.Option(help="Rungs in order, comma-separated.")] = "qlora,lora,full",
+) -> None:
+    """QLoRA, then LoRA, then full fine-tuning on the same data; stop at the first that meets --target."""
+    from bittune.ladder import run_ladder
+
+    result = run_ladder(
+        config, target, overrides=set_ or [], rungs=tuple(r.strip() for r in rungs.split(",") if r.strip()), log=_log
+    )
+    print(json.dumps({"met": result["met"], "rungs": [r["rung"] for r in result["rungs"]]}))
+
+
+@app.command()
 def report(
     run: Annotated[Path, typer.Argument(help="A bittune run directory.")],
     compare: Annotated[
