@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 As = Literal["trained", "merged"]
@@ -34,7 +35,11 @@ def describe(path: str, adapter: str | None = None) -> tuple[str, str | None, st
     from bittune.model import model_source, resolve_inference_source
 
     base, adapter, task = resolve_inference_source(path, adapter)
-    model_source(base)  # a missing path or a bad .gguf fails here, before any weights are read
+    source = model_source(base)  # a missing path or a bad .gguf fails here, before any weights are read
+    if not Path(source).expanduser().exists():  # a hub id: fail in seconds, not after a minute of retries
+        from bittune.hub import require_reachable
+
+        require_reachable(source)
     return base, adapter, task
 
 
