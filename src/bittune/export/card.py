@@ -188,35 +188,13 @@ def model_card(
     source = str((cfg.get("model") or {}).get("path") or base)
     gguf_meta = gguf_names(Path(source).expanduser()) if source.lower().endswith(".gguf") else {}
     hub_base = base_model or (base if looks_like_hub_id(base) else None) or gguf_meta.get("repo")
-    front: dict[str, Any] = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-classification" if task == "classification" else "text-generation",
-        "tags": ["bittune", method, *(["merged-lora"] if merged else []), *(["gguf-base"] if gguf_meta else [])],
-    }
-    if hub_base:
-        front["base_model"] = hub_base
-    if gguf_meta.get("license"):
-        front["license"] = gguf_meta["license"]
-    data_cfg = cfg.get("data") or {}
-    hub_data = [str(d).split(":")[0] for d in (data_cfg.get("train"), data_cfg.get("eval")) if d and _hub_data(d)]
-    if hub_data:
-        front["datasets"] = sorted(set(hub_data))
     head = headline(run_dir)
     evidence, hub_metrics = _evidence(head) if head else ([], [])
+    front = _front_matter(name, task, method, cfg, merged=merged, gguf_meta=gguf_meta, hub_base=hub_base)
     if hub_metrics:
         data_name = _name(head["data"]) if head.get("data") else "eval"
-        front["model-index"] = [
-            {
-                "name": name,
-                "results": [
-                    {
-                        "task": {"type": front["pipeline_tag"]},
-                        "dataset": {"name": data_name, "type": data_name},
-                        "metrics": hub_metrics,
-                    }
-                ],
-            }
-        ]
+        result = {"task": {"type": front["pipeline_tag"]}, "dataset": {"name": data_name, "type": data_name}}
+        front["model-index"] = [{"name": name, "results": [{**result, "metrics": hub_metrics}]}]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", ""]
     if run_dir is None:
         what = f"Exported from `{_name(base)}` with bittune" + (
@@ -288,6 +266,26 @@ def model_card(
         lines += ['model = AutoModelForCausalLM.from_pretrained("REPO")']
     lines += ['tokenizer = AutoTokenizer.from_pretrained("REPO")', "```", ""]
     return "\n".join(lines).replace("REPO", name)
+
+
+def _front_matter(
+    name: str, task: str, method: str, cfg: dict[str, Any], *, merged: bool, gguf_meta: dict[str, str], hub_base: Any
+) -> dict[str, Any]:
+    """The card's Hub metadata: library, pipeline, tags, base_model, license, datasets."""
+    front: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification" if task == "classification" else "text-generation",
+        "tags": ["bittune", method, *(["merged-lora"] if merged else []), *(["gguf-base"] if gguf_meta else [])],
+    }
+    if hub_base:
+        front["base_model"] = hub_base
+    if gguf_meta.get("license"):
+        front["license"] = gguf_meta["license"]
+    data_cfg = cfg.get("data") or {}
+    hub_data = [str(d).split(":")[0] for d in (data_cfg.get("train"), data_cfg.get("eval")) if d and _hub_data(d)]
+    if hub_data:
+        front["datasets"] = sorted(set(hub_data))
+    return front
 
 
 def _hub_data(source: str) -> bool:
