@@ -145,3 +145,5 @@ def test_eval_and_compare_print_the_same_numbers(tiny_llama_dir: Path, label_fil
     assert entry["eval_loss"] == ev["eval_loss"] and entry["eval_perplexity"] == ev["eval_perplexity"]
     assert entry["generation"]["accuracy"] == ev["generation"]["accuracy"]
     assert entry["ranking"]["accuracy"] == ev["ranking"]["accuracy"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"| {entry['name']} | {100 * ev['generation']['accuracy']:.1f}% |" in md

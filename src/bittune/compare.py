@@ -117,11 +117,31 @@ def compare_models(
 
     def write(tmp: Path) -> None:
         (tmp / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        (tmp / "compare.md").write_text(f"# Comparison on {data}\n\n{table(entries, task)}\n", encoding="utf-8")
+        md = f"# Comparison on {data}\n\n{table(entries, task)}\n{label_table(entries)}"
+        (tmp / "compare.md").write_text(md, encoding="utf-8")
         plot(entries, task, tmp / "compare.png")
 
     atomic_dir(out, write)
     return result
+
+
+def label_table(entries: list[dict[str, Any]]) -> str:
+    """Label-task accuracy by generation and by label ranking, one row per model ("" when not measured)."""
+    if not any("ranking" in e or "generation" in e for e in entries):
+        return ""
+
+    def pct(e: dict[str, Any], key: str, metric: str) -> str:
+        return f"{100 * e[key][metric]:.1f}%" if key in e else "-"
+
+    lines = ["", "| model | accuracy, generation | macro-F1, generation | not a label | accuracy, label ranking |"]
+    lines.append("|---|---|---|---|---|")
+    for e in entries:
+        f1 = f"{e['generation']['f1_macro']:.3f}" if "generation" in e else "-"
+        lines.append(
+            f"| {e['name']} | {pct(e, 'generation', 'accuracy')} | {f1} | {pct(e, 'generation', 'off_label')} "
+            f"| {pct(e, 'ranking', 'accuracy')} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _opts(data_opts: dict[str, Any] | None) -> dict[str, Any]:
