@@ -159,6 +159,18 @@ def tokenized_rows(loaded: Any, settings: DataSettings) -> list[dict[str, Any]]:
     )
 
 
+def progress_lines(log: Log, label: str, every: float = 0.25) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that logs a line about every ``every`` of the way."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        if total and (done == total or done / total - last[0] >= every):
+            last[0] = done / total
+            log(f"{label}: {done}/{total}")
+
+    return report
+
+
 def label_task_metrics(
     loaded: Any,
     prompts: Sequence[Prompt],
@@ -178,7 +190,14 @@ def label_task_metrics(
     out: dict[str, Any] = {}
     if generation:
         t0 = time.perf_counter()
-        raw = generate_replies(loaded.model, loaded.tokenizer, prompts, decoding, batch_size=batch_size)
+        raw = generate_replies(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            decoding,
+            batch_size=batch_size,
+            progress=progress_lines(log, "generation"),
+        )
         preds = [match_label(r, labels) for r in raw]
         out["generation"] = {
             **label_metrics(preds, list(golds), labels),
@@ -197,6 +216,7 @@ def label_task_metrics(
             template=decoding.template,
             system_prompt=decoding.system_prompt,
             batch_size=batch_size,
+            progress=progress_lines(log, "label ranking"),
         )
         out["ranking"] = {
             **label_metrics(ranked, list(golds), labels),
@@ -254,7 +274,12 @@ def label_results(
     label_set = detect_labels(golds) if labels == "auto" else list(labels)
     if not label_set:
         return {}
-    decoding = decoding or Decoding(template=settings.template or "auto", system_prompt=settings.system_prompt)
+    if decoding is None:
+        # Room for the longest label and a few tokens more: enough to see a label, no time spent on essays.
+        longest = max(len(loaded.tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in label_set)
+        decoding = Decoding(
+            max_new_tokens=longest + 4, template=settings.template or "auto", system_prompt=settings.system_prompt
+        )
     if settings.template and decoding.template != settings.template:
         decoding = replace(decoding, template=settings.template)
     return {"labels": label_set, **label_task_metrics(loaded, prompts, golds, label_set, decoding=decoding, log=log)}

@@ -86,7 +86,7 @@ def measure_model(
     entry["size_mb"] = _size_mb(path)
     if examples is not None:
         entry["metrics"] = evaluate_loaded(
-            loaded, settings, examples=examples, labels="auto", decoding=decoding, log=lambda m: log(f"  {name}: {m}")
+            loaded, settings, examples=examples, labels="auto", log=lambda m: log(f"  {name}: {m}")
         )
     if prompts and loaded.task == "causal-lm":
         sample_decoding = type(decoding)(**{**decoding.to_dict(), "max_new_tokens": SAMPLE_TOKENS})
