@@ -136,9 +136,9 @@ def label_logprobs(
             ids, mask = _left_pad([encoded[i] for i in idx], pad)
             ids, mask = ids.to(device), mask.to(device)
             lengths = mask.sum(-1)
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True
-            )
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            # Only the last position's logits are needed: skip the output head everywhere else.
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
             cache, first = out.past_key_values, torch.log_softmax(out.logits[:, -1].float(), -1)
             conts = [_continuations(tokenizer, encoded[i], labels) for i in idx]
             for j in range(len(labels)):
