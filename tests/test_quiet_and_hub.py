@@ -90,6 +90,7 @@ def test_eval_of_an_unreachable_hub_id_fails_before_loading(online, monkeypatch,
 
 def test_third_party_output_is_quiet_unless_debug(tiny_llama_dir, tmp_path):
     """What a person reads: bittune's own lines; transformers' bars only with --debug."""
+    import os
     import subprocess
     import sys
 
@@ -97,9 +98,13 @@ def test_third_party_output_is_quiet_unless_debug(tiny_llama_dir, tmp_path):
     data.write_text('{"text": "the apple is red"}\n' * 3)
     args = ["eval", str(tiny_llama_dir), "--data", str(data), "--format", "text", "--device", "cpu"]
 
+    from bittune.quiet import QUIET_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}  # as a user's shell has it
+
     def stderr(*extra: str) -> str:
         cmd = [sys.executable, "-m", "bittune", *extra, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stderr
 
     quiet = stderr()
     assert "Loading weights" not in quiet and "Warning" not in quiet and "loading ..." in quiet

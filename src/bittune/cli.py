@@ -49,6 +49,10 @@ def _root(
         # (a missing optional hub kernel on AVX512-BF16 CPUs) and lm-eval's INFO logs say nothing a user can act
         # on and would bury bittune's own progress.
         quiet_by_default()
+    else:
+        from bittune.quiet import show_third_party
+
+        show_third_party()  # an earlier in-process call (tests, notebooks) may have quieted them
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -16,7 +16,14 @@ from collections.abc import Iterator
 
 NOISY_LOGGERS = ("transformers", "peft", "bitsandbytes", "lm-eval", "lm_eval", "datasets", "accelerate", "urllib3")
 _FROM = r"(transformers|peft|accelerate|bitsandbytes|lm_eval|datasets|torch)(\..*)?"
-_state = {"quiet": False}
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # tqdm reads TQDM_* defaults when it is imported: lm-eval's request bars and datasets' split bars go too.
+    "TQDM_DISABLE": "1",
+}
+_state: dict = {"quiet": False, "set_env": []}
 
 
 def _silence_warnings() -> None:
@@ -27,14 +34,26 @@ def _silence_warnings() -> None:
 def quiet_by_default() -> None:
     """Process-wide: third-party loggers to ERROR, their progress bars off, their warnings ignored."""
     _state["quiet"] = True
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # tqdm reads TQDM_* defaults when it is imported: lm-eval's request bars and datasets' split bars go too.
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    for key, value in QUIET_ENV.items():  # in the environment, so child processes (ladder rungs, --nproc) agree
+        if key not in os.environ:
+            os.environ[key] = value
+            _state["set_env"].append(key)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     _silence_warnings()
+
+
+def show_third_party() -> None:
+    """Undo :func:`quiet_by_default` (``--debug``): its environment variables, logger levels and warning filters."""
+    _state["quiet"] = False
+    for key in _state["set_env"]:
+        os.environ.pop(key, None)
+    _state["set_env"] = []
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    warnings.filters[:] = [
+        f for f in warnings.filters if not (f[0] == "ignore" and f[3] is not None and f[3].pattern == _FROM)
+    ]
 
 
 def is_quiet() -> bool:
