@@ -49,7 +49,8 @@ def _inline(text: str) -> str:
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{_inline(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""  # key/value tables need no header row
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 def _md_table(md: str) -> str:
