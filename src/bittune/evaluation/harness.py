@@ -198,7 +198,7 @@ def run_tasks(
     Task names and the output folder are checked before any weights load.
     """
     from bittune.evaluation.loading import describe, load_model
-    from bittune.training.checkpoint import atomic_write_text
+    from bittune.storage import atomic_write_text
 
     _require_lm_eval()
     if not tasks:
