@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
+from bittune.data.collate import count_targets
 from bittune.training.loss import loss_sum
+
+__all__ = ["count_targets", "evaluate", "macro_f1", "model_inputs"]
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
@@ -16,13 +19,6 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     from bittune.data import model_inputs as forward_kwargs
 
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_kwargs(batch).items()}
-
-
-def count_targets(task: str, labels: torch.Tensor) -> int:
-    """Loss terms in a batch: shifted non-ignored tokens (causal) or rows (classification)."""
-    if task == "classification":
-        return int(labels.numel())
-    return int((labels[:, 1:] != -100).sum())
 
 
 def macro_f1(preds: list[int], golds: list[int], num_classes: int) -> float:
