@@ -12,11 +12,12 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bittune.errors import BittuneError, DataError
 
-MB = 1024**2
+if TYPE_CHECKING:
+    from bittune.artifacts import Artifact
 
 
 def _name(path: str, taken: set[str]) -> str:
@@ -33,16 +34,14 @@ def _name(path: str, taken: set[str]) -> str:
     return name
 
 
-def _kind(path: str) -> str:
-    from bittune.model import resolve_inference_source
-    from bittune.quant.io import is_quantized_dir, read_manifest
+def _kind(artifact: Artifact) -> str:
+    from bittune.artifacts import QuantizedDir
 
-    base, adapter, _ = resolve_inference_source(path)
-    if adapter is not None:
+    if artifact.adapter is not None:
         return "adapter"
-    if is_quantized_dir(base):
-        return read_manifest(base)["spec"].label()
-    cfg = Path(base) / "config.json"
+    if isinstance(artifact, QuantizedDir):
+        return artifact.manifest.spec.label()
+    cfg = Path(artifact.base) / "config.json"
     q = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
     return "bitsandbytes" if q else "full precision"
 
@@ -67,20 +66,19 @@ def compare_models(
     Returns:
         ``{"task", "data", "models": [...]}`` with one entry per path, in order.
     """
+    from bittune.artifacts import load, resolve
     from bittune.inference import prepare_eval_rows
-    from bittune.model import load_for_inference, model_source, resolve_inference_source
-    from bittune.quant.flows import check_data, check_out_dir
-    from bittune.quant.report import measure, table, warm_imports, weights_size
+    from bittune.quant.flows import check_data, check_out_dir, source_size_mb
+    from bittune.quant.report import measure, table, warm_imports
     from bittune.training.checkpoint import atomic_dir
 
     if not paths:
         raise BittuneError("compare needs at least one model", hint="bittune compare MODEL_A MODEL_B --data FILE")
     out = Path(out)
     check_out_dir(out)
-    for p in paths:  # reads no weights: fail before the slow part
-        model_source(resolve_inference_source(p)[0])
+    artifacts = [(p, resolve(p)) for p in paths]  # reads no weights: fail before the slow part
     check_data(data)
-    tasks = {p: resolve_inference_source(p)[2] for p in paths}
+    tasks = {p: a.task for p, a in artifacts}
     if len(set(tasks.values())) > 1:
         raise DataError(
             f"cannot compare causal LMs with classifiers on one data file ({tasks})",
@@ -89,20 +87,18 @@ def compare_models(
     task = next(iter(tasks.values()))
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
-    for path in paths:
+    for path, artifact in artifacts:
         log(f"{path}: loading ...")
-        warm_imports(path)
+        warm_imports(artifact)
         t0 = time.perf_counter()
-        model, tokenizer, _ = load_for_inference(path, device=device)
+        model, tokenizer, _ = load(artifact, device=device)
         load_s = round(time.perf_counter() - t0, 2)
-        rows = prepare_eval_rows(path, tokenizer, task, data=data, model=model, **(data_opts or {}))
-        base, adapter, _ = resolve_inference_source(path)
-        sizes = [weights_size(base), weights_size(adapter) if adapter else 0]
+        rows = prepare_eval_rows(artifact, tokenizer, task, data=data, model=model, **(data_opts or {}))
         entry: dict[str, Any] = {
             "name": _name(path, taken),
             "path": path,
-            "kind": _kind(path),
-            "size_mb": None if sizes[0] is None else round(sum(sizes) / MB, 2),
+            "kind": _kind(artifact),
+            "size_mb": source_size_mb(artifact),
             "load_s": load_s,
         }
         log(f"{path}: measuring on {len(rows)} rows ...")

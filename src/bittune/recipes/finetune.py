@@ -130,20 +130,19 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
 
     from bittune.data import make_collator
     from bittune.model import (
-        QUANT_FILE,
         attach_lora,
-        bnb_config,
         check_lora_targets,
         count_parameters,
         load_model,
         load_tokenizer,
         prepare_kbit_base,
-        resolve_compute_dtype,
         resolve_device,
         resolve_dtype,
         resolve_mixed_precision,
     )
-    from bittune.quant.qat import QAT_FILE, BitSchedule, attach_fake_quant, qat_settings, remove_fake_quant
+    from bittune.quant.api import bnb_config
+    from bittune.quant.qat import BitSchedule, attach_fake_quant, qat_settings, remove_fake_quant
+    from bittune.sidecars import write_qat_settings, write_training_quant
     from bittune.tracking import Trackers, redact
     from bittune.training import distributed as dist
     from bittune.training.checkpoint import (
@@ -235,12 +234,7 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
     # --- model --------------------------------------------------------------------------------------------
     quantization, qcfg = None, cfg.quant
     if qcfg is not None:  # method: qlora -- the frozen base is stored in 4 or 8 bits by bitsandbytes
-        quantization = bnb_config(
-            bits=qcfg.bits,
-            quant_type=qcfg.type,
-            double_quant=qcfg.double_quant,
-            compute_dtype=resolve_compute_dtype(qcfg.compute_dtype, device),
-        )
+        quantization = bnb_config(qcfg, device)
     model = load_model(
         cfg.model.path,
         task=task,
@@ -577,13 +571,13 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
         if label_names:
             (tmp / "labels.json").write_text(json.dumps(label_names))
         if qcfg is not None:
-            (tmp / QUANT_FILE).write_text(json.dumps(qcfg.model_dump()))
+            write_training_quant(tmp, qcfg)
         if stages is not None:
             settings = qat_settings(
                 bits=stages.bits[-1], group_size=qat.group_size, symmetric=qat.symmetric, method=qat.method,
                 schedule=stages,
             )  # fmt: skip
-            (tmp / QAT_FILE).write_text(json.dumps(settings, indent=2))
+            write_qat_settings(tmp, settings)
 
     if not full and Path(cfg.model.path).exists():
         # An absolute base path keeps the adapter loadable from any working directory.

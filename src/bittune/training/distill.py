@@ -16,7 +16,6 @@ student step (no backward), which is cheaper than that disk.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,17 +117,17 @@ def load_teacher(
         ConfigError: on a tokenizer, task or label mismatch.
         ModelLoadError: when the teacher cannot be loaded.
     """
-    from bittune.model import load_for_inference, load_tokenizer, resolve_inference_source
+    from bittune.artifacts import load, load_tokenizer_of, resolve
 
-    base, adapter, teacher_task = resolve_inference_source(path)
-    if teacher_task != task:
+    artifact = resolve(path)
+    if artifact.task != task:
         raise ConfigError(
-            f"distill.teacher {path} is a {teacher_task} model but the student is trained for {task}",
+            f"distill.teacher {path} is a {artifact.task} model but the student is trained for {task}",
             hint="use a teacher trained for the same task (for a classifier: a run or folder with its head)",
         )
-    tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
-    check_same_tokenizer(student_tokenizer, load_tokenizer(tok_source, trust_remote_code=trust_remote_code), path)
-    teacher, _, _ = load_for_inference(path, device=device.type, trust_remote_code=trust_remote_code)
+    teacher_tokenizer = load_tokenizer_of(artifact, trust_remote_code=trust_remote_code)
+    check_same_tokenizer(student_tokenizer, teacher_tokenizer, path)
+    teacher = load(artifact, device=device.type, trust_remote_code=trust_remote_code, tokenizer=teacher_tokenizer).model
     if task == "classification":
         cfg = teacher.config
         names = [cfg.id2label[i] for i in range(cfg.num_labels)]
