@@ -203,7 +203,7 @@ def run_tasks(
     _require_lm_eval()
     if not tasks:
         raise ConfigError("--tasks is empty", hint="e.g. --tasks trec_mc,vader_sentiment")
-    _, _, task = describe(path, adapter)
+    task = describe(path, adapter).task
     if task != "causal-lm":
         raise ConfigError(f"--tasks needs a causal LM; {path} is a classifier", hint="use --data for classifiers")
     manager = task_manager(tasks, log)  # unknown names fail here, before the model loads
