@@ -25,7 +25,7 @@ WHEELS ?= ../shared/wheels
 LLAMACPP_SRC_DIR = $(shell $(PY) -c "from bittune.cache import cache_dir; print(cache_dir())" 2>/dev/null)/llama.cpp-src-0.3.36
 WHEEL_INSTALL := $(PIP) -c constraints.txt --find-links $(WHEELS) --only-binary llama-cpp-python "$(LLAMACPP_SPEC)"
 
-.PHONY: install demo demo-quick test test-all test-llamacpp llamacpp llamacpp-src lint format clean
+.PHONY: install demo demo-quick test test-all test-llamacpp llamacpp llamacpp-src browser lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ demo-quick: install
 
 # With llama-cpp-python importable (installed here from a wheel in $(WHEELS) when there is one; never compiled by
 # this target) the llama.cpp tier runs too; without it, those tests are skipped with that reason.
-test: install
+test: install browser
 	@$(PY) -c "import llama_cpp" 2>/dev/null || ! ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || $(WHEEL_INSTALL)
 	@if $(PY) -c "import llama_cpp" 2>/dev/null; then \
 		HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "llamacpp or not llamacpp"; \
@@ -78,6 +78,16 @@ test-llamacpp: llamacpp
 	-@$(MAKE) --no-print-directory llamacpp-src
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m llamacpp tests/test_export_llamacpp.py tests/test_llamacpp_smoke.py \
 		tests/test_gguf_import_tokenizer.py
+
+# Headless Chromium renders `bittune report`'s HTML in tests/test_report.py (skipped, with the reason, without it).
+# A system package, so `make test` does not install it; CI (root on Debian) runs this first.
+browser:
+	@command -v chromium >/dev/null 2>&1 && echo "chromium already installed" || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
+	else \
+		echo "install Debian's chromium (apt-get install chromium) to run the report's browser test"; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

@@ -30,11 +30,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from quant_ppl import text_rows
 
+from bittune.artifacts import load
 from bittune.demo.assets import prepare_smollm2
 from bittune.export.gguf_writer import write_gguf
 from bittune.export.imatrix import compute_for_export, read_imatrix_gguf, write_imatrix_gguf
 from bittune.export.kquants import write_llamacpp_quantized
-from bittune.export.source import load_merged, resolve_source
 
 TYPES = ("q4_k_m", "q3_k_m", "q2_k")
 MB = 1024**2
@@ -82,8 +82,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     model_dir = prepare_smollm2(log=lambda m: print(m, file=sys.stderr))
-    source = resolve_source(str(model_dir))
-    model, tokenizer = load_merged(source)
+    model, tokenizer, _ = load(model_dir, as_="merged", device="cpu")
     rows, later, total = [], [], 0
     for r in text_rows():
         (later if total >= args.tokens else rows).append(r)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

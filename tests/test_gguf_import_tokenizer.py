@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from export_helpers import GPT2_PRE, SMOLLM_PRE, split_then_bytelevel, tokenizer_with_pre
+from tiny import GPT2_PRE, SMOLLM_PRE, split_then_bytelevel, tokenizer_with_pre
 
 SAMPLES = (
     "Intro\n\n1. Install it\n\n\n2. Run it",
@@ -36,15 +36,15 @@ def _pre(name: str) -> dict:
 def test_import_keeps_the_pre_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pre: str) -> None:
     from transformers import AutoTokenizer
 
+    from bittune.artifacts import load
     from bittune.export.gguf_writer import write_gguf
-    from bittune.export.source import load_merged, resolve_source
     from bittune.export.tokenizer_meta import check_tokenizer
     from bittune.gguf_import import gguf_model_folder
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     monkeypatch.setenv("BITTUNE_CACHE", str(tmp_path / "cache"))
     original = tokenizer_with_pre(_pre(pre))
-    model, tok = load_merged(resolve_source(str(make_tiny_llama(tmp_path / "m", original))))
+    model, tok, _ = load(make_tiny_llama(tmp_path / "m", original), as_="merged", device="cpu")
     write_gguf(model, tok, tmp_path / "m.gguf", qtype="f32")
 
     converted = AutoTokenizer.from_pretrained(gguf_model_folder(tmp_path / "m.gguf"))
@@ -61,14 +61,15 @@ def test_a_tokenizer_llamacpp_splits_otherwise_is_refused_at_conversion(
 ) -> None:
     """With llama-cpp-python present the conversion checks the tokenizer against llama.cpp on a text sample."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run `make llamacpp`")
+
     from bittune import gguf_import
+    from bittune.artifacts import load
     from bittune.errors import ModelLoadError
     from bittune.export.gguf_writer import write_gguf
-    from bittune.export.source import load_merged, resolve_source
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     monkeypatch.setenv("BITTUNE_CACHE", str(tmp_path / "cache"))
-    model, tok = load_merged(resolve_source(str(make_tiny_llama(tmp_path / "m", tokenizer_with_pre(SMOLLM_PRE)))))
+    model, tok, _ = load(make_tiny_llama(tmp_path / "m", tokenizer_with_pre(SMOLLM_PRE)), as_="merged", device="cpu")
     write_gguf(model, tok, tmp_path / "m.gguf", qtype="f32")
     monkeypatch.setattr(gguf_import, "set_pre_tokenizer", lambda tokenizer, pre: None)  # the old behaviour
     with pytest.raises(ModelLoadError, match="smollm"):

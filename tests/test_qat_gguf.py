@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bittune.quant.ggml_grid import ggml_fake_quantize, ggml_quantize_dequantize, to_gguf_blocks
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 
 def _hard_blocks() -> list[np.ndarray]:
@@ -96,7 +96,7 @@ def _run(tiny_llama_dir: Path, tmp: Path, method: str) -> Path:
     raw = {
         "model": {"path": str(tiny_llama_dir)},
         "method": method,
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        **({"lora": {"r": 4, "alpha": 8, "dropout": 0.0}} if method == "lora" else {}),
         "qat": {"schedule": [8, 4], "steps_per_stage": 3, "method": "gguf-q4_0"},
         "data": {"train": str(data), "format": "chat", "max_length": 64, "eval_fraction": 0.25},
         "train": {"batch_size": 8, "lr": 3e-3, "seed": 1, "scheduler": "constant"},
@@ -111,19 +111,21 @@ def test_q4_0_export_is_the_trained_model_bit_for_bit(tiny_llama_dir: Path, tmp_
     """Every fake-quantized weight the last stage trained and evaluated is stored in the Q4_0 file exactly."""
     import gguf
 
+    from bittune.artifacts import load, resolve
     from bittune.export.commands import export_model
     from bittune.export.gguf_writer import ARCHITECTURES, permute_for_rotary, tensor_name_map
-    from bittune.model import load_for_inference
-    from bittune.quant.qat import convert, read_qat_settings
+    from bittune.quant.qat import convert
     from bittune.quant.select import quantizable_linears
+    from bittune.quant.spec import GgmlSpec
 
     run = _run(tiny_llama_dir, tmp_path, method)
-    settings = read_qat_settings(run)
-    assert settings["method"] == "gguf-q4_0" and settings["bits"] == 4
+    settings = resolve(run).qat
+    assert settings.method == "gguf-q4_0" and settings.bits == 4 and settings.group_size == 32
+    assert settings.spec == GgmlSpec(method="gguf-q4_0", bits=4)
     result = export_model(str(run), fmt="gguf", qtype="q4_0", out=tmp_path / "m.gguf")
     assert result["name"] == f"{tiny_llama_dir.name}-{method}-gguf-q4_0"
 
-    model, _, _ = load_for_inference(str(run), device="cpu")
+    model, _, _ = load(str(run), device="cpu")
     trained = convert(model, bits=4, group_size=32, symmetric=True, method="gguf-q4_0")
     cfg = trained.config
     name_map = tensor_name_map(ARCHITECTURES["LlamaForCausalLM"], cfg.num_hidden_layers)
@@ -146,11 +148,13 @@ def test_q4_0_export_is_the_trained_model_bit_for_bit(tiny_llama_dir: Path, tmp_
 
 
 def test_quantize_refuses_a_gguf_grid_run_and_names_the_export(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
     from bittune.errors import ConfigError
     from bittune.quant.spec import spec_for_source
 
-    (tmp_path / "run" / "model").mkdir(parents=True)
-    (tmp_path / "run" / "model" / "qat.json").write_text('{"bits": 4, "group_size": 32, "symmetric": true, '
+    model = shutil.copytree(tiny_llama_dir, tmp_path / "model")  # a QAT run's model/ folder
+    (model / "qat.json").write_text('{"bits": 4, "group_size": 32, "symmetric": true, '
                                                          '"method": "gguf-q4_0", "schedule": [4]}')  # fmt: skip
     with pytest.raises(ConfigError, match="--type q4_0"):
-        spec_for_source(str(tmp_path / "run"), bits=None, method=None, group_size=None, symmetric=False)
+        spec_for_source(str(model), bits=None, method=None, group_size=None, symmetric=False)

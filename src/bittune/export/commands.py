@@ -17,8 +17,17 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _dequantizing(source: Any) -> str:
-    return f" (a {source.quantized} folder: its quantized values are written in float)" if source.quantized else ""
+def _quantized_label(artifact: Any) -> str | None:
+    """The method label of a ``bittune quantize`` folder (e.g. ``gptq3-g64``), or None."""
+    return artifact.manifest.spec.label() if getattr(artifact, "manifest", None) is not None else None
+
+
+def _loading(path: str, artifact: Any) -> str:
+    if artifact.adapter is not None:
+        policy = " (into its dequantized k-bit base, as trained)" if artifact.training_quant is not None else ""
+        return f"loading {path} and merging its LoRA adapter{policy}"
+    label = _quantized_label(artifact)
+    return f"loading {path}" + (f" (a {label} folder: its quantized values are written in float)" if label else "")
 
 
 def export_model(
@@ -81,32 +90,28 @@ def export_model(
     return export_hf(path, out, log=log)
 
 
-def gguf_name(source: Any) -> str:
+def gguf_name(artifact: Any) -> str:
     """``general.name`` of an export: the base model and how it was made (``smollm2-135m-instruct-lora``).
 
     A run is named after its base (the ``model.path`` it was trained from) and its method; a ``bittune quantize``
     folder after its method label; a plain model folder after itself.
     """
-    if source.run_dir is None:
-        base = Path(source.base).name
-        if source.adapter is not None:
+    cfg = artifact.run_config
+    if cfg is None:
+        base = Path(str(artifact.base).rstrip("/")).name.removesuffix(".gguf")
+        if artifact.adapter is not None:
             return f"{base}-lora"
-        return f"{base}-{source.quantized}" if source.quantized else base
-    import yaml
-
-    raw = yaml.safe_load((source.run_dir / "run_config.yaml").read_text(encoding="utf-8")) or {}
-    model_path = str((raw.get("model") or {}).get("path") or source.base).rstrip("/")
+        label = _quantized_label(artifact)
+        return f"{base}-{label}" if label else base
+    model_path = str(cfg.model.path).rstrip("/")
     base = Path(model_path).stem if model_path.endswith(".gguf") else Path(model_path).name
-    method = str(raw.get("method") or "lora")
-    qat = (raw.get("qat") or {}).get("method")
-    return f"{base}-{method}" + (f"-{qat}" if qat and qat != "int" else "")
+    qat = cfg.qat.method if cfg.qat is not None else None
+    return f"{base}-{cfg.method}" + (f"-{qat}" if qat and qat != "int" else "")
 
 
-def _note_qat_grid(path: str, qtype: str, log: Log) -> None:
+def _note_qat_grid(artifact: Any, qtype: str, log: Log) -> None:
     """Say when a run trained on llama.cpp's grid is exported to another type than the one it trained for."""
-    from bittune.quant.qat import read_qat_settings
-
-    method = str((read_qat_settings(path) or {}).get("method", "int"))
+    method = artifact.qat.method if artifact.qat is not None else "int"
     if method.startswith("gguf-") and method[5:] != qtype:
         log(
             f"note: this run trained on llama.cpp's {method[5:].upper()} grid; --type {method[5:]} stores exactly "
@@ -125,9 +130,9 @@ def export_gguf(
     log: Log = _quiet,
 ) -> dict[str, Any]:
     """Write ``path`` as a GGUF file at ``out``; with ``verify`` it is kept only if llama.cpp agrees."""
+    from bittune.artifacts import base_config, load, load_tokenizer_of, resolve
     from bittune.export.gguf_writer import check_architecture, check_output, write_gguf
     from bittune.export.kquants import LLAMACPP_TYPES, require_llamacpp
-    from bittune.export.source import load_merged, load_source_tokenizer, resolve_source
     from bittune.export.tokenizer_meta import check_tokenizer
 
     out = check_output(out)
@@ -142,31 +147,31 @@ def export_gguf(
     if verify:
         from bittune.export.verify import require_llama_cpp
 
-        require_llama_cpp()
+        require_llama_cpp()  # before the slow part
     imatrix_file = None
     if imatrix is not None:
         from bittune.export.imatrix import imatrix_data
 
         imatrix_file = imatrix_data(path, imatrix)
-    source = resolve_source(path)
-    if source.task != "causal-lm":
+    artifact = resolve(path)
+    if artifact.task != "causal-lm":
         raise ModelLoadError(
             f"{path} is a sequence classifier; GGUF export is for causal language models",
             hint="export it with --format hf",
         )
-    check_architecture(source.config, f"{path} ({source.base})" if source.adapter else path)
-    tokenizer = load_source_tokenizer(source)
+    check_architecture(base_config(artifact), f"{path} ({artifact.base})" if artifact.adapter else path)
+    tokenizer = load_tokenizer_of(artifact)
     check_tokenizer(tokenizer)  # before the weights are read
-    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else _dequantizing(source)))
-    model, tokenizer = load_merged(source, tokenizer)
-    _note_qat_grid(path, qtype, log)
-    name = gguf_name(source)
+    log(_loading(path, artifact))
+    model = load(artifact, as_="merged", device="cpu", tokenizer=tokenizer).model
+    _note_qat_grid(artifact, qtype, log)
+    name = gguf_name(artifact)
     matrix = None
     if imatrix_file is not None:
         from bittune.export.imatrix import DEFAULT_TOKENS, compute_for_export
 
         tokens = imatrix_tokens or DEFAULT_TOKENS
-        matrix = compute_for_export(path, model, tokenizer, imatrix_file, tokens=tokens, log=log)
+        matrix = compute_for_export(artifact, model, tokenizer, imatrix_file, tokens=tokens, log=log)
     target = out.with_name(f".{out.name}.verify-{os.getpid()}") if verify else out
     try:
         if qtype in LLAMACPP_TYPES:
@@ -195,35 +200,36 @@ def export_gguf(
     result["name"] = name
     if matrix is not None:
         result["imatrix"] = {"data": imatrix_file, "tensors": len(matrix.sums), "chunks": matrix.chunks}
-    result["merged_adapter"] = source.adapter is not None
-    if source.quantized:
-        result["dequantized_from"] = source.quantized
+    result["merged_adapter"] = artifact.adapter is not None
+    if _quantized_label(artifact):
+        result["dequantized_from"] = _quantized_label(artifact)
     return result
 
 
 def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quiet) -> dict[str, Any]:
     """Write ``path`` as a merged Hugging Face folder at ``out`` with a model card (README.md)."""
+    from bittune.artifacts import load, resolve
     from bittune.export.card import model_card
     from bittune.export.hf import check_out_dir, save_hf_folder
-    from bittune.export.source import load_merged, resolve_source
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.storage import atomic_dir
 
     out = check_out_dir(out)
-    source = resolve_source(path)
-    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else _dequantizing(source)))
-    model, tokenizer = load_merged(source)
+    artifact = resolve(path)
+    log(_loading(path, artifact))
+    model, tokenizer, _ = load(artifact, as_="merged", device="cpu")
+    quantized = _quantized_label(artifact)
     card = model_card(
         name=name or out.name,
-        base=source.base,
-        task=source.task,
-        run_dir=source.run_dir,
-        kbit=source.kbit,
-        merged=source.adapter is not None,
-        quantized=source.quantized,
+        base=artifact.base,
+        task=artifact.task,
+        run_dir=artifact.run_dir,
+        kbit=artifact.training_quant,
+        merged=artifact.adapter is not None,
+        quantized=quantized,
     )
-    info = {"source": Path(path).name, "merged_adapter": source.adapter is not None, "task": source.task}
-    if source.quantized:
-        info["dequantized_from"] = source.quantized
+    info = {"source": Path(path).name, "merged_adapter": artifact.adapter is not None, "task": artifact.task}
+    if quantized:
+        info["dequantized_from"] = quantized
     atomic_dir(out, lambda tmp: save_hf_folder(model, tokenizer, tmp, card=card, info=info), marker=False)
     files = sorted(p.name for p in out.iterdir())
-    return {"path": str(out), "files": files, "merged_adapter": source.adapter is not None}
+    return {"path": str(out), "files": files, "merged_adapter": artifact.adapter is not None}

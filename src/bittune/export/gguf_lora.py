@@ -13,7 +13,6 @@ must reach the adapter too: ``P (W + B A) = P W + (P B) A``, so ``lora_b`` of Q 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -145,17 +144,16 @@ def export_gguf_lora(path: str, out: Path, *, qtype: str = "f16", verify: bool =
     """
     from safetensors.torch import load_file
 
+    from bittune.artifacts import base_config, resolve
     from bittune.export.commands import gguf_name
     from bittune.export.gguf_writer import check_output
-    from bittune.export.source import resolve_source
-    from bittune.quant.qat import read_qat_settings
 
     out = check_output(out)
     if verify:
         from bittune.export.verify import require_llama_cpp
 
         require_llama_cpp()
-    source = resolve_source(path)
+    source = resolve(path)
     if source.adapter is None:
         raise BittuneError(
             f"{path} has no LoRA adapter: --format gguf-lora writes a LoRA run's adapter",
@@ -164,20 +162,21 @@ def export_gguf_lora(path: str, out: Path, *, qtype: str = "f16", verify: bool =
     if source.task != "causal-lm":
         raise ModelLoadError(f"{path} is a sequence classifier; llama.cpp adapters are for causal language models",
                              hint="export it with --format hf")  # fmt: skip
-    if read_qat_settings(source.adapter) is not None:
+    if source.qat is not None:
         raise BittuneError(
             f"{path} is a QAT run: its model is the quantized merge of base and adapter, which an adapter on a "
             "float base does not reproduce",
             hint="export the merged, quantized model: --format gguf --type q4_0 (or the run's bits)",
         )
-    check_architecture(source.config, f"{path} ({source.base})")
+    config = base_config(source)
+    check_architecture(config, f"{path} ({source.base})")
     adapter = Path(source.adapter)
     cfg = _adapter_config(adapter)
     state = load_file(str(adapter / "adapter_model.safetensors"))
     name = gguf_name(source)
     target = out.with_name(f".{out.name}.verify-{os.getpid()}") if verify else out
     try:
-        result = write_gguf_lora(state, cfg, source.config, target, qtype=qtype, name=name)
+        result = write_gguf_lora(state, cfg, config, target, qtype=qtype, name=name)
         log(f"wrote {result['tensors']} LoRA tensors (alpha {result['lora_alpha']:g})")
         if verify:
             result["verify"] = _verify(source, target, qtype, log)
@@ -187,7 +186,7 @@ def export_gguf_lora(path: str, out: Path, *, qtype: str = "f16", verify: bool =
         if verify:
             target.unlink(missing_ok=True)
     result.update(source=path, name=name, base=source.base)
-    if source.kbit:
+    if source.training_quant is not None:
         result["note"] = "a QLoRA adapter, trained on the 4-bit base: apply it to a full-precision base GGUF"
     return result
 
@@ -195,12 +194,13 @@ def export_gguf_lora(path: str, out: Path, *, qtype: str = "f16", verify: bool =
 def _verify(source: Any, adapter_file: Path, qtype: str, log: Log) -> dict[str, Any]:
     from peft import PeftModel
 
+    from bittune.artifacts import load, load_tokenizer_of, resolve
     from bittune.export.gguf_writer import write_gguf
-    from bittune.export.source import load_merged, load_source_tokenizer
     from bittune.export.verify import compare_with_llamacpp
 
-    tokenizer = load_source_tokenizer(source)  # the run's own (saved with its adapter)
-    base_model, tokenizer = load_merged(dataclasses.replace(source, adapter=None, kbit=None), tokenizer)
+    tokenizer = load_tokenizer_of(source)  # the run's own (saved with its adapter)
+    # The full-precision base the adapter file is applied to in llama.cpp (for a QLoRA run too: no k-bit base there).
+    base_model = load(resolve(source.base), as_="merged", device="cpu", tokenizer=tokenizer).model
     base_file = adapter_file.with_name(f".{adapter_file.name}.base-{os.getpid()}")
     try:
         write_gguf(base_model, tokenizer, base_file, qtype="f32", name=Path(source.base).name)

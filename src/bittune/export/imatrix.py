@@ -115,13 +115,12 @@ def gguf_linear_names(model: Any) -> dict[str, str]:
     return names
 
 
-def _run_train_file(source: str) -> str | None:
-    run_file = Path(source) / "run_config.yaml"
-    if not run_file.is_file():
-        return None
-    import yaml
+def _run_train_file(source: Any) -> str | None:
+    """The train file a run directory was trained on (its validated ``run_config.yaml``), else None."""
+    from bittune.artifacts import as_artifact
 
-    return ((yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}).get("data") or {}).get("train")
+    cfg = as_artifact(source).run_config
+    return cfg.data.train if cfg is not None else None
 
 
 def data_format(data: str) -> str | None:
@@ -138,13 +137,13 @@ def data_format(data: str) -> str | None:
     return "text" if "text" in keys else None
 
 
-def imatrix_data(source: str, imatrix: str) -> str:
+def imatrix_data(source: Any, imatrix: str) -> str:
     """The data ``--imatrix`` names: ``auto`` = the run's train file; else the file itself (checked, first row)."""
     if imatrix == "auto":
         train = _run_train_file(source)
         if not train:
             raise ConfigError(
-                f"--imatrix auto uses a run's train file, and {source} is not a run directory",
+                f"--imatrix auto uses a run's train file, and {getattr(source, 'path', source)} is not a run directory",
                 hint="pass --imatrix FILE (text like your use, in any data format bittune reads)",
             )
         return train
@@ -154,7 +153,7 @@ def imatrix_data(source: str, imatrix: str) -> str:
 
 
 def compute_for_export(
-    source: str, model: Any, tokenizer: Any, data: str, *, tokens: int = DEFAULT_TOKENS, log: Log | None = None
+    source: Any, model: Any, tokenizer: Any, data: str, *, tokens: int = DEFAULT_TOKENS, log: Log | None = None
 ) -> Imatrix:
     """The importance matrix of ``model`` on ``data`` (first ``tokens`` tokens, packed into 512-token chunks).
 
