@@ -3,12 +3,14 @@
 SmolLM2 is exported as f16 and as q4_k_m / q3_k_m / q2_k through llama.cpp's own quantizer, each without and with an
 importance matrix that bittune computes in transformers (``bittune export --imatrix``). Perplexity is measured *in
 llama.cpp* (llama-cpp-python, f32 KV cache) on held-out text: the English chatterbot-corpus conversations
-(``chatterbot-corpus``, installed by ``make install``) as in ``bench/quant_ppl.py``; the first ``--tokens`` tokens'
-worth of rows are the evaluation text, and the imatrix is computed on ``--imatrix-tokens`` tokens of the rows after
-them (other conversations, never the evaluation rows). Each evaluation chunk is ``--ctx`` tokens; every token after
-the first of a chunk is scored. Results go to ``bench/results/gguf_imatrix.json`` and ``.md``.
+(``chatterbot-corpus``, installed by ``make install``) as in ``bench/quant_ppl.py``, the first ``--tokens`` tokens'
+worth of rows. The imatrix is computed on ``--imatrix-tokens`` tokens of the demo's own training file (the TREC
+question chat rows ``bittune demo`` fine-tunes on: what ``--imatrix auto`` uses for a demo run), or with
+``--imatrix-data chatterbot`` on the conversations after the evaluation rows (never the evaluation rows). Each
+evaluation chunk is ``--ctx`` tokens; every token after the first of a chunk is scored. Results go to
+``bench/results/gguf_imatrix.json`` and ``.md``.
 
-    make llamacpp && python bench/gguf_imatrix.py      # ~1 h on 2 busy CPU cores (llama.cpp: ~20 s per chunk)
+    make llamacpp && python bench/gguf_imatrix.py --tokens 4096   # ~25 min on 2 busy CPU cores
     python bench/gguf_imatrix.py --save-imatrix /tmp/smollm2.imatrix.gguf   # keep the matrix (llama.cpp's format)
     python bench/gguf_imatrix.py --imatrix-file /tmp/smollm2.imatrix.gguf   # reuse it
 """
@@ -31,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quant_ppl import text_rows
 
 from bittune.artifacts import load
+from bittune.cache import cache_dir
 from bittune.demo.assets import prepare_smollm2
+from bittune.demo.trec import build_trec
 from bittune.export.gguf_writer import write_gguf
 from bittune.export.imatrix import compute_for_export, read_imatrix_gguf, write_imatrix_gguf
 from bittune.export.kquants import write_llamacpp_quantized
@@ -79,6 +83,12 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--save-imatrix", type=Path, help="Write the computed matrix here (llama.cpp's imatrix GGUF).")
     ap.add_argument("--imatrix-file", type=Path, help="Use this imatrix GGUF instead of computing one.")
+    ap.add_argument(
+        "--imatrix-data",
+        choices=("demo", "chatterbot"),
+        default="demo",
+        help="demo: the demo's TREC train file; chatterbot: conversations after the evaluation rows.",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     model_dir = prepare_smollm2(log=lambda m: print(m, file=sys.stderr))
@@ -89,8 +99,13 @@ def main() -> None:
         total += len(tokenizer(r["text"])["input_ids"]) if total < args.tokens else 0
     eval_text = "\n\n".join(r["text"] for r in rows)
     work = Path(tempfile.mkdtemp(prefix="bittune-imatrix-bench-"))
-    calib = work / "imatrix_text.jsonl"
-    calib.write_text("".join(json.dumps(r) + "\n" for r in later), encoding="utf-8")
+    if args.imatrix_data == "demo":
+        calib = build_trec(cache_dir() / "data" / "trec").train
+        calib_desc = f"the demo's TREC training questions ({calib.name}, chat rows)"
+    else:
+        calib = work / "imatrix_text.jsonl"
+        calib.write_text("".join(json.dumps(r) + "\n" for r in later), encoding="utf-8")
+        calib_desc = f"chatterbot-corpus English, the {len(later)} rows after the evaluation rows"
     t0 = time.perf_counter()
     if args.imatrix_file:
         matrix = read_imatrix_gguf(args.imatrix_file)
@@ -128,7 +143,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (bundled GGUF, converted once to float32)",
         "eval_text": f"chatterbot-corpus English, first {len(rows)} rows",
         "eval_tokens": results[0]["tokens"],
-        "imatrix_text": f"chatterbot-corpus English, the {len(later)} rows after the evaluation rows",
+        "imatrix_text": calib_desc,
         "imatrix_tokens": imatrix_tokens,
         "imatrix_chunks": matrix.chunks,
         "imatrix_seconds": round(imatrix_s, 1),
@@ -142,7 +157,7 @@ def main() -> None:
         "# K-quants with and without an importance matrix, perplexity in llama.cpp (SmolLM2-135M)",
         "",
         f"{info['eval_tokens']:,} held-out tokens ({info['eval_text']}), chunks of {args.ctx}; imatrix on "
-        f"{imatrix_tokens:,} tokens of other rows ({matrix.chunks} chunks, {imatrix_s:.0f} s in transformers).",
+        f"{imatrix_tokens:,} tokens of {calib_desc} ({matrix.chunks} chunks, {imatrix_s:.0f} s in transformers).",
         "",
         "| model | size MB | perplexity | vs f16 |",
         "|---|---:|---:|---:|",

@@ -100,6 +100,14 @@ class QatConfig(_Section):
         "(gguf-q4_0, gguf-q8_0: the GGUF export of that type is exactly the trained model).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _ggml_blocks(cls, raw: Any) -> Any:
+        """llama.cpp's blocks are 32 weights: that is the group size a ``gguf-*`` run records (and reads back)."""
+        if isinstance(raw, dict) and str(raw.get("method", "")).startswith("gguf-") and "group_size" not in raw:
+            raw = {**raw, "group_size": 32}
+        return raw
+
     @model_validator(mode="after")
     def _stages(self) -> QatConfig:
         problems = []
@@ -116,7 +124,7 @@ class QatConfig(_Section):
                 f"qat.method {self.method} trains for the {self.method[5:].upper()} export, so the last "
                 f"qat.schedule stage must be {ggml_bits} bits (got {self.schedule[-1]})"
             )
-        if ggml_bits is not None and "group_size" in self.model_fields_set and self.group_size != 32:
+        if ggml_bits is not None and self.group_size != 32:
             problems.append(f"qat.group_size: llama.cpp's {self.method[5:].upper()} blocks are 32 weights; drop it")
         if self.stage_steps is not None:
             if len(self.stage_steps) != len(self.schedule):
