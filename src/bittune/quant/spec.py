@@ -5,7 +5,9 @@
 * ``quant:`` of a QLoRA config is a :class:`BnbSpec` (``{method: nf4, double_quant: true}``; ``llm-int8`` is the
   8-bit base; ``compute_dtype`` picks the matmul dtype). The old spelling ``{bits: 4, type: nf4}`` is translated.
 * ``qat:`` trains on the ``int`` grid: its ``group_size``/``symmetric`` and the last stage's bits make the
-  :class:`IntSpec` that ``bittune quantize RUN`` applies (see :class:`bittune.sidecars.QatSettings`).
+  :class:`IntSpec` that ``bittune quantize RUN`` applies (see :class:`bittune.sidecars.QatSettings`); or, with
+  ``method: gguf-q4_0|gguf-q8_0``, on llama.cpp's own blocks (:class:`GgmlSpec`), which the GGUF export of that
+  type stores exactly and ``bittune quantize`` refuses.
 
 Methods:
 
