@@ -78,13 +78,15 @@ class _LogCapture:
         self._callback = callback  # referenced for as long as llama.cpp may call it
 
     def __enter__(self) -> _LogCapture:
+        # Whatever callback was set before (llama-cpp-python sets its own at import) is put back on exit.
+        self._previous = self.llama_cpp.llama_log_callback()
+        self._previous_data = ctypes.c_void_p()
+        self.llama_cpp.llama_log_get(ctypes.byref(self._previous), ctypes.byref(self._previous_data))
         self.llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from llama_cpp import _logger
-
-        self.llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        self.llama_cpp.llama_log_set(self._previous, self._previous_data)
 
     def errors(self) -> str:
         text = "".join(t for level, t in self.lines if level == _LOG_ERROR).strip()
