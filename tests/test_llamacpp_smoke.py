@@ -37,9 +37,8 @@ def test_a_quantized_folder_runs_in_llamacpp_as_it_computes(tiny_llama_dir: Path
     import gguf
     import numpy as np
 
+    from bittune.artifacts import load
     from bittune.export.gguf_writer import permute_for_rotary
-    from bittune.quant.io import load_quantized
-    from bittune.quant.merge import dequantize_grid_linears
 
     q = tmp_path / "q"
     _cli(["quantize", str(tiny_llama_dir), "--bits", "3", "--method", "int", "--group-size", "32", "--out", str(q)],
@@ -47,8 +46,7 @@ def test_a_quantized_folder_runs_in_llamacpp_as_it_computes(tiny_llama_dir: Path
     result = _cli(["export", str(q), "--type", "f32", "--out", str(tmp_path / "q.gguf"), "--verify"], capsys)
     v = result["verify"]
     assert result["dequantized_from"] == "int3-g32" and v["passed"] and v["max_abs_logit_diff"] < 1e-3, v
-    model, _ = load_quantized(str(q), device="cpu")
-    dequantize_grid_linears(model)
+    model = load(q, as_="merged", device="cpu").model  # the quantized folder's values as float weights
     want = permute_for_rotary(model.model.layers[0].self_attn.q_proj.weight.detach().numpy(), 4)
     stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}["blk.0.attn_q.weight"]
     assert np.array_equal(np.asarray(stored.data).reshape(want.shape), want)  # the 3-bit values, exactly
