@@ -1,7 +1,8 @@
 """A pytest plugin (conftest.py imports its hooks): a run fails when a test is skipped for an unnamed reason.
 
 The README's Tests section names the only skips a run may have: GPU tests without a CUDA GPU, the llama.cpp tier
-without llama-cpp-python, and (on a CUDA machine) the CPU-path bitsandbytes tests. Any other skip (a missing
+without llama-cpp-python, (on a CUDA machine) the CPU-path bitsandbytes tests, and the report's browser check
+where Chromium could not be installed (`make test` installs it as root on Debian). Any other skip (a missing
 package that ``make install`` installs, a file that is not where a test expected it) would otherwise leave CI green
 while the test never ran, so it fails the run, listed in the terminal summary.
 """
@@ -17,6 +18,7 @@ ALLOWED_SKIPS = (
     "needs a CUDA GPU",
     "llama-cpp-python is not installed",
     "CPU-path test; see test_gpu.py on a GPU",
+    "chromium is not installed",
 )
 _UNNAMED: list[tuple[str, str]] = []  # (node id, reason) of this session's unnamed skips
 

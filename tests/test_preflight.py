@@ -10,7 +10,7 @@ import yaml
 from bittune.config import config_from_dict, dump_config, load_config
 from bittune.errors import ConfigError, PreflightError
 from bittune.preflight import preflight
-from helpers import color_chat_rows, sentiment_rows, write_jsonl
+from tiny import color_chat_rows, sentiment_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

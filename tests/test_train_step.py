@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bittune.recipes.finetune import StepStats, train_step
 from bittune.training.loss import TaskLoss
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -26,30 +26,30 @@ def evaluate_on_data(
     template: str | None = None,
     max_length: int | None = None,
     batch_size: int = 8,
+    labels: list[str] | str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model (folder, hub id, adapter, run dir or quantized folder) on a data file.
 
     Settings not given here (data file, format, template, max length) come from the run's config when
-    ``model_path`` is a bittune run directory.
+    ``model_path`` is a bittune run directory. The data is read and checked before any weights load. Thin
+    wrapper of :func:`bittune.evaluation.core.evaluate_path`.
 
     Returns:
-        ``eval_loss`` and ``eval_perplexity`` (causal LM) or ``eval_loss``, ``eval_accuracy`` and
-        ``eval_f1_macro`` (classifier), plus ``rows``.
+        ``eval_loss`` and ``eval_perplexity`` (causal LM, token-level) or ``eval_loss``, ``eval_accuracy``,
+        ``eval_f1_macro`` and ``confusion`` (classifier), plus ``rows``; label-task metrics with ``labels``.
     """
-    from bittune.model import load_for_inference
-    from bittune.training.evaluate import evaluate
+    from bittune.evaluation.core import evaluate_path
 
-    data = resolve_eval_data(model_path, data)
-    model, tokenizer, task = load_for_inference(model_path, adapter=adapter)
-    rows = prepare_eval_rows(
-        model_path, tokenizer, task, data=data, fmt=fmt, template=template, max_length=max_length, model=model
+    return evaluate_path(
+        model_path,
+        adapter=adapter,
+        data=data,
+        batch_size=batch_size,
+        labels=labels,
+        fmt=fmt,
+        template=template,
+        max_length=max_length,
     )
-    device = next(model.parameters()).device
-    batches = eval_batches(rows, task, tokenizer, batch_size)
-    result: dict[str, Any] = dict(evaluate(model, batches, task=task, device=device))
-    result["rows"] = len(rows)
-    result["data"] = data
-    return result
 
 
 def resolve_eval_data(model_path: str, data: str | None) -> str:

@@ -62,8 +62,7 @@ def measure(
     """
     import torch
 
-    from bittune.inference import eval_batches
-    from bittune.training.evaluate import evaluate
+    from bittune.evaluation.core import token_metrics
     from bittune.training.memory import weights_footprint
 
     device = next(model.parameters()).device
@@ -84,7 +83,7 @@ def measure(
     if rows:
         _sync(device)
         t0 = time.perf_counter()
-        metrics = evaluate(model, eval_batches(rows, task, tokenizer, batch_size), task=task, device=device)
+        metrics = token_metrics(model, tokenizer, task, rows, batch_size=batch_size)
         _sync(device)
         elapsed = time.perf_counter() - t0
         tokens = sum(len(r["input_ids"]) for r in rows)
