@@ -937,7 +937,9 @@ def test_eval_of_a_classifier_folder_with_default_labels(
     code, out, err = run_cli(["eval", str(classifier_model), "--data", str(data)], capsys)
     assert code == 0, err
     result = json.loads(out)
-    assert set(result) == {"eval_loss", "eval_accuracy", "eval_f1_macro", "rows", "data"} and result["rows"] == 2
+    metrics = {"eval_loss", "eval_accuracy", "eval_f1_macro", "confusion", "rows", "data"}
+    assert metrics <= set(result) and result["rows"] == 2 and result["task"] == "classification"
+    assert sum(map(sum, result["confusion"]["matrix"])) == 2
     # The numbers are stock transformers' on the same rows: label ids 1 and 0 are LABEL_1 and LABEL_0.
     tok = AutoTokenizer.from_pretrained(classifier_model)
     model = AutoModelForSequenceClassification.from_pretrained(classifier_model).eval()

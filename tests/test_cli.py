@@ -120,7 +120,8 @@ def test_validate_train_eval_generate(tmp_path, tiny_llama_dir):
     proc = bittune("eval", str(out), "--data", str(data))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert set(result) == {"eval_loss", "eval_perplexity", "rows", "data"} and result["data"] == str(data)
+    assert {"eval_loss", "eval_perplexity", "rows", "data", "tokens"} <= set(result) and result["data"] == str(data)
+    assert "eval_accuracy" not in result  # plain-text rows: loss only, no task metric invented
     assert result["rows"] == 24 and result["eval_perplexity"] > 1
     assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]), rel=1e-6)
 

@@ -156,16 +156,16 @@ def test_every_config_key_is_documented_in_the_readme():
         LoraConfig,
         ModelConfig,
         QatConfig,
-        QuantConfig,
         TrackingConfig,
         TrainConfig,
     )
+    from bittune.quant.spec import BnbSpec
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     sections = {
         "model": ModelConfig,
         "lora": LoraConfig,
-        "quant": QuantConfig,
+        "quant": BnbSpec,
         "qat": QatConfig,
         "distill": DistillConfig,
         "data": DataConfig,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bittune.data import count_target_tokens, make_collator
+from bittune.data import count_targets, make_collator
 from bittune.errors import DataError
 from tiny import data_tokenizer, prepare, write_rows
 
@@ -97,7 +97,7 @@ def test_classification_collator(tmp_path: Path) -> None:
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, longest)
     assert batch["labels"].tolist() == [2, 0, 1, 2] and str(batch["labels"].dtype) == "torch.int64"
     assert batch["attention_mask"].sum().item() == sum(len(r["input_ids"]) for r in data.train)
-    assert count_target_tokens(batch) == 4
+    assert count_targets("classification", batch["labels"]) == 4
 
 
 def test_format_and_task_must_agree(tmp_path: Path) -> None:

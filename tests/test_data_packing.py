@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bittune.data import count_target_tokens, make_collator, model_inputs
+from bittune.data import count_targets, make_collator, model_inputs
 from bittune.data.packing import pack_rows
 from tiny import data_tokenizer, prepare, write_rows
 
@@ -84,7 +84,7 @@ def test_packed_collator_has_no_attention_mask(packed: tuple[Any, Any, Any]) -> 
     batch = make_collator("causal-lm", tok.pad_token_id, packed=True)(data.train)
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (len(data.train), MAX)
-    assert count_target_tokens(batch) == data.stats["train"].target_tokens
+    assert count_targets("causal-lm", batch["labels"]) == data.stats["train"].target_tokens
     assert model_inputs(batch) == {
         "input_ids": batch["input_ids"],
         "position_ids": batch["position_ids"],

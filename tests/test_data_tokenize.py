@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bittune.data import count_target_tokens, encode_prompt, make_collator, render_prompt
+from bittune.data import count_targets, encode_prompt, make_collator, render_prompt
 from bittune.data import tokenize as tokenize_mod
 from tiny import data_tokenizer, labelled_text, prepare, write_rows
 
@@ -157,7 +157,7 @@ def test_truncation_and_dropping_are_counted(tmp_path: Path) -> None:
     assert all(len(r["input_ids"]) <= 24 for r in data.train) and len(data.train[1]["input_ids"]) == 24
     assert st.tokens == sum(len(r["input_ids"]) for r in data.train)
     batch = make_collator("causal-lm", tok.pad_token_id, packed=False)(data.train)
-    assert count_target_tokens(batch) == st.target_tokens
+    assert count_targets("causal-lm", batch["labels"]) == st.target_tokens
     assert "1 dropped" in st.summary() and "2 truncated" in st.summary()
 
 

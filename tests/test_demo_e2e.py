@@ -23,13 +23,14 @@ def smollm2_dir(cache: Path) -> Path:
 
 
 def test_converted_smollm2_reloads_and_generates(smollm2_dir: Path) -> None:
+    from bittune.artifacts import load
     from bittune.demo.assets import prepare_smollm2
-    from bittune.demo.evaluate import generate_answers, load_model
+    from bittune.demo.evaluate import generate_answers
 
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert json.loads((smollm2_dir / "generation_config.json").read_text())["eos_token_id"] == 2
-    model, tok = load_model(smollm2_dir)
+    model, tok, _ = load(smollm2_dir, as_="merged")
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
     replies = generate_answers(
         model, tok, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=8

@@ -179,12 +179,12 @@ def test_gguf_of_a_lora_run_holds_the_merged_weights(lora_run: Path, tmp_path: P
     import gguf
     import torch
 
+    from bittune.artifacts import load
     from bittune.export.commands import export_model
-    from bittune.model import load_for_inference
 
     result = export_model(str(lora_run), fmt="gguf", qtype="f32", out=tmp_path / "run.gguf")
     assert result["merged_adapter"] is True
-    model, _, _ = load_for_inference(str(lora_run))
+    model, _, _ = load(str(lora_run))
     merged = model.merge_and_unload().state_dict()
     tensors = _tensors(gguf.GGUFReader(str(tmp_path / "run.gguf")))
     base = _hf_weights(
@@ -245,8 +245,8 @@ def test_hf_export_of_a_lora_run_reloads_with_the_same_outputs_and_a_card(lora_r
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from bittune.artifacts import load
     from bittune.export.commands import export_model
-    from bittune.model import load_for_inference
 
     out = tmp_path / "hf"
     result = export_model(str(lora_run), fmt="hf", out=out)
@@ -258,7 +258,7 @@ def test_hf_export_of_a_lora_run_reloads_with_the_same_outputs_and_a_card(lora_r
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == CHATML_TEMPLATE
     assert GenerationConfig.from_pretrained(out).eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
-    peft_model, _, _ = load_for_inference(str(lora_run))
+    peft_model, _, _ = load(str(lora_run))
     ids = torch.tensor([tok("What color is the sky?").input_ids])
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
@@ -399,9 +399,9 @@ def test_hf_export_of_a_lora_classifier_run(tmp_path: Path, tiny_bert_dir: Path)
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from bittune.artifacts import load
     from bittune.config import config_from_dict
     from bittune.export.commands import export_model
-    from bittune.model import load_for_inference
     from tiny import sentiment_rows
 
     raw = {
@@ -418,7 +418,7 @@ def test_hf_export_of_a_lora_classifier_run(tmp_path: Path, tiny_bert_dir: Path)
     export_model(str(run), fmt="hf", out=tmp_path / "hf")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
     assert reloaded.config.id2label == {0: "neg", 1: "pos"}
-    peft_model, _, _ = load_for_inference(str(run))
+    peft_model, _, _ = load(str(run))
     enc = AutoTokenizer.from_pretrained(tmp_path / "hf")(["good movie, the sky"], return_tensors="pt")
     with torch.inference_mode():
         torch.testing.assert_close(reloaded.eval()(**enc).logits, peft_model(**enc).logits, atol=1e-5, rtol=1e-5)
@@ -446,9 +446,10 @@ def test_export_of_a_quantized_folder_writes_its_quantized_values(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bittune.artifacts import load
     from bittune.export.commands import export_model
     from bittune.quant import quantize
-    from bittune.quant.io import load_quantized, save_quantized
+    from bittune.quant.io import save_quantized
     from bittune.quant.spec import GptqSpec
 
     spec = GptqSpec(bits=3, group_size=16)
@@ -459,7 +460,7 @@ def test_export_of_a_quantized_folder_writes_its_quantized_values(
     folder = tmp_path / "q"
     folder.mkdir()
     save_quantized(model, folder, spec=spec, task="causal-lm", tokenizer=tokenizer)
-    quantized, _ = load_quantized(folder)
+    quantized = load(folder).model
     original = _hf_weights(tiny_llama_dir)
     name = "model.layers.0.self_attn.v_proj.weight"
     v = quantized.get_submodule(name.removesuffix(".weight")).dequantized_weight().numpy()
@@ -482,9 +483,10 @@ def test_hf_export_of_an_nf4_folder_holds_its_dequantized_weights(tiny_llama_dir
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bittune.artifacts import load
     from bittune.export.commands import export_model
     from bittune.quant import quantize
-    from bittune.quant.io import load_quantized, save_quantized
+    from bittune.quant.io import save_quantized
     from bittune.quant.spec import BnbSpec
 
     spec = BnbSpec(method="nf4")
@@ -492,7 +494,7 @@ def test_hf_export_of_an_nf4_folder_holds_its_dequantized_weights(tiny_llama_dir
     folder.mkdir()
     save_quantized(quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), spec), folder, spec=spec,
                    task="causal-lm", tokenizer=tokenizer)  # fmt: skip
-    quantized, _ = load_quantized(folder)
+    quantized = load(folder).model
     export_model(str(folder), fmt="hf", out=tmp_path / "hf")  # transformers must not try to re-pack bnb weights
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert getattr(reloaded.config, "quantization_config", None) is None

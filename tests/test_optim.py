@@ -134,9 +134,9 @@ def test_lora_bias_trains_and_saves_the_biases_it_names(tiny_bert_dir, sentiment
     stock = PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2), result.final_dir
     ).eval()
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
 
-    ours = load_for_inference(str(result.run_dir), device="cpu")[0]
+    ours = load(str(result.run_dir), device="cpu").model
     ids = torch.tensor([[1, 5, 9, 20, 33, 4]])
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-6, rtol=1e-6)

@@ -184,7 +184,7 @@ def test_an_older_run_config_that_lists_lora_for_full_still_loads(tmp_path):
     path.write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match="lora is set but method is 'full'"):
         load_config(path)
-    cfg = load_config(path, resolved=True)
+    cfg = load_config(path, recorded=True)
     assert cfg.method == "full" and cfg.lora is None
     # A run's own run_config.yaml (`bittune train RUN/run_config.yaml --resume`) is read as resolved.
     (tmp_path / "run").mkdir()

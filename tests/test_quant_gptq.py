@@ -107,7 +107,7 @@ def _load(path: Path, cls_name: str = "AutoModelForCausalLM"):
 
 
 def test_gptq_model_beats_rtn_and_reloads_identically(tiny_llama_dir: Path, tokenizer, tmp_path: Path) -> None:
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
     from bittune.quant.io import save_quantized
 
     reference = _load(tiny_llama_dir)
@@ -124,7 +124,7 @@ def test_gptq_model_beats_rtn_and_reloads_identically(tiny_llama_dir: Path, toke
     with torch.no_grad():
         expected = gptq(**held_out[0]).logits
     save_quantized(gptq, tmp_path, spec=spec, task="causal-lm", tokenizer=tokenizer)
-    reloaded, _, _ = load_for_inference(str(tmp_path), device="cpu")
+    reloaded, _, _ = load(str(tmp_path), device="cpu")
     with torch.no_grad():
         assert torch.equal(reloaded(**held_out[0]).logits, expected)
 

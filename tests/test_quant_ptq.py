@@ -152,7 +152,7 @@ SPECS = {
 def test_quantize_save_reload_gives_identical_outputs(
     tiny_llama_dir: Path, tokenizer, tmp_path: Path, name: str
 ) -> None:
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
     from bittune.quant.io import save_quantized
 
     spec = SPECS[name]
@@ -172,17 +172,18 @@ def test_quantize_save_reload_gives_identical_outputs(
     save_quantized(model, tmp_path, spec=spec, task="causal-lm", tokenizer=tokenizer)
     del model
     # Through the same loader `bittune eval` / `generate` use, and with no access to the original weights.
-    reloaded, _, task = load_for_inference(str(tmp_path), device="cpu")
+    reloaded, _, task = load(str(tmp_path), device="cpu")
     assert task == "causal-lm"
     with torch.no_grad():
         got = reloaded(input_ids=IDS).logits
     assert torch.equal(got, expected)
 
 
-def test_int_reload_needs_no_original_weights_and_keeps_ties(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_int_reload_needs_no_original_weights_and_keeps_ties(tiny_llama_dir: Path, tokenizer, tmp_path: Path) -> None:
     import shutil
 
-    from bittune.quant.io import load_quantized, save_quantized
+    from bittune.artifacts import load
+    from bittune.quant.io import save_quantized
 
     copy = tmp_path / "orig"
     shutil.copytree(tiny_llama_dir, copy)
@@ -190,9 +191,9 @@ def test_int_reload_needs_no_original_weights_and_keeps_ties(tiny_llama_dir: Pat
     quantize(model, IntSpec(bits=4, group_size=16))
     out = tmp_path / "q"
     out.mkdir()
-    save_quantized(model, out, spec=IntSpec(bits=4, group_size=16), task="causal-lm")
+    save_quantized(model, out, spec=IntSpec(bits=4, group_size=16), task="causal-lm", tokenizer=tokenizer)
     shutil.rmtree(copy)
-    reloaded, _ = load_quantized(out)
+    reloaded = load(out).model
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     assert all(p.device.type == "cpu" for p in reloaded.parameters())
     with torch.no_grad():
@@ -314,14 +315,14 @@ def _logits(model) -> torch.Tensor:
 
 @pytest.mark.e2e
 def test_merge_into_fp32_equals_adapter_outputs(lora_run: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
     from bittune.quant.flows import merge_run
 
-    adapter_model, _, _ = load_for_inference(str(lora_run), device="cpu")
+    adapter_model, _, _ = load(str(lora_run), device="cpu")
     expected = _logits(adapter_model)
     assert (expected - _logits(_load(tiny_llama_dir))).abs().max() > 1e-3  # the adapter is not a no-op
     report = merge_run(str(lora_run), tmp_path / "m", device="cpu")
-    merged, _, _ = load_for_inference(str(tmp_path / "m"), device="cpu")
+    merged, _, _ = load(str(tmp_path / "m"), device="cpu")
     assert not hasattr(merged, "peft_config")
     assert (_logits(merged) - expected).abs().max() < 1e-4
     assert abs(report["models"][1]["delta"]["loss"]) < 1e-5
@@ -330,13 +331,32 @@ def test_merge_into_fp32_equals_adapter_outputs(lora_run: Path, tiny_llama_dir: 
 
 @pytest.mark.e2e
 def test_qlora_merge_dequantizes_the_nf4_base_first(qlora_run: Path, tmp_path: Path) -> None:
-    from bittune.model import load_for_inference
-    from bittune.quant.merge import load_merged
+    from bittune.artifacts import load, resolve
 
-    adapter_on_nf4, _, _ = load_for_inference(str(qlora_run), device="cpu")
-    merged, _, _, info = load_merged(str(qlora_run))
-    assert info["base_quantization"]["type"] == "nf4"
+    run = resolve(qlora_run)
+    adapter_on_nf4, _, _ = load(run, device="cpu")
+    merged, _, _ = load(run, as_="merged", device="cpu")
+    assert run.training_quant.method == "nf4"
     assert (_logits(merged) - _logits(adapter_on_nf4)).abs().max() < 1e-4
+
+
+@pytest.mark.e2e
+def test_merge_and_hf_export_of_a_qlora_run_give_equal_weights(qlora_run: Path, tmp_path: Path) -> None:
+    """One merge policy: `bittune merge` and `bittune export --format hf` write the same merged model."""
+    from safetensors.torch import load_file
+
+    from bittune.export.commands import export_model
+    from bittune.quant.flows import merge_run
+
+    merge_run(str(qlora_run), tmp_path / "merged", device="cpu")
+    export_model(str(qlora_run), fmt="hf", out=tmp_path / "exported")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert merged.keys() == exported.keys() and len(merged) > 10
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, exported[name]), name
+    # ... and it is the adapter on its dequantized NF4 base, not on the float weights before quantization.
+    assert "adapter merged into the dequantized nf4-dq base" in (tmp_path / "exported" / "README.md").read_text()
 
 
 @pytest.mark.e2e

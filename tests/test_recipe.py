@@ -72,13 +72,13 @@ def test_adapter_loads_in_stock_peft_with_same_logits(tiny_llama_dir, chat_file,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
 
     raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 5})
     result = train(config_from_dict(raw), progress=False)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     stock = PeftModel.from_pretrained(base, result.final_dir).eval()
-    ours, _, task = load_for_inference(str(result.run_dir))
+    ours, _, task = load(str(result.run_dir))
     assert task == "causal-lm"
     ids = torch.tensor([[1, 5, 9, 20, 33, 4]])
     with torch.no_grad():

@@ -26,9 +26,9 @@ def pin_fp32_kernels(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def ours(path: Path) -> torch.nn.Module:
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
 
-    return load_for_inference(str(path), device="cpu")[0]
+    return load(str(path), device="cpu").model
 
 
 @pytest.mark.parametrize(("method", "bits", "layer"), [("nf4", 4, "Linear4bit"), ("fp4", 4, "Linear4bit"),

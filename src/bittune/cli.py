@@ -355,14 +355,16 @@ def quantize(
     device: DeviceOption = "auto",
 ) -> None:
     """Quantize a model and report size, memory, speed and the quality change against the original."""
+    from bittune.artifacts import resolve
     from bittune.quant.flows import describe, quantize_path
     from bittune.quant.spec import spec_for_source
 
+    source = resolve(model)  # once: the artifact flows down from here
     spec = spec_for_source(
-        model, bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
+        source, bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
     )
     report = quantize_path(
-        model,
+        source,
         spec,
         out,
         data=data,

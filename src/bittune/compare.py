@@ -11,11 +11,12 @@ import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bittune.errors import BittuneError, DataError
 
-MB = 1024**2
+if TYPE_CHECKING:
+    from bittune.artifacts import Artifact
 
 
 def _name(path: str, taken: set[str]) -> str:
@@ -32,16 +33,15 @@ def _name(path: str, taken: set[str]) -> str:
     return name
 
 
-def _kind(path: str) -> str:
-    from bittune.model import resolve_inference_source
-    from bittune.quant.io import is_quantized_dir, read_manifest
+def artifact_kind(artifact: Artifact) -> str:
+    """How ``artifact`` stores weights: ``adapter``, a quantize method label, ``bitsandbytes``, ``full precision``."""
+    from bittune.artifacts import QuantizedDir
 
-    base, adapter, _ = resolve_inference_source(path)
-    if adapter is not None:
+    if artifact.adapter is not None:
         return "adapter"
-    if is_quantized_dir(base):
-        return read_manifest(base)["spec"].label()
-    cfg = Path(base) / "config.json"
+    if isinstance(artifact, QuantizedDir):
+        return artifact.manifest.spec.label()
+    cfg = Path(artifact.base) / "config.json"
     q = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
     return "bitsandbytes" if q else "full precision"
 
@@ -71,16 +71,16 @@ def compare_models(
     """
     from bittune.evaluation.core import data_settings, label_results, read_examples, tokenized_rows
     from bittune.evaluation.loading import describe, load_model
-    from bittune.model import resolve_inference_source
-    from bittune.quant.flows import check_out_dir
-    from bittune.quant.report import measure, table, warm_imports, weights_size
+    from bittune.quant.flows import check_out_dir, source_size_mb
+    from bittune.quant.report import measure, table, warm_imports
     from bittune.storage import atomic_dir
 
     if not paths:
         raise BittuneError("compare needs at least one model", hint="bittune compare MODEL_A MODEL_B --data FILE")
     out = Path(out)
     check_out_dir(out)
-    tasks = {p: describe(p)[2] for p in paths}  # reads no weights: fail before the slow part
+    artifacts = [(p, describe(p)) for p in paths]  # reads no weights: fail before the slow part
+    tasks = {p: a.task for p, a in artifacts}
     if len(set(tasks.values())) > 1:
         raise DataError(
             f"cannot compare causal LMs with classifiers on one data file ({tasks})",
@@ -90,20 +90,18 @@ def compare_models(
     examples = read_examples(data_settings(paths[0], data, **_opts(data_opts)), task)  # every row checked first
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
-    for path in paths:
+    for path, artifact in artifacts:
         log(f"{path}: loading ...")
-        warm_imports(path)
-        loaded = load_model(path, device=device)
+        warm_imports(artifact)
+        loaded = load_model(artifact, device=device)
         model, tokenizer, load_s = loaded.model, loaded.tokenizer, loaded.load_s
         settings = data_settings(path, data, **_opts(data_opts))
         rows = tokenized_rows(loaded, settings)
-        base, adapter, _ = resolve_inference_source(path)
-        sizes = [weights_size(base), weights_size(adapter) if adapter else 0]
         entry: dict[str, Any] = {
             "name": _name(path, taken),
             "path": path,
-            "kind": _kind(path),
-            "size_mb": None if sizes[0] is None else round(sum(sizes) / MB, 2),
+            "kind": artifact_kind(artifact),
+            "size_mb": source_size_mb(artifact),
             "load_s": load_s,
         }
         log(f"{path}: measuring on {len(rows)} rows ...")

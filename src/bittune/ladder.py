@@ -118,7 +118,7 @@ def run_ladder(
 
     from bittune.config import config_from_dict, load_config
     from bittune.evaluation.core import evaluate_path
-    from bittune.training.checkpoint import atomic_write_text
+    from bittune.storage import atomic_write_text
 
     cfg = load_config(config, overrides or [])
     goal = parse_target(target)

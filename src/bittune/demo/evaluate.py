@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bittune.demo.trec import LABELS, chat_messages
@@ -41,26 +40,6 @@ class EvalResult:
             "seconds": round(self.seconds, 1),
             **self.extra,
         }
-
-
-def load_model(path: Path | str, adapter: Path | str | None = None) -> tuple[Any, Any]:
-    """Load a causal LM in float32 for evaluation, with an optional PEFT LoRA adapter merged in.
-
-    Merging the adapter makes generation as fast as with the base model (no extra LoRA matmuls per layer).
-
-    Returns:
-        (model in eval mode, tokenizer)
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return model.eval(), tokenizer
 
 
 def generate_answers(

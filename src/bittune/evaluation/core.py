@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from bittune.errors import BittuneError, DataError
@@ -49,22 +48,16 @@ class DataSettings:
     train_on_prompt: bool = False
 
 
-def run_config(path: str) -> dict[str, Any]:
-    """The resolved config of a bittune run directory, ``{}`` for anything else."""
-    import yaml
-
-    f = Path(path) / "run_config.yaml"
-    return (yaml.safe_load(f.read_text(encoding="utf-8")) or {}) if f.is_file() else {}
-
-
 def data_settings(model_path: str, data: str | None = None, **given: Any) -> DataSettings:
     """``data`` (else the run's eval file) with the run's format, template, ... for every option not ``given``.
 
     Raises:
         BittuneError: neither ``data`` nor a run eval file.
     """
-    run_data = run_config(model_path).get("data") or {}
-    data = data or run_data.get("eval")
+    from bittune.inference import run_data
+
+    recorded = run_data(model_path)  # the run's validated data: section, None for anything but a run directory
+    data = data or (recorded.eval if recorded is not None else None)
     if not data:
         raise BittuneError(
             f"no evaluation data for {model_path}", hint="pass --data FILE (the run had no separate eval file)"
@@ -72,8 +65,8 @@ def data_settings(model_path: str, data: str | None = None, **given: Any) -> Dat
     opts = {k: v for k, v in given.items() if v is not None}
     for key in ("fmt", "template", "max_length", "system_prompt", "columns", "split", "train_on_prompt"):
         src = "format" if key == "fmt" else key
-        if key not in opts and run_data.get(src) is not None:
-            opts[key] = run_data[src]
+        if key not in opts and recorded is not None and getattr(recorded, src) is not None:
+            opts[key] = getattr(recorded, src)
     return DataSettings(data=str(data), **opts)
 
 
@@ -147,7 +140,7 @@ def tokenized_rows(loaded: Any, settings: DataSettings) -> list[dict[str, Any]]:
     from bittune.inference import prepare_eval_rows
 
     return prepare_eval_rows(
-        loaded.path,
+        loaded.artifact or loaded.path,
         loaded.tokenizer,
         loaded.task,
         data=settings.data,
@@ -300,7 +293,7 @@ def evaluate_path(
     """Check the data, then load ``path`` and evaluate it (see :func:`evaluate_loaded`); ``bittune eval``'s core."""
     from bittune.evaluation.loading import describe, load_model
 
-    _, _, task = describe(path, adapter)
+    task = describe(path, adapter).task
     settings = data_settings(path, data, **data_opts)
     examples = read_examples(settings, task)  # before any weights: a malformed file fails in a second
     log(f"{path}: loading ...")

@@ -198,12 +198,12 @@ def run_tasks(
     Task names and the output folder are checked before any weights load.
     """
     from bittune.evaluation.loading import describe, load_model
-    from bittune.training.checkpoint import atomic_write_text
+    from bittune.storage import atomic_write_text
 
     _require_lm_eval()
     if not tasks:
         raise ConfigError("--tasks is empty", hint="e.g. --tasks trec_mc,vader_sentiment")
-    _, _, task = describe(path, adapter)
+    task = describe(path, adapter).task
     if task != "causal-lm":
         raise ConfigError(f"--tasks needs a causal LM; {path} is a classifier", hint="use --data for classifiers")
     manager = task_manager(tasks, log)  # unknown names fail here, before the model loads

@@ -1,7 +1,7 @@
-"""The one place evaluation, reports, the ladder and the demo load a model.
+"""The one place evaluation, reports, the ladder and the demo load a model: :mod:`bittune.artifacts` underneath.
 
-Today this calls :func:`bittune.model.load_for_inference` (as trained) and :func:`bittune.quant.merge.load_merged`
-(one float model). When ``bittune.artifacts`` lands, only :func:`load_model` and :func:`describe` change.
+:func:`describe` resolves a path (no weights; a hub id is checked for reachability so it fails in seconds) and
+:func:`load_model` loads it quietly, timed, as trained or merged by the one merge policy.
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-As = Literal["trained", "merged"]
+if TYPE_CHECKING:
+    from bittune.artifacts import Artifact, LoadAs
 
 
 @dataclass
@@ -24,48 +25,45 @@ class LoadedModel:
     path: str
     adapter: str | None
     load_s: float
+    artifact: Artifact | None = None
 
     @property
     def device(self) -> Any:
         return next(self.model.parameters()).device
 
 
-def describe(path: str, adapter: str | None = None) -> tuple[str, str | None, str]:
-    """``(base, adapter, task)`` of a model/adapter/run/quantized folder or hub id; reads no weights."""
-    from bittune.model import model_source, resolve_inference_source
+def describe(path: str | Artifact, adapter: str | None = None) -> Artifact:
+    """What ``path`` is (:func:`bittune.artifacts.resolve`); reads no weights, fails fast on an unreachable hub id."""
+    from bittune.artifacts import as_artifact, resolve
+    from bittune.model import looks_like_hub_id
 
-    base, adapter, task = resolve_inference_source(path, adapter)
-    source = model_source(base)  # a missing path or a bad .gguf fails here, before any weights are read
-    if not Path(source).expanduser().exists():  # a hub id: fail in seconds, not after a minute of retries
+    artifact = resolve(path, adapter) if adapter is not None else as_artifact(path)
+    base = artifact.base
+    if base and not Path(base).expanduser().exists() and looks_like_hub_id(base):
         from bittune.hub import require_reachable
 
-        require_reachable(source)
-    return base, adapter, task
+        require_reachable(base)  # seconds, not a minute of retries
+    return artifact
 
 
-def load_model(path: str, *, adapter: str | None = None, device: str = "auto", as_: As = "trained") -> LoadedModel:
+def load_model(
+    path: str | Artifact, *, adapter: str | None = None, device: str = "auto", as_: LoadAs = "trained"
+) -> LoadedModel:
     """Load ``path`` for evaluation, quietly (third-party progress bars are shown with ``--debug`` only).
 
     Args:
-        path: Model folder, hub id, adapter folder, run directory or ``bittune quantize`` folder.
+        path: Model folder, hub id, adapter folder, run directory, ``bittune quantize`` folder, ``.gguf`` file, or
+            an artifact :func:`describe` returned.
         adapter: A PEFT adapter to put on ``path``.
         as_: ``trained``: exactly as trained (a QLoRA adapter on its k-bit base, a quantized folder as quantized);
-            ``merged``: one float model with any adapter merged in (faster to generate with).
+            ``merged``: one float model by the merge policy (faster to generate with).
     """
+    from bittune.artifacts import load
     from bittune.quiet import quiet_third_party
 
+    artifact = describe(path, adapter)
     t0 = time.perf_counter()
     with quiet_third_party():
-        if as_ == "merged" and adapter is None:
-            from bittune.quant.merge import load_merged
-
-            model, tokenizer, task, info = load_merged(path, device=device)
-            used_adapter = info.get("adapter")
-        else:
-            from bittune.model import load_for_inference, resolve_inference_source
-
-            model, tokenizer, task = load_for_inference(path, adapter=adapter, device=device)
-            used_adapter = resolve_inference_source(path, adapter)[1]
-            if as_ == "merged" and hasattr(model, "merge_and_unload"):
-                model = model.merge_and_unload().eval()
-    return LoadedModel(model, tokenizer, task, path, used_adapter, round(time.perf_counter() - t0, 2))
+        model, tokenizer, task = load(artifact, as_=as_, device=device)
+    load_s = round(time.perf_counter() - t0, 2)
+    return LoadedModel(model, tokenizer, task, artifact.path, artifact.adapter, load_s, artifact)

@@ -148,7 +148,7 @@ def prepare_tasks(names: list[str], root: Path | None = None) -> Path:
     """Write the YAML and data of the offline tasks in ``names`` (those not written yet); returns their folder."""
     import yaml
 
-    from bittune.training.checkpoint import atomic_write_text
+    from bittune.storage import atomic_write_text
 
     folder = tasks_dir(root)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from bittune.model import looks_like_hub_id
+from bittune.quant.spec import BnbSpec
+
 QUANT_REPORTS = ("quantization/report.json", "quantization_report.json", "quantization.json")
 _HYPER_KEYS = (
     "epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_steps", "warmup_ratio",
@@ -28,10 +31,6 @@ def _name(value: Any) -> str:
     if looks_like_hub_id(text):
         return text
     return Path(text).name or text
-
-
-def looks_like_hub_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
 
 
 def _fmt(value: Any) -> str:
@@ -60,13 +59,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """run_config.yaml, summary.json, metrics.jsonl and a quantization report of a run, where present."""
+    """run_config.yaml (validated: :func:`bittune.config.read_run_config`), summary.json, metrics.jsonl and a
+    quantization report of a run, where present."""
+    from bittune.config import read_run_config
+    from bittune.sidecars import RUN_CONFIG_FILE
     from bittune.training.metrics import read_metrics
 
     run_dir = Path(run_dir)
     out: dict[str, Any] = {"config": {}, "summary": {}, "metrics": [], "quantization": None}
-    if (run_dir / "run_config.yaml").is_file():
-        out["config"] = yaml.safe_load((run_dir / "run_config.yaml").read_text(encoding="utf-8")) or {}
+    if (run_dir / RUN_CONFIG_FILE).is_file():
+        out["config"] = read_run_config(run_dir).model_dump(mode="json")
     if (run_dir / "summary.json").is_file():
         out["summary"] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     if (run_dir / "metrics.jsonl").is_file():
@@ -165,7 +167,7 @@ def model_card(
     base: str,
     task: str,
     run_dir: Path | None,
-    kbit: dict[str, Any] | None = None,
+    kbit: BnbSpec | None = None,
     merged: bool = False,
     quantized: str | None = None,
     base_model: str | None = None,
@@ -177,7 +179,7 @@ def model_card(
         base: The base model (folder or hub id).
         task: ``causal-lm`` or ``classification``.
         run_dir: The bittune run it came from, or None for a plain model folder.
-        kbit: The QLoRA base quantization of the run, if any.
+        kbit: The QLoRA base quantization of the run (its ``bittune_quantization.json``), if any.
         merged: Whether a LoRA adapter was merged into the weights.
         quantized: The method label of a ``bittune quantize`` folder whose values were dequantized for export.
         base_model: The Hub id of the base, when ``base`` is not one (a local folder or a ``.gguf`` file).
@@ -218,11 +220,14 @@ def model_card(
     method_rows: list[tuple[str, Any]] = [("method", method), ("base model", _name(base)), ("task", task)]
     if method in ("lora", "qlora"):
         method_rows += [(f"lora.{k}", lora.get(k)) for k in ("r", "alpha", "dropout", "target_modules")]
-    if kbit or cfg.get("quant"):
-        q = kbit or cfg["quant"]
-        method_rows.append(("base quantization in training", f"{q.get('bits')}-bit {q.get('type', '')}".strip()))
+    if kbit is None and cfg.get("quant"):
+        kbit = BnbSpec.model_validate(cfg["quant"])
+    if kbit is not None:
+        method_rows.append(("base quantization in training", f"{kbit.bits}-bit {kbit.label()}"))
         if merged:
-            method_rows.append(("merge", "adapter merged into the full-precision base (not the k-bit one)"))
+            method_rows.append(
+                ("merge", f"adapter merged into the dequantized {kbit.label()} base it was trained on, in float32")
+            )
     if quantized:
         method_rows.append(("weights", f"{quantized} quantized values, stored dequantized in float"))
     lines += _table(method_rows)

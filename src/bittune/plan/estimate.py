@@ -213,7 +213,7 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
     flops = _step_flops(shape, tokens=run.tokens, full=full, lora_params=trainable.adapters, spec=spec)
     return PlanReport(
         model=cfg.model.path,
-        method=cfg.method + (f" ({bits}-bit {cfg.quant.type if bits == 4 else 'int8'})" if bits else ""),
+        method=cfg.method + (f" ({bits}-bit {cfg.quant.method if bits == 4 else 'int8'})" if bits else ""),
         device=kind,
         device_name=info.name,
         shape_source=shape.source,

@@ -344,24 +344,13 @@ def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -
     Returns:
         (model, QatHook or None, sizes: trainable/total parameters and the weights' bytes by dtype)
     """
-    from bittune.model import (
-        attach_lora,
-        bnb_config,
-        count_parameters,
-        load_model,
-        prepare_kbit_base,
-        resolve_compute_dtype,
-        resolve_dtype,
-    )
+    from bittune.model import attach_lora, count_parameters, load_model, prepare_kbit_base, resolve_dtype
+    from bittune.quant.api import bnb_config
     from bittune.training.memory import weights_footprint
 
     t, m, lora, q = cfg.train, cfg.model, cfg.lora, cfg.quant
-    quantization = None
-    if q is not None:  # method: qlora -- the frozen base is stored in 4 or 8 bits by bitsandbytes
-        compute_dtype = resolve_compute_dtype(q.compute_dtype, rt.device)
-        quantization = bnb_config(
-            bits=q.bits, quant_type=q.type, double_quant=q.double_quant, compute_dtype=compute_dtype
-        )
+    # method: qlora -- the frozen base is stored in 4 or 8 bits by bitsandbytes
+    quantization = bnb_config(q, rt.device) if q is not None else None
     model = load_model(
         m.path,
         task=m.task,
@@ -752,18 +741,16 @@ def save_final(run: Run, state: RunState) -> TrainResult:
 
 
 def _write_final(run: Run, unwrapped: Any, full_state: dict[str, Any] | None, tmp: Path) -> None:
-    from bittune.model import QUANT_FILE
+    from bittune.sidecars import write_labels, write_qat_settings, write_training_quant
 
     unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
     run.tokenizer.save_pretrained(tmp)
     if run.data.label_names:
-        (tmp / "labels.json").write_text(json.dumps(run.data.label_names))
+        write_labels(tmp, run.data.label_names)
     if run.cfg.quant is not None:  # how the QLoRA base was quantized: loading must do the same
-        (tmp / QUANT_FILE).write_text(json.dumps(run.cfg.quant.model_dump()))
+        write_training_quant(tmp, run.cfg.quant)
     if run.qat is not None:
-        from bittune.quant.qat import QAT_FILE
-
-        (tmp / QAT_FILE).write_text(json.dumps(run.qat.settings(), indent=2))
+        write_qat_settings(tmp, run.qat.settings())
 
 
 def _summary(run: Run, state: RunState, final_dir: Path) -> dict[str, Any]:

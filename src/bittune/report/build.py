@@ -95,7 +95,7 @@ def write_report(
         The report folder.
     """
     from bittune.report.collect import collect
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.storage import atomic_dir
 
     collected = collect(Path(run_dir), compare=compare, data=data, gguf=gguf, base=base, device=device, log=log)
     out = Path(run_dir) / REPORT_DIR

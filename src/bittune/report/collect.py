@@ -30,7 +30,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             f"{run_dir} is not a bittune run directory (no run_config.yaml)",
             hint="pass the output_dir of a `bittune train` run",
         )
-    from bittune.evaluation.core import run_config
+    from bittune.config import read_run_config
 
     def js(rel: str) -> Any:
         f = run_dir / rel
@@ -38,7 +38,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
     return {
         "run_dir": str(run_dir),
-        "config": run_config(str(run_dir)),
+        "config": read_run_config(run_dir).model_dump(mode="json"),
         "summary": js("summary.json") or {},
         "metrics": read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else [],
         "lm_eval": (js(f"eval/{LM_EVAL_FILE}") or {}).get("summary"),
@@ -47,21 +47,20 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def _kind(path: str) -> str:
-    from bittune.compare import _kind as compare_kind
+    from bittune.compare import artifact_kind
+    from bittune.evaluation.loading import describe
 
     try:
-        return compare_kind(path)
+        return artifact_kind(describe(path))
     except Exception:  # a model the describing code cannot classify is still measured
         return "model"
 
 
 def _size_mb(path: str) -> float | None:
-    from bittune.model import resolve_inference_source
-    from bittune.quant.report import weights_size
+    from bittune.evaluation.loading import describe
+    from bittune.quant.flows import source_size_mb
 
-    base, adapter, _ = resolve_inference_source(path)
-    sizes = [weights_size(base), weights_size(adapter) if adapter else 0]
-    return None if sizes[0] is None else round(sum(sizes) / 2**20, 2)
+    return source_size_mb(describe(path))
 
 
 def measure_model(
@@ -131,7 +130,7 @@ def collect(
     from bittune.evaluation.loading import describe
 
     run = read_run(run_dir)
-    _, _, task = describe(str(run_dir))  # a run without final weights fails here, before anything loads
+    task = describe(str(run_dir)).task  # a run without final weights fails here, before anything loads
     compare = list(compare or [])
     for path in compare:
         describe(path)

@@ -16,7 +16,6 @@ student step (no backward), which is cheaper than that disk.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,19 +99,6 @@ def check_same_tokenizer(student: Any, teacher: Any, teacher_path: str) -> None:
             )
 
 
-def _teacher_labels(base: str, adapter: str | None, trust_remote_code: bool) -> list[str]:
-    """A classifier teacher's label names in id order, from its files (as loading it would set them)."""
-    import json
-
-    from transformers import AutoConfig
-
-    label_file = Path(adapter or base) / "labels.json"
-    if label_file.is_file():
-        return list(json.loads(label_file.read_text()))
-    cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    return [cfg.id2label[i] for i in range(cfg.num_labels)]
-
-
 def check_teacher(
     path: str, *, student_tokenizer: Any, task: str, label_names: list[str] | None, trust_remote_code: bool = False
 ) -> None:
@@ -125,18 +111,18 @@ def check_teacher(
         ConfigError: on a task, tokenizer or label mismatch.
         ModelLoadError: when ``path`` is no model (or an unfinished run).
     """
-    from bittune.model import load_tokenizer, resolve_inference_source
+    from bittune.artifacts import label_names_of, load_tokenizer_of, resolve
 
-    base, adapter, teacher_task = resolve_inference_source(path)
-    if teacher_task != task:
+    artifact = resolve(path)
+    if artifact.task != task:
         raise ConfigError(
-            f"distill.teacher {path} is a {teacher_task} model but the student is trained for {task}",
+            f"distill.teacher {path} is a {artifact.task} model but the student is trained for {task}",
             hint="use a teacher trained for the same task (for a classifier: a run or folder with its head)",
         )
-    tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
-    check_same_tokenizer(student_tokenizer, load_tokenizer(tok_source, trust_remote_code=trust_remote_code), path)
+    teacher_tokenizer = load_tokenizer_of(artifact, trust_remote_code=trust_remote_code)
+    check_same_tokenizer(student_tokenizer, teacher_tokenizer, path)
     if task == "classification" and label_names is not None:
-        names = _teacher_labels(base, adapter, trust_remote_code)
+        names = label_names_of(artifact, trust_remote_code=trust_remote_code)
         if names != list(label_names):
             raise ConfigError(
                 f"distill.teacher {path} predicts the labels {names}, the student's data has {list(label_names)}",
@@ -161,14 +147,14 @@ def load_teacher(
         ConfigError: on a tokenizer, task or label mismatch.
         ModelLoadError: when the teacher cannot be loaded.
     """
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
 
     if student_tokenizer is not None and task is not None:
         check_teacher(
             path, student_tokenizer=student_tokenizer, task=task, label_names=label_names,
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
-    teacher, _, _ = load_for_inference(path, device=device.type, trust_remote_code=trust_remote_code)
+    teacher = load(path, device=device.type, trust_remote_code=trust_remote_code).model
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
@@ -191,7 +177,7 @@ class DistillLoss:
         self.autocast = autocast or contextlib.nullcontext
 
     def targets(self, labels: torch.Tensor) -> int:
-        from bittune.training.loss import count_targets
+        from bittune.data.collate import count_targets
 
         return count_targets(self.task, labels)
 

@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
-from bittune.training.loss import count_targets, loss_sum
+from bittune.data.collate import count_targets
+from bittune.training.loss import loss_sum
+
+__all__ = ["count_targets", "evaluate", "macro_f1", "model_inputs"]
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bittune.data.collate import count_targets  # the one count of loss terms
+
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not -100 (computed in float32)."""
@@ -34,13 +36,6 @@ def loss_sum(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     if task == "classification":
         return classification_loss_sum(logits, labels)
     return causal_lm_loss_sum(logits, labels)
-
-
-def count_targets(task: str, labels: torch.Tensor) -> int:
-    """Loss terms in a batch: shifted non-ignored tokens (causal) or rows (classification)."""
-    if task == "classification":
-        return int(labels.numel())
-    return int((labels[:, 1:] != -100).sum())
 
 
 class TaskLoss:

@@ -13,9 +13,12 @@ The fake quantization itself is :mod:`bittune.quant.qat`; this is the small piec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bittune.training.checkpoint import QatStageRecord
+
+if TYPE_CHECKING:
+    from bittune.sidecars import QatSettings
 
 
 @dataclass
@@ -75,7 +78,7 @@ class QatHook:
 
         remove_fake_quant(model)
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> QatSettings:
         """The ``qat.json`` written beside the final weights: how to quantize them to match the last stage."""
         from bittune.quant.qat import qat_settings
 
