@@ -31,8 +31,8 @@ METHODS = ("fp16", "bf16", "nf4", "fp4", "llm-int8", "int", "hqq", "gptq")
 GRID_METHODS = ("int", "hqq", "gptq")  # integer codes at 2..8 bits with group scales (QuantizedLinear on disk)
 # The method used when only --bits is given (GPTQ is never a silent default: it needs calibration text).
 # 3 and 2 bits: int (round-to-nearest), chosen by bench/quant_float_causal.py on a causal LM with genuine float
-# weights (a Llama pretrained here): held-out perplexity int <= hqq at 4, 3 and 2 bits, and int quantizes in
-# seconds where hqq takes minutes. On the bundled SmolLM2 (weights from a 4-bit GGUF) int also beats hqq at 3 bits;
+# weights (a Llama pretrained here): held-out perplexity int <= hqq at 4, 3 and 2 bits, and int quantizes
+# 15-50x faster. On the bundled SmolLM2 (weights from a 4-bit GGUF) int also beats hqq at 3 bits;
 # hqq wins only on MiniLM, an encoder (BENCHMARKS.md). gptq beats both when calibration text is given.
 DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "int", 2: "int"}
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
