@@ -191,7 +191,7 @@ def test_fsdp_qlora_matches_one_process(tiny_llama_dir, chat_file, tmp_path):
     one, two = one_and_two(tmp_path, *raws)
     assert_same_curve(step_records(one), step_records(two))
     assert_same_weights(one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")
-    assert json.loads((two / "adapter" / "bittune_quantization.json").read_text())["type"] == "nf4"
+    assert json.loads((two / "adapter" / "bittune_quantization.json").read_text())["method"] == "nf4"
 
 
 def test_qat_on_two_processes_matches_one_process(tiny_llama_dir, chat_file, tmp_path):
