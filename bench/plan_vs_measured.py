@@ -192,8 +192,10 @@ def machine(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, torch {torch.__version__} (CPU)"
 
 
-def parse_args(description: str, default_out: str) -> argparse.Namespace:
+def parse_args(description: str, default_out: str, *, repeat: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    if repeat:
+        parser.add_argument("--repeat", type=int, default=1, help="runs of each config (round-robin)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", help="local model folder (default: SmolLM2-135M-Instruct from the bundled GGUF)")
     parser.add_argument("--random-init", action="store_true", help="random weights of the model's shape")
@@ -210,7 +212,9 @@ def parse_args(description: str, default_out: str) -> argparse.Namespace:
 
 
 def command_line() -> str:
-    return "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
+    import shlex
+
+    return "python " + shlex.join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
 
 
 def setup(args: argparse.Namespace) -> tuple[Path, Path, Path]:

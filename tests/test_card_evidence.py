@@ -28,7 +28,8 @@ def front_matter(card: str) -> dict:
 def fake_run(tmp: Path, model_path: str) -> Path:
     run = tmp / "run"
     (run / "report").mkdir(parents=True)
-    cfg = {"model": {"path": model_path}, "method": "qlora", "data": {"train": "owner/trec-chat", "eval": "e.jsonl"}}
+    cfg = {"model": {"path": model_path}, "method": "qlora", "output_dir": str(run)}
+    cfg["data"] = {"train": "owner/trec-chat", "eval": "e.jsonl"}  # a real run_config.yaml: read back validated
     (run / "run_config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "summary.json").write_text(json.dumps({"steps": 10}))
     models = [

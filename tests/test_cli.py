@@ -111,6 +111,10 @@ def test_validate_train_eval_generate(tmp_path, tiny_llama_dir):
 
     proc = bittune("train", str(cfg), "--set", "train.max_steps=2")
     assert proc.returncode == 0, proc.stderr
+    # The first line says how many processes train, also when it is one.
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("bittune: 1 process on cpu (no mixed precision): lora causal-lm"), first
+    assert "warning:" not in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["final_dir"] == str(out / "adapter")
 
     proc = bittune("eval", str(out), "--data", str(data))

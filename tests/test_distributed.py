@@ -90,7 +90,10 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tiny_llama_dir
     one = train(config_from_dict(config(tiny_llama_dir, chat_file, tmp_path / "one", method="lora", batch=8)))
     raw = config(tiny_llama_dir, chat_file, tmp_path / "ddp", method="lora", batch=4)
     raw["tracking"] = {"backends": ["tensorboard"]}
-    launch(raw, tmp_path)
+    proc = launch(raw, tmp_path)
+    first = next(line for line in proc.stderr.splitlines() if line.startswith("bittune:"))
+    assert first.startswith("bittune: 2 processes (ddp) on cpu"), first
+    assert "steps of 4x1 per process" in first and "warning:" not in proc.stderr
     run = tmp_path / "ddp"
     assert_same_curve(step_records(one.run_dir), step_records(run))
     assert_same_weights(one.final_dir / "adapter_model.safetensors", run / "adapter" / "adapter_model.safetensors")
@@ -188,7 +191,7 @@ def test_fsdp_qlora_matches_one_process(tiny_llama_dir, chat_file, tmp_path):
     one, two = one_and_two(tmp_path, *raws)
     assert_same_curve(step_records(one), step_records(two))
     assert_same_weights(one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")
-    assert json.loads((two / "adapter" / "bittune_quantization.json").read_text())["type"] == "nf4"
+    assert json.loads((two / "adapter" / "bittune_quantization.json").read_text())["method"] == "nf4"
 
 
 def test_qat_on_two_processes_matches_one_process(tiny_llama_dir, chat_file, tmp_path):
@@ -204,6 +207,59 @@ def test_qat_on_two_processes_matches_one_process(tiny_llama_dir, chat_file, tmp
     assert [r["qat_bits"] for r in step_records(two)] == [8] * (STEPS // 2) + [4] * (STEPS // 2)
     assert_same_weights(one / "model" / "model.safetensors", two / "model" / "model.safetensors")
     assert json.loads((two / "model" / "qat.json").read_text())["bits"] == 4
+
+
+def _accelerate_child(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The environment and command line accelerate's own launcher code gives the process it starts for ARGV."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    return prepare_simple_launcher_cmd_env(args)[1], ["accelerate", "launch", *argv]
+
+
+def test_launch_request_says_what_each_launcher_asked_for(monkeypatch):
+    from bittune.training.distributed import LaunchRequest, launch_request
+
+    for var in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_request({}, []) is None  # a plain start
+    assert launch_request({"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}, []) == LaunchRequest("torchrun", 2)
+    assert launch_request({"OMPI_COMM_WORLD_SIZE": "4"}, []) == LaunchRequest("the launcher", 4)
+    # accelerate launch's simple launcher (what --cpu, or no --multi_gpu without GPUs, runs) starts ONE process and
+    # says nothing of the count in its environment: it comes from the launcher's command line.
+    script = ["-m", "bittune", "train", "c.yaml"]
+    for flags, count in [
+        (["--cpu", "--num_processes", "2"], 2),
+        (["--cpu", "--num_processes=3"], 3),
+        (["--num_processes", "4"], 4),  # no --multi_gpu on a machine without GPUs: one process too
+    ]:
+        env, argv = _accelerate_child([*flags, *script])
+        assert launch_request(env, argv) == LaunchRequest("accelerate launch", count), flags
+        assert launch_request(env, []) == LaunchRequest("accelerate launch", None)  # count not readable: "several"
+    assert launch_request(*_accelerate_child(["--cpu", "--num_processes", "1", *script])) is None
+    assert launch_request(*_accelerate_child(["--cpu", *script])) is None
+    assert LaunchRequest("accelerate launch", None).describe() == "accelerate launch asked for several processes"
+
+
+def test_accelerate_launch_cpu_with_two_processes_says_it_trains_in_one(tiny_llama_dir, chat_file, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (its --cpu mode expects MPI for the rest):
+    the run's first line says so, and what starts two."""
+    raw = config(tiny_llama_dir, chat_file, tmp_path / "run", method="lora", batch=4, max_steps=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    proc = subprocess.run([*cmd, "-m", "bittune", "train", str(cfg)], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stderr.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("bittune:"))
+    assert lines[i].startswith("bittune: 1 process (accelerate launch asked for 2 processes) on cpu"), lines[i]
+    assert lines[i + 1].startswith("warning: accelerate launch asked for 2 processes, but this run has 1"), lines[i + 1]
+    assert "bittune train CONFIG --nproc 2" in lines[i + 1] and "--multi_gpu --num_processes 2" in lines[i + 1]
+    assert [r["step"] for r in step_records(tmp_path / "run")] == [1, 2]  # and it trained, in one process
+    assert "processes" not in json.loads((tmp_path / "run" / "summary.json").read_text())
 
 
 def test_deepspeed_is_refused_on_cpu_with_a_clear_message(tiny_llama_dir, chat_file, tmp_path):

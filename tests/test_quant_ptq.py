@@ -95,7 +95,10 @@ def test_spec_from_cli_defaults_and_refusals() -> None:
 
     assert spec_from_cli(bits=4) == BnbSpec(method="nf4")
     assert spec_from_cli(bits=16) == CastSpec(method="fp16")
-    assert spec_from_cli(bits=3) == HqqSpec(bits=3, group_size=64)
+    # The data-free default at 3 and 2 bits is round-to-nearest, chosen by bench/quant_float_causal.py (README).
+    assert spec_from_cli(bits=3) == IntSpec(bits=3, group_size=64)
+    assert spec_from_cli(bits=2) == IntSpec(bits=2, group_size=64)
+    assert spec_from_cli(bits=3, method="hqq") == HqqSpec(bits=3, group_size=64)
     assert spec_from_cli(bits=3, method="int") == IntSpec(bits=3, group_size=64)
     assert spec_from_cli(bits=2, method="int", group_size=32, symmetric=True) == IntSpec(
         bits=2, group_size=32, symmetric=True

@@ -16,7 +16,7 @@ Methods:
 * ``llm-int8``: bitsandbytes LLM.int8 (row-wise int8 weights, outlier columns in fp16 at run time).
 * ``int``: group-wise round-to-nearest integers at 2..8 bits (:mod:`bittune.quant.intq`), symmetric or not.
 * ``hqq``: the same integer grid, with each group's zero point fitted by half-quadratic optimisation
-  (:mod:`bittune.quant.hqq`); needs no data; beats round-to-nearest at 3 and 2 bits on genuine float weights.
+  (:mod:`bittune.quant.hqq`); needs no data; beats round-to-nearest on MiniLM's float weights, not on a causal LM.
 * ``gptq``: the same integer grid, codes chosen with calibration text so that each layer's outputs change least
   (:mod:`bittune.quant.gptq`); the best at 3 and 2 bits, and needs a few thousand tokens of the user's text.
 """
@@ -32,9 +32,11 @@ from bittune.errors import ConfigError
 METHODS = ("fp16", "bf16", "nf4", "fp4", "llm-int8", "int", "hqq", "gptq")
 GRID_METHODS = ("int", "hqq", "gptq")  # integer codes at 2..8 bits with group scales (QuantizedLinear on disk)
 # The method used when only --bits is given (GPTQ is never a silent default: it needs calibration text).
-# 3 and 2 bits: hqq, clearly ahead of round-to-nearest on MiniLM's genuine float32 weights (BENCHMARKS.md; on the
-# bundled SmolLM2, whose weights come from a 4-bit GGUF, round-to-nearest beats hqq and gptq beats both).
-DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "hqq", 2: "hqq"}
+# 3 and 2 bits: int (round-to-nearest), chosen by bench/quant_float_causal.py on a causal LM with genuine float
+# weights (a Llama pretrained here): held-out perplexity int <= hqq at 4, 3 and 2 bits, and int quantizes
+# 15-50x faster. On the bundled SmolLM2 (weights from a 4-bit GGUF) int also beats hqq at 3 bits;
+# hqq wins only on MiniLM, an encoder (BENCHMARKS.md). gptq beats both when calibration text is given.
+DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "int", 2: "int"}
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 

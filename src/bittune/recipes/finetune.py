@@ -517,15 +517,37 @@ def open_logs(
 
 
 def _start_note(run: Run) -> str:
+    """The run's first line: how many processes (always), where, what trains, on how many rows, in how many steps.
+
+    A launcher that asked for more processes than the run got (``accelerate launch --cpu --num_processes 2``
+    starts one) gets a warning line right below, with the command that starts them.
+    """
+    from bittune.training.distributed import launch_request
+
     cfg, rt, t, data = run.cfg, run.rt, run.cfg.train, run.data
-    procs = f"{rt.world} processes ({rt.strategy}) x " if rt.world > 1 else ""
+    procs = f"{rt.world} processes ({rt.strategy})" if rt.world > 1 else "1 process"
+    request = launch_request()
+    short = request is not None and (request.count or 2) > rt.world
     text = (
-        f"bittune: {cfg.method} {cfg.model.task} on {rt.device.type} ({rt.mixed_precision} mixed precision), "
-        f"{run.sizes['trainable']:,} of {run.sizes['total']:,} parameters trainable; {len(data.train)} train / "
-        f"{len(data.eval)} eval rows; {run.plan.total_steps} steps of {procs}{t.batch_size}x{t.grad_accum}"
+        f"bittune: {procs}{f' ({request.describe()})' if short else ''} on {rt.device.type} "
+        f"({rt.mixed_precision} mixed precision): {cfg.method} {cfg.model.task}, {run.sizes['trainable']:,} of "
+        f"{run.sizes['total']:,} parameters trainable; {len(data.train)} train / {len(data.eval)} eval rows; "
+        f"{run.plan.total_steps} steps of {t.batch_size}x{t.grad_accum}{' per process' if rt.world > 1 else ''}"
         + (run.qat.note() if run.qat is not None else "")
         + (f"; distilling from {cfg.distill.teacher}" if cfg.distill else "")
     )
+    if short:
+        n = request.count or "N"
+        text += (
+            f"\nwarning: {request.describe()}, but this run has {rt.world}: "
+            + (
+                "accelerate launch without --multi_gpu (or with --cpu, which expects MPI) starts one process. "
+                if request.launcher == "accelerate launch"
+                else ""
+            )
+            + f"Start {n} processes with `bittune train CONFIG --nproc {n}` (or `accelerate launch --multi_gpu "
+            f"--num_processes {n} -m bittune train CONFIG`)."
+        )
     for split, st in data.stats.items():
         if st.truncated or st.dropped:
             text += f"\n  {split}: {st.truncated} rows truncated to {cfg.data.max_length} tokens, {st.dropped} dropped"

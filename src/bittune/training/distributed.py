@@ -16,7 +16,9 @@ into full tensors (torch.distributed.checkpoint's state_dict API) and written by
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -322,6 +324,72 @@ def launched_world_size() -> int | None:
 
     size = os.environ.get("WORLD_SIZE")
     return int(size) if size and size.isdigit() else None
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What the launcher that started this process asked for: ``count`` processes (None: several, number unknown)."""
+
+    launcher: str
+    count: int | None
+
+    def describe(self) -> str:
+        asked = f"{self.count} processes" if self.count else "several processes"
+        return f"{self.launcher} asked for {asked}"
+
+
+# Process counts that launchers put in each process's environment: torchrun (and accelerate's multi-GPU launcher,
+# which is torchrun) and the MPI launchers accelerate reads on CPU.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launch_request(
+    env: Mapping[str, str] | None = None, parent_argv: Sequence[str] | None = None
+) -> LaunchRequest | None:
+    """How many processes the launcher that started this one asked for, or None when none did (a plain start).
+
+    torchrun and MPI say it in every process's environment. ``accelerate launch`` does not when it starts a single
+    process itself: without ``--multi_gpu`` (or several GPUs) its simple launcher runs the script once, and with
+    ``--cpu`` it expects MPI to start the others. It then only sets ``ACCELERATE_USE_CPU`` and, when more than one
+    process was asked for, ``MASTER_ADDR``/``MASTER_PORT``; the number itself is read from its command line (the
+    parent process's, on Linux), else it is "several".
+
+    Args:
+        env: The environment to read (default ``os.environ``).
+        parent_argv: The launcher's command line (default: the parent process's, from ``/proc``).
+    """
+    import os
+
+    env = os.environ if env is None else env
+    sizes = [int(env[k]) for k in _WORLD_SIZE_VARS if env.get(k, "").isdigit()]
+    if sizes:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "the launcher"
+        return LaunchRequest(launcher, max(sizes))
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_PORT" not in env:
+        return None  # not accelerate's simple launcher, or it was asked for one process
+    argv = _parent_argv() if parent_argv is None else list(parent_argv)
+    return LaunchRequest("accelerate launch", _flag_int(argv, "--num_processes"))
+
+
+def _parent_argv() -> list[str]:
+    import os
+
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:  # not Linux, or not allowed: the count stays unknown
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _flag_int(argv: Sequence[str], flag: str) -> int | None:
+    """The value of ``flag N`` / ``flag=N`` in ``argv`` (accelerate's parser takes no abbreviations)."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name != flag:
+            continue
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        return int(value) if value.isdigit() else None
+    return None
 
 
 def relaunch(nproc: int, cli_args: list[str]) -> int:
