@@ -1,7 +1,9 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - create .venv, install, run the embedded default (SmolLM2-135M learns TREC question types)
 #   make test   - create .venv, install, run the test suite
-#   make test-llamacpp - the opt-in tier that loads GGUF exports in llama.cpp (installs llama-cpp-python first)
+#   make test-llamacpp - the llama.cpp tier alone (installs llama-cpp-python first, and llama.cpp's converter source
+#                        for the cross-check); `make test` runs it too whenever llama-cpp-python is importable or its
+#                        wheel is in $(WHEELS)
 # TORCH_SPEC picks the torch build; the default is the CPU wheel this project is developed with. On a CUDA
 # machine, pass e.g. TORCH_SPEC=torch (or keep a torch you already installed in the venv: it is not replaced).
 
@@ -18,7 +20,12 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 LLAMACPP_SPEC := llama-cpp-python==0.3.36
 WHEELS ?= ../shared/wheels
 
-.PHONY: install demo demo-quick test test-all test-llamacpp llamacpp browser lint format clean
+# llama.cpp's own converter (convert_hf_to_gguf.py and its packages, ~2 MB) from the llama-cpp-python source
+# package, unpacked into bittune's cache for the cross-check test (the sdist is taken from $(WHEELS) when there).
+LLAMACPP_SRC_DIR = $(shell $(PY) -c "from bittune.cache import cache_dir; print(cache_dir())" 2>/dev/null)/llama.cpp-src-0.3.36
+WHEEL_INSTALL := $(PIP) -c constraints.txt --find-links $(WHEELS) --only-binary llama-cpp-python "$(LLAMACPP_SPEC)"
+
+.PHONY: install demo demo-quick test test-all test-llamacpp llamacpp llamacpp-src browser lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,20 +42,42 @@ demo: install
 demo-quick: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bittune demo --quick --out runs/demo-quick
 
+# With llama-cpp-python importable (installed here from a wheel in $(WHEELS) when there is one; never compiled by
+# this target) the llama.cpp tier runs too; without it, those tests are skipped with that reason.
 test: install browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	@$(PY) -c "import llama_cpp" 2>/dev/null || ! ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || $(WHEEL_INSTALL)
+	@if $(PY) -c "import llama_cpp" 2>/dev/null; then \
+		HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "llamacpp or not llamacpp"; \
+	else \
+		echo "llama-cpp-python is not installed and $(WHEELS) has no wheel: llama.cpp checks skipped (make llamacpp)"; \
+		HF_HUB_OFFLINE=1 $(PY) -m pytest -q; \
+	fi
 
 llamacpp: install
 	@$(PY) -c "import llama_cpp" 2>/dev/null && echo "llama-cpp-python already installed" || \
 	if ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
-		$(PIP) -c constraints.txt --find-links $(WHEELS) --only-binary llama-cpp-python "$(LLAMACPP_SPEC)"; \
+		$(WHEEL_INSTALL); \
 	else \
 		echo "no wheel in $(WHEELS): building llama-cpp-python from source (~15 min on 2 cores)"; \
 		CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" $(PIP) -c constraints.txt "$(LLAMACPP_SPEC)"; \
 	fi
 
+llamacpp-src: install
+	@if [ -f "$(LLAMACPP_SRC_DIR)/convert_hf_to_gguf.py" ]; then echo "llama.cpp converter at $(LLAMACPP_SRC_DIR)"; else \
+		tmp=$$(mktemp -d) && \
+		( cp $(WHEELS)/llama_cpp_python-0.3.36.tar.gz $$tmp/ 2>/dev/null || \
+		  $(PY) -m pip download -q --no-deps --no-binary :all: "$(LLAMACPP_SPEC)" -d $$tmp ) && \
+		tar xzf $$tmp/llama_cpp_python-0.3.36.tar.gz -C $$tmp --wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' \
+			'*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*' '*/vendor/llama.cpp/LICENSE' && \
+		mkdir -p "$$(dirname "$(LLAMACPP_SRC_DIR)")" && \
+		mv $$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp "$(LLAMACPP_SRC_DIR)" && rm -rf $$tmp && \
+		echo "unpacked llama.cpp's converter into $(LLAMACPP_SRC_DIR)"; \
+	fi
+
 test-llamacpp: llamacpp
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m llamacpp tests/test_export_llamacpp.py
+	-@$(MAKE) --no-print-directory llamacpp-src
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m llamacpp tests/test_export_llamacpp.py tests/test_llamacpp_smoke.py \
+		tests/test_gguf_import_tokenizer.py
 
 # Headless Chromium renders `bittune report`'s HTML in tests/test_report.py (skipped, with the reason, without it).
 # A system package, so `make test` does not install it; CI (root on Debian) runs this first.

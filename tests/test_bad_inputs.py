@@ -744,8 +744,8 @@ def _export_type(env: Env) -> Scenario:
 def _export_format(env: Env) -> Scenario:
     out = env.tmp / "m.onnx"
     return Scenario(
-        ["export", str(env.tiny_llama_dir), "--out", str(out), "--format", "onnx"], "--format 'onnx'", ["gguf, hf"],
-        out=out,
+        ["export", str(env.tiny_llama_dir), "--out", str(out), "--format", "onnx"], "--format 'onnx'",
+        ["gguf, gguf-lora, hf"], out=out,
     )  # fmt: skip
 
 

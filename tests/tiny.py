@@ -162,6 +162,8 @@ def tokenizer_with_pre(pre_tokenizer: dict[str, Any]) -> Any:
     lines = corpus() + [
         f"In {1990 + i} I'm sure we'll pay {i * 12345} dollars.\n\nThey've 3.14 x{i}" for i in range(40)
     ]
+    # Blank lines and runs of spaces before a number: where splitting digits first changes the whitespace tokens.
+    lines += [f"Step\n\n{i}. Then  {i}  more\n\n\n{i * 7}" for i in range(40)]
     tok.train_from_iterator(lines, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -261,8 +263,14 @@ def make_tiny_bert(path: Path, tokenizer: Any, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny(path: Path, tokenizer: Any, arch: str, seed: int = 0, **extra: Any) -> Path:
-    """Save a random 2-layer ``qwen2``, ``mistral``, ``llama`` or ``gpt2`` causal LM (hidden 32) and its tokenizer."""
+def make_tiny(
+    path: Path, tokenizer: Any, arch: str, seed: int = 0, hidden: int = 32, init: float = 0.25, **extra: Any
+) -> Path:
+    """Save a random 2-layer ``qwen2``, ``mistral``, ``llama`` or ``gpt2`` causal LM and its tokenizer.
+
+    ``hidden`` 256 gives rows llama.cpp's K-quants (256-weight super-blocks) can hold; ``init`` the weights' std
+    (wide random models with the default 0.25 are chaotic: tiny rounding changes flip their logits).
+    """
     import torch
     import transformers as tf
 
@@ -274,7 +282,7 @@ def make_tiny(path: Path, tokenizer: Any, arch: str, seed: int = 0, **extra: Any
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "initializer_range": 0.25,
+        "initializer_range": init,
     }
     if arch == "gpt2":
         config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
@@ -286,8 +294,8 @@ def make_tiny(path: Path, tokenizer: Any, arch: str, seed: int = 0, **extra: Any
             "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         }[arch]
         config = cls_cfg(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

@@ -277,17 +277,33 @@ def plan(
 def export_(
     model: Annotated[str, typer.Argument(help="Run directory (a LoRA adapter is merged) or model folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The .gguf file (gguf) or folder (hf) to write.")],
-    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp) or hf (Hugging Face folder).")] = "gguf",
-    qtype: Annotated[str, typer.Option("--type", help="GGUF tensor type: f32, f16, q8_0 or q4_0.")] = "f16",
+    fmt: Annotated[
+        str, typer.Option("--format", help="gguf (llama.cpp), gguf-lora (a run's adapter) or hf (Hugging Face).")
+    ] = "gguf",
+    qtype: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="GGUF type: f32, f16, q8_0, q4_0, or via llama.cpp q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, iq4_xs...",
+        ),
+    ] = "f16",
     verify: Annotated[
         bool, typer.Option("--verify", help="Load the GGUF in llama.cpp and compare it with transformers.")
     ] = False,
+    imatrix: Annotated[
+        str | None,
+        typer.Option(help="Importance matrix for llama.cpp types: auto (the run's train file) or a data file."),
+    ] = None,
+    imatrix_tokens: Annotated[int | None, typer.Option(help="Tokens the importance matrix is computed on.")] = None,
 ) -> None:
-    """Export MODEL as GGUF for llama.cpp or as a merged Hugging Face folder with a model card."""
+    """Export MODEL as GGUF for llama.cpp, a run's adapter as a GGUF LoRA, or a merged Hugging Face folder."""
     from bittune.export.commands import export_model
 
     con = _console()
-    result = export_model(model, fmt=fmt, out=out, qtype=qtype, verify=verify, log=con.print)
+    result = export_model(
+        model, fmt=fmt, out=out, qtype=qtype, verify=verify, imatrix=imatrix, imatrix_tokens=imatrix_tokens,
+        log=con.print,
+    )  # fmt: skip
     print(json.dumps(result, indent=2))
 
 

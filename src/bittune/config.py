@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from bittune.errors import ConfigError
-from bittune.quant.spec import BnbSpec, IntSpec
+from bittune.quant.spec import BnbSpec, GgmlSpec, IntSpec
 
 Task = Literal["causal-lm", "classification"]
 Method = Literal["full", "lora", "qlora", "qat"]
@@ -82,7 +82,8 @@ class LoraConfig(_Section):
 class QatConfig(_Section):
     """Quantization-aware training: weights are fake-quantized in the forward pass, with a bit-width per stage.
 
-    The grid speaks :class:`~bittune.quant.spec.IntSpec`'s words (``method``, ``group_size``, ``symmetric``); each
+    The grid speaks :class:`~bittune.quant.spec.IntSpec`'s words (``method``, ``group_size``, ``symmetric``), or is
+    llama.cpp's blocks (:class:`~bittune.quant.spec.GgmlSpec`, ``method: gguf-q4_0|gguf-q8_0``); each
     stage trains at :meth:`spec` of its bits, and the last one is what ``bittune quantize RUN`` applies.
     """
 
@@ -93,7 +94,19 @@ class QatConfig(_Section):
     )
     group_size: int = Field(64, gt=0, description="Weights sharing one scale and zero point (along a row).")
     symmetric: bool = Field(False, description="Fixed zero point; default: per-group min/max zero point.")
-    method: Literal["int"] = Field("int", description="Quantizer: group-wise round-to-nearest integers.")
+    method: Literal["int", "gguf-q4_0", "gguf-q8_0"] = Field(
+        "int",
+        description="Quantizer: group-wise round-to-nearest integers (int), or llama.cpp's own Q4_0/Q8_0 blocks "
+        "(gguf-q4_0, gguf-q8_0: the GGUF export of that type is exactly the trained model).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ggml_blocks(cls, raw: Any) -> Any:
+        """llama.cpp's blocks are 32 weights: that is the group size a ``gguf-*`` run records (and reads back)."""
+        if isinstance(raw, dict) and str(raw.get("method", "")).startswith("gguf-") and "group_size" not in raw:
+            raw = {**raw, "group_size": 32}
+        return raw
 
     @model_validator(mode="after")
     def _stages(self) -> QatConfig:
@@ -105,6 +118,14 @@ class QatConfig(_Section):
             problems.append(f"qat.schedule bits must be 2..8, got {bad}")
         if self.steps_per_stage is not None and self.stage_steps is not None:
             problems.append("set qat.steps_per_stage or qat.stage_steps, not both")
+        ggml_bits = {"gguf-q4_0": 4, "gguf-q8_0": 8}.get(self.method)
+        if ggml_bits is not None and self.schedule and self.schedule[-1] != ggml_bits:
+            problems.append(
+                f"qat.method {self.method} trains for the {self.method[5:].upper()} export, so the last "
+                f"qat.schedule stage must be {ggml_bits} bits (got {self.schedule[-1]})"
+            )
+        if ggml_bits is not None and self.group_size != 32:
+            problems.append(f"qat.group_size: llama.cpp's {self.method[5:].upper()} blocks are 32 weights; drop it")
         if self.stage_steps is not None:
             if len(self.stage_steps) != len(self.schedule):
                 problems.append(
@@ -117,10 +138,13 @@ class QatConfig(_Section):
             raise ValueError("; ".join(problems))
         return self
 
-    def spec(self, bits: int | None = None) -> IntSpec:
-        """The integer grid of the stage with ``bits`` (default: the last stage's, what the run converts to)."""
-        return IntSpec(bits=self.schedule[-1] if bits is None else bits, group_size=self.group_size,
-                       symmetric=self.symmetric)  # fmt: skip
+    def spec(self, bits: int | None = None) -> IntSpec | GgmlSpec:
+        """The grid of the stage with ``bits`` (default: the last stage's, what the run converts to): the integer
+        grid for ``int``, llama.cpp's 32-weight blocks for ``gguf-q4_0``/``gguf-q8_0``."""
+        bits = self.schedule[-1] if bits is None else bits
+        if self.method != "int":
+            return GgmlSpec(method=self.method, bits=bits)
+        return IntSpec(bits=bits, group_size=self.group_size, symmetric=self.symmetric)
 
     def explicit_steps(self) -> list[int] | None:
         """Steps of each stage when the config fixes them, else None (stages split the run's steps evenly)."""

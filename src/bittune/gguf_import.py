@@ -23,11 +23,20 @@ from bittune.errors import ModelLoadError
 # Written into a converted folder before it is renamed into place: the conversion version and its files.
 COMPLETE_MARKER = "bittune_complete.json"
 # Bump when the conversion changes, so old caches are redone.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: the tokenizer keeps the GGUF's own pre-tokenizer (e.g. SmolLM's digit split)
 # Temp dirs older than this are leftovers of a killed conversion (a live one takes about a minute per 100M params).
 _STALE_TMP_S = 3600
 # Architectures transformers can load from GGUF but bittune does not fine-tune as causal LMs.
 _NOT_CAUSAL_LM = {"t5", "umt5"}
+
+# Text the converted tokenizer must split exactly as llama.cpp does with the source file (when llama-cpp-python is
+# installed): numbers after blank lines, runs of digits, contractions, mixed whitespace, code, non-ASCII.
+TOKENIZER_SAMPLE = (
+    "Install\n\n1. Run `make demo`\n\n\n2. Then 12345 + 3.14159 = 12348.14159",
+    "I'm sure they've paid 24690 dollars in 1994; we'll see.\r\n\tIndented\t\ttabs  and   spaces \n",
+    "def f(x):\n    return x**2  # 100%\n\n\n## Heading 2\n- item 1\n- item 22",
+    "Ünïcödé: café, naïve, 東京, 🙂; ½ ² ³ ١٢٣",
+)
 
 Log = Callable[[str], None]
 Convert = Callable[[Path, Path, Log], None]
@@ -104,6 +113,9 @@ def convert_gguf(gguf: Path, target: Path, log: Log = _quiet, *, name: str, eos_
     t0 = time.perf_counter()
     src, file = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file)
+    tok_model, pre = gguf_tokenizer_kind(gguf)
+    if tok_model == "gpt2":
+        set_pre_tokenizer(tokenizer, pre)
     # dequantize=True explicitly: with the optional `kernels` package installed, transformers would otherwise keep
     # the blocks packed, and such a model cannot be saved or fine-tuned.
     model = AutoModelForCausalLM.from_pretrained(
@@ -130,6 +142,8 @@ def convert_gguf(gguf: Path, target: Path, log: Log = _quiet, *, name: str, eos_
     tokenizer.save_pretrained(target)
     _drop_tokens_beyond(target, model.get_input_embeddings().weight.shape[0])
     tokenizer = AutoTokenizer.from_pretrained(target)
+    if tok_model == "gpt2":
+        check_tokenizer_with_llamacpp(gguf, tokenizer, pre, log)
 
     probe = "What is the capital of France?"
     expected = _greedy_ids(model, tokenizer, probe)
@@ -144,6 +158,84 @@ def convert_gguf(gguf: Path, target: Path, log: Log = _quiet, *, name: str, eos_
     if got != expected:
         raise RuntimeError(f"converted {name} generates {got}, the GGUF model {expected}")
     log(f"checked the saved folder reloads and generates the same tokens ({time.perf_counter() - t0:.0f}s)")
+
+
+def gguf_tokenizer_kind(path: Path) -> tuple[str | None, str | None]:
+    """``(tokenizer.ggml.model, tokenizer.ggml.pre)`` of a GGUF file (None where absent)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+
+    def text(key: str) -> str | None:
+        return str(fields[key].contents()) if key in fields else None
+
+    return text("tokenizer.ggml.model"), text("tokenizer.ggml.pre")
+
+
+def set_pre_tokenizer(tokenizer: Any, pre: str | None) -> None:
+    """Give a byte-level BPE tokenizer converted from GGUF the split llama.cpp uses for ``pre`` (in place).
+
+    transformers' GGUF loader knows some pre-tokenizers by name and falls back to the plain GPT-2 split for the
+    rest; for the ones bittune exports (gpt-2, smollm, llama-bpe, qwen2) the split is set here explicitly, from the
+    same table the exporter reads, so import and export cannot disagree. Others are left as transformers built them
+    (and checked against llama.cpp when it is installed).
+    """
+    from tokenizers import Regex, pre_tokenizers
+
+    from bittune.export.tokenizer_meta import pre_tokenizer_json
+
+    node = pre_tokenizer_json(pre or "")
+
+    def build(n: dict[str, Any]) -> Any:
+        kind = n["type"]
+        if kind == "Sequence":
+            return pre_tokenizers.Sequence([build(c) for c in n["pretokenizers"]])
+        if kind == "ByteLevel":
+            return pre_tokenizers.ByteLevel(
+                add_prefix_space=n["add_prefix_space"], trim_offsets=n["trim_offsets"], use_regex=n["use_regex"]
+            )
+        if kind == "Digits":
+            return pre_tokenizers.Digits(individual_digits=n["individual_digits"])
+        return pre_tokenizers.Split(Regex(n["pattern"]["Regex"]), behavior=n["behavior"].lower(), invert=n["invert"])
+
+    if node is not None:
+        tokenizer.backend_tokenizer.pre_tokenizer = build(node)
+
+
+def check_tokenizer_with_llamacpp(gguf: Path, tokenizer: Any, pre: str | None, log: Log = _quiet) -> None:
+    """Refuse a conversion whose tokenizer splits :data:`TOKENIZER_SAMPLE` (and a chat turn) unlike llama.cpp.
+
+    Runs only when llama-cpp-python is installed (it reads the vocabulary alone, in well under a second).
+
+    Raises:
+        ModelLoadError: naming the first text that differs and both tokenizations.
+    """
+    try:
+        import llama_cpp
+    except ImportError:
+        log(f"tokenizer ({pre}) not checked against llama.cpp: llama-cpp-python is not installed (make llamacpp)")
+        return
+    texts = list(TOKENIZER_SAMPLE)
+    if tokenizer.chat_template:
+        msgs = [{"role": "user", "content": texts[0]}, {"role": "assistant", "content": texts[1]}]
+        texts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        for text in texts:
+            ours = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            theirs = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+            if ours != theirs:
+                at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                raise ModelLoadError(
+                    f"{gguf.name}: the converted tokenizer splits text unlike llama.cpp with its '{pre}' "
+                    f"pre-tokenizer: {text[:40]!r} gives {ours[at : at + 6]} here and {theirs[at : at + 6]} in "
+                    f"llama.cpp (token {at})",
+                    hint="use the model's original Hugging Face folder instead; fine-tuning on a tokenizer that "
+                    "splits differently from the model's own would train it on unfamiliar token sequences",
+                )
+    finally:
+        llm.close()
+    log(f"tokenizer ({pre}) checked against llama.cpp on {len(texts)} sample texts")
 
 
 def _drop_tokens_beyond(folder: Path, n_vocab: int) -> None:

@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bittune.errors import ModelLoadError
-from bittune.quant.spec import BnbSpec, IntSpec, QuantSpec
+from bittune.quant.spec import BnbSpec, GgmlSpec, IntSpec, QuantSpec
 
 TRAINING_QUANT_FILE = "bittune_quantization.json"
 QAT_SETTINGS_FILE = "qat.json"
@@ -47,13 +47,16 @@ class QatSettings(BaseModel):
     bits: int = Field(ge=2, le=8, description="Bits of the last stage: what to quantize to.")
     group_size: int
     symmetric: bool = False
-    method: Literal["int"] = "int"
+    method: Literal["int", "gguf-q4_0", "gguf-q8_0"] = "int"
     schedule: list[int] = Field(default_factory=list, description="Bits of every stage, in order.")
     stage_ends: list[int] = Field(default_factory=list, description="The global step each stage ended at.")
 
     @property
-    def spec(self) -> IntSpec:
-        """The post-training spec that reproduces what the last stage trained and evaluated."""
+    def spec(self) -> IntSpec | GgmlSpec:
+        """The grid that reproduces what the last stage trained and evaluated (``int``: the post-training spec of
+        ``bittune quantize``; ``gguf-*``: llama.cpp's blocks, stored by the GGUF export of that type)."""
+        if self.method != "int":
+            return GgmlSpec(method=self.method, bits=self.bits)
         return IntSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
 

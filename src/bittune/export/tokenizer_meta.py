@@ -60,6 +60,24 @@ class TokenizerMeta:
             writer.add_chat_template(self.chat_template)
 
 
+def pre_tokenizer_json(pre: str) -> dict[str, Any] | None:
+    """The ``tokenizer.json`` pre-tokenizer that splits text as llama.cpp's ``pre`` does, or None if not ours.
+
+    The inverse of :func:`detect_pre`: the GGUF import uses it to give a converted tokenizer its own split back.
+    """
+    bytelevel = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+    if pre == "gpt-2":
+        return {**bytelevel, "use_regex": True}
+    if pre == "smollm":
+        digits = {"type": "Digits", "individual_digits": True}
+        return {"type": "Sequence", "pretokenizers": [digits, {**bytelevel, "use_regex": True}]}
+    regex = next((r for r, name in SPLIT_REGEX_PRE.items() if name == pre), None)
+    if regex is None:
+        return None
+    split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+    return {"type": "Sequence", "pretokenizers": [split, {**bytelevel, "use_regex": False}]}
+
+
 def _is_bytelevel(node: dict[str, Any] | None, *, use_regex: bool) -> bool:
     return bool(node) and node.get("type") == "ByteLevel" and bool(node.get("use_regex", True)) == use_regex
 

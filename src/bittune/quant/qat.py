@@ -23,23 +23,34 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
+from bittune.quant.ggml_grid import BLOCK as GGML_BLOCK
+from bittune.quant.ggml_grid import METHODS as GGML_METHODS
+from bittune.quant.ggml_grid import ggml_fake_quantize, ggml_quantize_dequantize
 from bittune.quant.intq import fake_quantize, quantize_dequantize
 from bittune.quant.select import quantizable_linears
 from bittune.sidecars import QatSettings
 
 
+def _fake_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, method: str) -> torch.Tensor:
+    """The quantizer ``method`` names: bittune's integer grid (``int``), or llama.cpp's blocks (``gguf-q4_0``/``q8_0``,
+    :mod:`bittune.quant.ggml_grid`: exactly what the GGUF export of that type stores)."""
+    if method in GGML_METHODS:
+        return ggml_fake_quantize(weight, bits)
+    return fake_quantize(weight, bits, group_size, symmetric)
+
+
 class FakeQuant(torch.nn.Module):
     """Parametrization ``W -> fake_quantize(W)`` with a bit-width that can change between steps."""
 
-    def __init__(self, bits: int, group_size: int, symmetric: bool) -> None:
+    def __init__(self, bits: int, group_size: int, symmetric: bool, method: str = "int") -> None:
         super().__init__()
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.bits, self.group_size, self.symmetric, self.method = bits, group_size, symmetric, method
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(weight, self.bits, self.group_size, self.symmetric)
+        return _fake_quantize(weight, self.bits, self.group_size, self.symmetric, self.method)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
+        return f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}, method={self.method}"
 
 
 class FakeQuantMerged(FakeQuant):
@@ -48,8 +59,10 @@ class FakeQuantMerged(FakeQuant):
     The LoRA layer is held in a plain list, not as a submodule: registering it would make the module tree cyclic.
     """
 
-    def __init__(self, lora_layer: Any, adapter: str, bits: int, group_size: int, symmetric: bool) -> None:
-        super().__init__(bits, group_size, symmetric)
+    def __init__(
+        self, lora_layer: Any, adapter: str, bits: int, group_size: int, symmetric: bool, method: str = "int"
+    ) -> None:
+        super().__init__(bits, group_size, symmetric, method)
         self._lora = [lora_layer]
         self.adapter = adapter
 
@@ -58,7 +71,8 @@ class FakeQuantMerged(FakeQuant):
             delta = self._lora[0].get_delta_weight(self.adapter)
             # As PEFT's merge (`weight.data += delta`): add in the wider dtype, round once to the weight's dtype.
             merged = (weight.to(torch.promote_types(weight.dtype, delta.dtype)) + delta).to(weight.dtype)
-        return fake_quantize(merged, self.bits, self.group_size, self.symmetric) - delta.to(weight.dtype)
+        q = _fake_quantize(merged, self.bits, self.group_size, self.symmetric, self.method)
+        return q - delta.to(weight.dtype)
 
 
 @dataclass
@@ -91,21 +105,38 @@ def _lora_parent(model: torch.nn.Module, name: str) -> tuple[Any, str] | None:
     return parent, adapters[0]
 
 
-def attach_fake_quant(model: torch.nn.Module, *, bits: int, group_size: int, symmetric: bool) -> FakeQuantized:
+def attach_fake_quant(
+    model: torch.nn.Module, *, bits: int, group_size: int, symmetric: bool, method: str = "int"
+) -> FakeQuantized:
     """Fake-quantize the weights of every quantizable linear of ``model`` (in place).
 
     Call it after LoRA is attached (so the merged weight is what gets quantized) and before the optimizer is built.
 
+    Args:
+        method: ``int`` (bittune's grid: ``group_size``, ``symmetric``) or ``gguf-q4_0``/``gguf-q8_0`` (llama.cpp's
+            32-weight blocks; every quantized linear must have a multiple of 32 inputs).
+
     Returns:
         A handle whose :meth:`FakeQuantized.set_bits` moves all of them to another bit-width.
+
+    Raises:
+        ValueError: a gguf method on a linear whose rows do not split into 32-weight blocks.
     """
     modules, names = [], []
-    for name, linear in quantizable_linears(model):
+    chosen = quantizable_linears(model)
+    if method in GGML_METHODS:
+        odd = [n for n, lin in chosen if lin.in_features % GGML_BLOCK]
+        if odd:
+            raise ValueError(
+                f"qat.method {method}: {odd[0]} has {model.get_submodule(odd[0]).in_features} inputs, not a multiple "
+                f"of llama.cpp's {GGML_BLOCK}-weight blocks (use qat.method int)"
+            )
+    for name, linear in chosen:
         lora = _lora_parent(model, name)
         if lora is None:
-            fq = FakeQuant(bits, group_size, symmetric)
+            fq = FakeQuant(bits, group_size, symmetric, method)
         else:
-            fq = FakeQuantMerged(lora[0], lora[1], bits, group_size, symmetric)
+            fq = FakeQuantMerged(lora[0], lora[1], bits, group_size, symmetric, method)
         parametrize.register_parametrization(linear, "weight", fq)
         modules.append(fq)
         names.append(name)
@@ -121,10 +152,13 @@ def remove_fake_quant(model: torch.nn.Module) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
-def quantize_linears_(model: torch.nn.Module, *, bits: int, group_size: int, symmetric: bool) -> int:
-    """Replace each quantizable linear's weight by its integer quantize-dequantize round trip (in place).
+def quantize_linears_(
+    model: torch.nn.Module, *, bits: int, group_size: int, symmetric: bool, method: str = "int"
+) -> int:
+    """Replace each quantizable linear's weight by its quantize-dequantize round trip (in place).
 
-    This is post-training quantization evaluated in float: numerically what the ``int`` quantizer stores.
+    This is post-training quantization evaluated in float: numerically what the ``int`` quantizer stores (or, for
+    ``gguf-q4_0``/``gguf-q8_0``, what that GGUF type stores).
 
     Returns:
         How many linears were quantized.
@@ -133,11 +167,16 @@ def quantize_linears_(model: torch.nn.Module, *, bits: int, group_size: int, sym
     with torch.no_grad():
         for _, linear in chosen:
             w = linear.weight
-            w.copy_(quantize_dequantize(w, bits, group_size, symmetric).to(w.dtype))
+            if method in GGML_METHODS:
+                w.copy_(ggml_quantize_dequantize(w, bits).to(w.dtype))
+            else:
+                w.copy_(quantize_dequantize(w, bits, group_size, symmetric).to(w.dtype))
     return len(chosen)
 
 
-def convert(model: torch.nn.Module, *, bits: int, group_size: int, symmetric: bool) -> torch.nn.Module:
+def convert(
+    model: torch.nn.Module, *, bits: int, group_size: int, symmetric: bool, method: str = "int"
+) -> torch.nn.Module:
     """A QAT-trained model as the quantized model it was trained to be.
 
     Strips the fake-quant parametrizations, folds a LoRA adapter into the base weights (PEFT's
@@ -150,7 +189,7 @@ def convert(model: torch.nn.Module, *, bits: int, group_size: int, symmetric: bo
     remove_fake_quant(model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    quantize_linears_(model, bits=bits, group_size=group_size, symmetric=symmetric)
+    quantize_linears_(model, bits=bits, group_size=group_size, symmetric=symmetric, method=method)
     return model
 
 

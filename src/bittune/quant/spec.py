@@ -5,7 +5,9 @@
 * ``quant:`` of a QLoRA config is a :class:`BnbSpec` (``{method: nf4, double_quant: true}``; ``llm-int8`` is the
   8-bit base; ``compute_dtype`` picks the matmul dtype). The old spelling ``{bits: 4, type: nf4}`` is translated.
 * ``qat:`` trains on the ``int`` grid: its ``group_size``/``symmetric`` and the last stage's bits make the
-  :class:`IntSpec` that ``bittune quantize RUN`` applies (see :class:`bittune.sidecars.QatSettings`).
+  :class:`IntSpec` that ``bittune quantize RUN`` applies (see :class:`bittune.sidecars.QatSettings`); or, with
+  ``method: gguf-q4_0|gguf-q8_0``, on llama.cpp's own blocks (:class:`GgmlSpec`), which the GGUF export of that
+  type stores exactly and ``bittune quantize`` refuses.
 
 Methods:
 
@@ -179,7 +181,35 @@ class GptqSpec(_GroupSpec):
         return f"gptq{self.bits}-g{self.group_size}{'-sym' if self.symmetric else ''}"
 
 
+class GgmlSpec(_Spec):
+    """llama.cpp's own Q4_0 / Q8_0 blocks (32 weights, one float16 scale): a QAT grid whose GGUF export is exact.
+
+    Not a PTQ method of ``bittune quantize`` (which stores :data:`GridSpec`): a run trained on it is exported with
+    ``bittune export RUN --format gguf --type q4_0`` (:attr:`gguf_type`). ``bits`` is the stage's bit-width: the
+    final stage's is the method's own (4 or 8); earlier stages use the same blocks with more levels
+    (:mod:`bittune.quant.ggml_grid`).
+    """
+
+    method: Literal["gguf-q4_0", "gguf-q8_0"] = "gguf-q4_0"
+    bits: int = Field(4, ge=2, le=8)
+
+    @property
+    def group_size(self) -> int:
+        return 32
+
+    @property
+    def gguf_type(self) -> str:
+        """The ``--type`` of the export that stores exactly these weights."""
+        return self.method.removeprefix("gguf-")
+
+    def label(self) -> str:
+        own = 4 if self.method == "gguf-q4_0" else 8
+        return self.method if self.bits == own else f"{self.method}-{self.bits}bit"
+
+
+GGML_METHODS = ("gguf-q4_0", "gguf-q8_0")
 GridSpec = IntSpec | HqqSpec | GptqSpec  # stored as QuantizedLinear codes + float16 scales/zeros
+QatSpec = IntSpec | GgmlSpec  # the grids qat: trains on
 Spec = CastSpec | BnbSpec | GridSpec
 QuantSpec = Annotated[Spec, Field(discriminator="method")]
 _ADAPTER: TypeAdapter[Spec] = TypeAdapter(QuantSpec)
@@ -285,6 +315,14 @@ def spec_for_source(
 
     asked = bits is not None or method is not None or group_size is not None or symmetric
     qat = None if asked or calibration_tokens is not None else as_artifact(source).qat
+    if qat is not None and isinstance(qat.spec, GgmlSpec):
+        source = getattr(source, "path", source)
+        raise ConfigError(
+            f"{source} was trained on llama.cpp's {qat.spec.gguf_type.upper()} grid, which `bittune quantize` does "
+            "not store",
+            hint=f"export it to that type: bittune export {source} --format gguf --type {qat.spec.gguf_type} "
+            "--out model.gguf",
+        )
     if qat is not None:
         return qat.spec
     return spec_from_cli(

@@ -39,13 +39,25 @@ class QatHook:
 
     @classmethod
     def attach(cls, model: Any, qat_cfg: Any, stages: Any) -> QatHook:
-        """Fake-quantize ``model``'s weights at the first stage's bits (after LoRA, so ``W + BA`` is quantized)."""
+        """Fake-quantize ``model``'s weights at the first stage's bits (after LoRA, so ``W + BA`` is quantized).
+
+        The grid is ``qat_cfg.spec`` of that stage: the integer grid, or llama.cpp's Q4_0/Q8_0 blocks.
+
+        Raises:
+            ConfigError: a ``gguf-*`` method on a model with a linear whose rows do not split into 32-weight blocks.
+        """
+        from bittune.errors import ConfigError
         from bittune.quant.qat import attach_fake_quant
 
-        fq = attach_fake_quant(
-            model, bits=qat_cfg.schedule[0], group_size=qat_cfg.group_size, symmetric=qat_cfg.symmetric
-        )
-        return cls(fq, stages, qat_cfg.group_size, qat_cfg.symmetric, qat_cfg.method)
+        spec = qat_cfg.spec(qat_cfg.schedule[0])
+        symmetric = getattr(spec, "symmetric", False)
+        try:
+            fq = attach_fake_quant(
+                model, bits=spec.bits, group_size=spec.group_size, symmetric=symmetric, method=spec.method
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc), hint="see qat.method in the README") from None
+        return cls(fq, stages, spec.group_size, symmetric, spec.method)
 
     @property
     def bits(self) -> int:
