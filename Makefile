@@ -47,6 +47,7 @@ demo-quick: install
 test: install browser
 	@$(PY) -c "import llama_cpp" 2>/dev/null || ! ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || $(WHEEL_INSTALL)
 	@if $(PY) -c "import llama_cpp" 2>/dev/null; then \
+		$(MAKE) --no-print-directory llamacpp-src && \
 		HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "llamacpp or not llamacpp"; \
 	else \
 		echo "llama-cpp-python is not installed and $(WHEELS) has no wheel: llama.cpp checks skipped (make llamacpp)"; \
