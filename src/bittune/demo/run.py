@@ -49,11 +49,11 @@ class Sizes:
 SIZES: dict[str, Sizes] = {
     "full": Sizes(
         n_train=None,
-        steps=100,
+        steps=90,
         batch_size=8,
         warmup_steps=10,
         log_every=10,
-        n_eval=200,
+        n_eval=150,
         eval_batch=32,
         gptq_calib_tokens=4096,
         gguf_type="q4_0",
