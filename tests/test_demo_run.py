@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from bittune.config import load_config
-from bittune.demo.run import DEMO_MARKER, OUTPUTS, SIZES, _prepare_out_dir, default_config_path, overrides
+from bittune.demo.run import (
+    DEMO_MARKER,
+    OUTPUTS,
+    SIZES,
+    DemoData,
+    _prepare_out_dir,
+    default_config_path,
+    overrides,
+    run_config,
+)
 from bittune.errors import BittuneError
 
 
@@ -46,3 +55,13 @@ def test_outputs_are_replaced_only_when_the_demo_owns_them(tmp_path: Path) -> No
             _prepare_out_dir(foreign)
         assert (foreign / name).is_dir() and (foreign / "run" / "keep.txt").is_file()
     assert "run" in OUTPUTS and "demo.json" in OUTPUTS
+
+
+def test_run_config_points_at_the_demo_files_and_fp32_forces_float32(tmp_path: Path) -> None:
+    data = DemoData(tmp_path / "train.jsonl", tmp_path / "eval.jsonl", [], 0)
+    sizes = SIZES["full"]
+    cfg = run_config(None, tmp_path / "model", data, tmp_path / "run", sizes, fp32=True)
+    assert cfg.train.mixed_precision == "no" and cfg.train.max_steps == sizes.steps
+    assert (cfg.data.train, cfg.data.eval) == (str(data.train), str(data.eval))
+    default = run_config(None, tmp_path / "model", data, tmp_path / "run", sizes, fp32=False)
+    assert default.train.mixed_precision == "auto"

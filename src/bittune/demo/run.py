@@ -178,7 +178,7 @@ def run_config(config: Path | None, model_dir: Path, data: DemoData, run_dir: Pa
 
     sets = [f"model.path={model_dir}", f"data.train={data.train}", f"data.eval={data.eval}", f"output_dir={run_dir}"]
     if fp32:
-        sets.append("train.mixed_precision=no")
+        sets.append("train.mixed_precision='no'")  # quoted: YAML reads a bare no as false
     return load_config(config or default_config_path(), sets + overrides(sizes))
 
 
