@@ -140,7 +140,7 @@ def finish(
     record = {
         "command": "make demo-quick" if quick else "make demo",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "git_commit": git_commit(),
+        "git_commit": story.commit,
         "machine": {**machine(), "load_avg_start": story.load_start},
         "compute": compute(cfg),
         "sizes": asdict(sizes),

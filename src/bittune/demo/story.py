@@ -23,6 +23,9 @@ class Story:
         self.timings: dict[str, dict[str, float]] = {}
         self.start = time.perf_counter()
         self.load_start = _loadavg()
+        from bittune.demo.report import git_commit
+
+        self.commit = git_commit()  # at the start: the code that runs, whatever is committed meanwhile
         console.rule(f"[bold]{title}")
 
     def say(self, text: str) -> None:
