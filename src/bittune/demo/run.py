@@ -42,6 +42,7 @@ class Sizes:
     log_every: int
     n_eval: int  # held-out questions every model is measured on (the first n of the shuffled held-out split)
     eval_batch: int
+    quant4_method: str  # the 4-bit model's method (`bittune quantize --bits 4 --method M`); nf4 is the default
     gptq_calib_tokens: int  # GPTQ's calibration tokens, from the training questions
     gguf_type: str  # f16 | q8_0 | q4_0 (bittune's own writer; no llama.cpp needed)
 
@@ -55,6 +56,7 @@ SIZES: dict[str, Sizes] = {
         log_every=10,
         n_eval=150,
         eval_batch=32,
+        quant4_method="nf4",
         gptq_calib_tokens=4096,
         gguf_type="q4_0",
     ),
@@ -66,6 +68,7 @@ SIZES: dict[str, Sizes] = {
         log_every=1,
         n_eval=48,
         eval_batch=16,
+        quant4_method="nf4",
         gptq_calib_tokens=256,
         gguf_type="q4_0",
     ),
@@ -258,8 +261,9 @@ def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, si
     with story.phase("merge", "merge the adapter (into its dequantized NF4 base: the merge policy)"):
         rep = merge_run(run_dir, merged, data=str(data.eval), log=story.detail)
         story.say(_delta_line(rep))
-    with story.phase("quantize_4bit", "quantize the merged model to 4 bits (NF4, bitsandbytes)"):
-        rep = quantize_path(merged, spec_from_cli(bits=4), nf4, data=str(data.eval), log=story.detail)
+    spec4 = spec_from_cli(bits=4, method=sizes.quant4_method)
+    with story.phase("quantize_4bit", f"quantize the merged model to 4 bits ({spec4.label()})"):
+        rep = quantize_path(merged, spec4, nf4, data=str(data.eval), log=story.detail)
         story.say(_delta_line(rep))
     spec3 = spec_from_cli(bits=3, method="gptq", calibration_tokens=sizes.gptq_calib_tokens)
     with story.phase("quantize_3bit", f"quantize to 3 bits with GPTQ ({spec3.label()}, calibrated on train.jsonl)"):
