@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 import bittune.demo.evaluate as ev
-from bittune.demo.report import markdown, pick_examples
 
 
 @pytest.mark.parametrize(
@@ -66,24 +65,39 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_llama_dir: Path)
     assert tok.padding_side == "right"  # restored
 
 
-def test_pick_examples_one_per_class_and_markdown() -> None:
-    rows = [
-        {"question": "Who?", "label": "human"},
-        {"question": "What is NASA?", "label": "abbreviation"},
-        {"question": "Who else?", "label": "human"},
+def test_summary_rows_and_table() -> None:
+    from rich.console import Console
+
+    from bittune.demo.report import summary_rows, summary_table
+
+    models = [
+        {
+            "name": "base",
+            "path": "/m",
+            "size_mb": 538.0,
+            "metrics": {
+                "eval_perplexity": 9.5,
+                "eval_s": 2.0,
+                "tokens": 1000,
+                "ranking": {"accuracy": 0.25},
+                "generation": {"accuracy": 0.0, "seconds": 3.0},
+            },
+        },
+        {"name": "smollm2-trec.gguf", "path": "/g.gguf", "size_mb": 80.0, "metrics": {}},
     ]
-    ex = pick_examples(rows, ["a", "b", "c"], ["human", "abbreviation", "x"], n=5)
-    assert [e["question"] for e in ex] == ["What is NASA?", "Who?"]
-    report = {
-        "base": {"n": 3, "accuracy": 0.0, "per_class": {"human": 0.0}, "counts": {"human": 2}, "off_label": 1.0},
-        "tuned": {"n": 3, "accuracy": 1.0, "per_class": {"human": 1.0}, "counts": {"human": 2}, "off_label": 0.0},
-        "train": {"steps": 2, "seconds_per_step": 1.0},
-        "data": {"n_train_seen": 16},
-        "examples": [{**e, "tuned_word": e["tuned"]} for e in ex],
-        "timings_s": {"assets": 1, "data": 0.1, "base_eval": 1, "train": 2, "tuned_eval": 1, "total": 5},
-        "run_dir": "r",
-        "adapter": "r/adapter",
+    rows = summary_rows(models)
+    assert rows[0] == {
+        "name": "base SmolLM2-135M",
+        "path": "/m",
+        "ranking_accuracy": 0.25,
+        "generation_accuracy": 0.0,
+        "perplexity": 9.5,
+        "size_mb": 538.0,
+        "tokens_per_s": 500.0,
+        "answer_s": 3.0,
     }
-    md = markdown(report)
-    assert "| overall | 3 | 0.0% | 100.0% |" in md and "| human | 2 | 0.0% | 100.0% |" in md
-    assert "What is NASA?" in md
+    assert rows[1]["name"] == "GGUF" and rows[1]["ranking_accuracy"] is None and rows[1]["tokens_per_s"] is None
+    console = Console(width=120, record=True)
+    console.print(summary_table(rows, 200))
+    text = console.export_text()
+    assert "25.0%" in text and "9.500" in text and "GGUF" in text and "200 held-out" in text

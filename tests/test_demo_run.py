@@ -1,4 +1,4 @@
-"""The demo driver's cheap parts: its config is valid, and it only ever replaces its own earlier run."""
+"""The demo driver's cheap parts: its config is valid, its sizes apply, and it only ever replaces its own outputs."""
 
 from __future__ import annotations
 
@@ -7,32 +7,61 @@ from pathlib import Path
 import pytest
 
 from bittune.config import load_config
-from bittune.demo.run import DEMO_MARKER, QUICK, _prepare_run_dir, default_config_path
+from bittune.demo.run import (
+    DEMO_MARKER,
+    OUTPUTS,
+    SIZES,
+    DemoData,
+    _prepare_out_dir,
+    default_config_path,
+    overrides,
+    run_config,
+)
 from bittune.errors import BittuneError
 
 
 def test_demo_configs_are_valid(tmp_path: Path) -> None:
     path = default_config_path()
     assert path.name == "demo.yaml"
-    cfg = load_config(path, ["model.path=/m", "data.train=/d.jsonl", f"output_dir={tmp_path}", *QUICK["overrides"]])
-    assert (cfg.model.path, cfg.output_dir, cfg.train.max_steps) == ("/m", str(tmp_path), 6)
-    assert cfg.method == "lora" and cfg.data.format == "chat" and cfg.model.task == "causal-lm"
-    full = load_config(path)
-    assert full.train.max_steps and full.train.batch_size
+    quick = SIZES["quick"]
+    cfg = load_config(path, ["model.path=/m", "data.train=/d.jsonl", f"output_dir={tmp_path}", *overrides(quick)])
+    assert (cfg.model.path, cfg.output_dir, cfg.train.max_steps) == ("/m", str(tmp_path), quick.steps)
+    assert (cfg.train.batch_size, cfg.train.eval_batch_size) == (quick.batch_size, quick.eval_batch)
+    assert cfg.method == "qlora" and cfg.quant is not None and cfg.quant.method == "nf4"
+    assert cfg.data.format == "chat" and cfg.model.task == "causal-lm"
+    full = load_config(path, overrides(SIZES["full"]))
+    assert full.train.max_steps == SIZES["full"].steps and full.train.batch_size
     cls = load_config(path.with_name("demo_classify.yaml"))
     assert cls.model.task == "classification" and cls.data.format == "classification"
 
 
-def test_run_dir_is_replaced_only_when_the_demo_owns_it(tmp_path: Path) -> None:
+def test_outputs_are_replaced_only_when_the_demo_owns_them(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    run = _prepare_run_dir(out)
+    run = _prepare_out_dir(out)
     assert run == out / "run" and (out / DEMO_MARKER).is_file() and not run.exists()
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
-    assert not _prepare_run_dir(out).exists()
+    (out / "smollm2-trec.gguf").write_bytes(b"GGUF")
+    (out / "mine.txt").write_text("a user's file beside the demo's outputs\n")
+    assert not _prepare_out_dir(out).exists()
+    assert not (out / "smollm2-trec.gguf").exists() and (out / "mine.txt").is_file()
 
-    foreign = tmp_path / "foreign"
-    (foreign / "run").mkdir(parents=True)
-    with pytest.raises(BittuneError, match="not written by `bittune demo`"):
-        _prepare_run_dir(foreign)
-    assert (foreign / "run").is_dir()
+    for name in ("run", "merged"):
+        foreign = tmp_path / f"foreign-{name}"
+        (foreign / name).mkdir(parents=True)
+        (foreign / "run" / "keep.txt").parent.mkdir(exist_ok=True)
+        (foreign / "run" / "keep.txt").write_text("x")
+        with pytest.raises(BittuneError, match="not written by `bittune demo`"):
+            _prepare_out_dir(foreign)
+        assert (foreign / name).is_dir() and (foreign / "run" / "keep.txt").is_file()
+    assert "run" in OUTPUTS and "demo.json" in OUTPUTS
+
+
+def test_run_config_points_at_the_demo_files_and_fp32_forces_float32(tmp_path: Path) -> None:
+    data = DemoData(tmp_path / "train.jsonl", tmp_path / "eval.jsonl", [], 0)
+    sizes = SIZES["full"]
+    cfg = run_config(None, tmp_path / "model", data, tmp_path / "run", sizes, fp32=True)
+    assert cfg.train.mixed_precision == "no" and cfg.train.max_steps == sizes.steps
+    assert (cfg.data.train, cfg.data.eval) == (str(data.train), str(data.eval))
+    default = run_config(None, tmp_path / "model", data, tmp_path / "run", sizes, fp32=False)
+    assert default.train.mixed_precision == "auto"

@@ -20,7 +20,7 @@ def jsonl(path: Path) -> list[dict]:
 
 
 def test_offline_tasks_are_written_from_installed_packages():
-    from bittune.demo.run import FULL
+    from bittune.demo.run import HELDOUT_SPLIT
     from bittune.demo.trec import INSTRUCTION, LABELS, load_trec, split_stratified
     from bittune.evaluation.tasks import OFFLINE_TASKS, prepare_tasks
 
@@ -29,7 +29,9 @@ def test_offline_tasks_are_written_from_installed_packages():
         assert (folder / f"{name}.yaml").is_file()
         assert len(jsonl(folder / f"{name}.test.jsonl")) >= 200
     docs = jsonl(folder / "trec_mc.test.jsonl")
-    held = split_stratified(load_trec(), heldout=FULL["n_heldout"], seed=0, min_per_class=FULL["min_per_class"])[1]
+    held = split_stratified(
+        load_trec(), heldout=HELDOUT_SPLIT["n_heldout"], seed=0, min_per_class=HELDOUT_SPLIT["min_per_class"]
+    )[1]
     assert [d["prompt"] for d in docs] == [INSTRUCTION.format(question=q.text) for q in held]  # the demo's held out
     assert all(d["choices"] == list(LABELS) and LABELS[d["answer"]] == q.label for d, q in zip(docs, held))
     vader = jsonl(folder / "vader_sentiment.test.jsonl")

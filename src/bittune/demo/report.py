@@ -1,113 +1,167 @@
-"""The demo's before/after report: a rich table on the terminal, and JSON + Markdown files."""
+"""The demo's ending: a five-line summary of the models the report measured, and ``demo.json`` (the run's record)."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bittune.demo.trec import LABELS
+# The report's model names -> the summary's, in the summary's order.
+SUMMARY_NAMES = {
+    "base": "base SmolLM2-135M",
+    "tuned": "QLoRA-tuned (= merged fp32)",
+    "nf4-4bit": "merged, 4-bit NF4",
+    "gptq-3bit": "merged, 3-bit GPTQ",
+    "smollm2-trec.gguf": "GGUF",
+}
 
 
-def pick_examples(
-    rows: list[dict[str, Any]], base_answers: list[str], tuned_answers: list[str], n: int = 5
-) -> list[dict[str, str]]:
-    """Up to ``n`` held-out questions for the report: the first of each gold class, in label order.
-
-    Picked by class, not by outcome, so the examples are not cherry-picked.
-    """
-    picked: list[dict[str, str]] = []
-    for label in LABELS:
-        for i, row in enumerate(rows):
-            if row["label"] == label:
-                picked.append(
-                    {"question": row["question"], "gold": label, "base": base_answers[i], "tuned": tuned_answers[i]}
-                )
-                break
-        if len(picked) == n:
-            break
-    return picked
+def summary_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per measured model: accuracy (ranking, generation), token-level perplexity, size, eval speed."""
+    rows = []
+    for m in models:
+        metrics = m.get("metrics") or {}
+        eval_s, tokens = metrics.get("eval_s"), metrics.get("tokens")
+        rows.append(
+            {
+                "name": SUMMARY_NAMES.get(m["name"], m["name"]),
+                "path": m.get("path"),
+                "ranking_accuracy": (metrics.get("ranking") or {}).get("accuracy"),
+                "generation_accuracy": (metrics.get("generation") or {}).get("accuracy"),
+                "perplexity": metrics.get("eval_perplexity"),
+                "size_mb": m.get("size_mb"),
+                "tokens_per_s": round(tokens / eval_s, 1) if tokens and eval_s else None,
+                "answer_s": (metrics.get("generation") or {}).get("seconds"),
+            }
+        )
+    return rows
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    base, tuned = report["base"], report["tuned"]
-    out = [("overall", str(base["n"]), _pct(base["accuracy"]), _pct(tuned["accuracy"]))]
-    for label, count in base["counts"].items():
-        out.append((label, str(count), _pct(base["per_class"].get(label)), _pct(tuned["per_class"].get(label))))
-    out.append(("answer not a label", "", _pct(base.get("off_label")), _pct(tuned.get("off_label"))))
-    return out
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
 
-def print_report(report: dict[str, Any], console: Any) -> None:
-    """Print the accuracy table and the example answers with rich."""
+def summary_table(rows: list[dict[str, Any]], n_eval: int) -> Any:
+    """The summary as a rich table."""
     from rich.table import Table
 
-    table = Table(title="TREC question type: held-out accuracy (greedy, exact first word)")
-    table.add_column("class")
-    table.add_column("n", justify="right")
-    table.add_column("base", justify="right")
-    table.add_column("LoRA-tuned", justify="right", style="bold green")
-    for row in _rows(report):
-        table.add_row(*row)
-    console.print(table)
+    table = Table(title=f"{n_eval} held-out TREC questions, every model measured the same way")
+    for col in ("model", "ranking acc.", "generation acc.", "perplexity", "size MB", "tokens/s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            _pct(r["ranking_accuracy"]),
+            _pct(r["generation_accuracy"]),
+            _num(r["perplexity"], ".3f"),
+            _num(r["size_mb"], ".0f"),
+            _num(r["tokens_per_s"], ".0f"),
+        )
+    return table
 
-    examples = Table(title="Examples")
-    examples.add_column("question", overflow="fold", ratio=3)
-    examples.add_column("gold")
-    examples.add_column("base answer", overflow="fold", ratio=1)
-    examples.add_column("tuned answer")
-    for ex in report["examples"]:
-        mark = "[green]✓[/]" if ex["tuned_word"] == ex["gold"] else "[red]✗[/]"
-        examples.add_row(ex["question"], ex["gold"], repr(ex["base"]), f"{ex['tuned']!r} {mark}")
-    console.print(examples)
-    t = report["timings_s"]
-    console.print(
-        f"time: model {t['assets']:.0f}s, base eval {t['base_eval']:.0f}s, training {t['train']:.0f}s "
-        f"({report['train']['steps']} steps, {report['train']['seconds_per_step']:.2f}s/step), "
-        f"tuned eval {t['tuned_eval']:.0f}s, total {t['total']:.0f}s"
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, torch threads and the load average now."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_end": load}
+
+
+def git_commit() -> str | None:
+    """The source checkout's commit (with ``-dirty`` when it has local changes), or None outside a checkout."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def compute(cfg: Any) -> dict[str, Any]:
+    """The dtype training computed in: the config's and what ``auto`` resolved to on this device."""
+    import torch
+
+    from bittune.model import resolve_mixed_precision
+
+    pref = cfg.train.mixed_precision
+    return {
+        "model_dtype": cfg.model.dtype,
+        "mixed_precision": pref,
+        "resolved": resolve_mixed_precision(pref, torch.device("cpu")),
+    }
+
+
+def finish(
+    story: Any,
+    report: dict[str, Any],
+    *,
+    out_dir: Path,
+    results_file: Path | None,
+    cfg: Any,
+    sizes: Any,
+    evals: dict[str, Any],
+    quick: bool,
+) -> dict[str, Any]:
+    """Print the summary and where the report is; write ``demo.json`` (and ``results_file``); return the record."""
+    rows = summary_rows(report["models"])
+    story.console.rule("[bold]result")
+    story.console.print(summary_table(rows, sizes.n_eval))
+    folder = Path(report["folder"])
+    story.console.print(f"report: [bold]{folder / 'report.html'}[/] (and report.md)")
+    record = {
+        "command": "make demo-quick" if quick else "make demo",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "git_commit": story.commit,
+        "machine": {**machine(), "load_avg_start": story.load_start},
+        "compute": compute(cfg),
+        "sizes": asdict(sizes),
+        "phases": story.timings,
+        "total_wall_s": round(story.elapsed(), 1),
+        "total_cpu_s": round(sum(t["cpu_s"] for t in story.timings.values()), 1),
+        "heldout_eval": evals,
+        "models": rows,
+        "run_dir": report["run_dir"],
+        "report": str(folder / "report.html"),
+    }
+    story.console.print(
+        f"total {record['total_wall_s']:.0f}s (CPU {record['total_cpu_s']:.0f}s); "
+        f"load average {record['machine']['load_avg_start']} at the start, "
+        f"{record['machine']['load_avg_end']} at the end"
     )
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown (``demo_report.md``)."""
-    lines = [
-        "# bittune demo: SmolLM2-135M-Instruct learns TREC question types",
-        "",
-        f"LoRA fine-tuning for {report['train']['steps']} steps on {report['data']['n_train_seen']} questions; "
-        f"accuracy on {report['base']['n']} held-out questions (greedy decoding, first word of the answer must be "
-        "the gold label).",
-        "",
-        "| class | n | base | LoRA-tuned |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(report)]
-    lines += ["", "## Examples", "", "| question | gold | base answer | tuned answer |", "| --- | --- | --- | --- |"]
-    for ex in report["examples"]:
-        cells = [ex["question"], ex["gold"], ex["base"], ex["tuned"]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    t = report["timings_s"]
-    lines += [
-        "",
-        "## Time",
-        "",
-        f"model {t['assets']:.0f} s, data {t['data']:.1f} s, base eval {t['base_eval']:.0f} s, "
-        f"training {t['train']:.0f} s ({report['train']['seconds_per_step']:.2f} s/step), "
-        f"tuned eval {t['tuned_eval']:.0f} s, total {t['total']:.0f} s.",
-        "",
-        f"Run directory: `{report['run_dir']}`; adapter: `{report['adapter']}`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``demo_report.json`` and ``demo_report.md`` into ``out_dir``; returns both paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / "demo_report.json", out_dir / "demo_report.md"
-    js.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    md.write_text(markdown(report), encoding="utf-8")
-    return js, md
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    for path in (Path(out_dir) / "demo.json", results_file):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+    if results_file is not None:
+        story.console.print(f"recorded in {results_file}")
+    return record

