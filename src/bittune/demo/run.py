@@ -42,7 +42,7 @@ class Sizes:
     log_every: int
     n_eval: int  # held-out questions every model is measured on (the first n of the shuffled held-out split)
     eval_batch: int
-    quant4_method: str  # the 4-bit model's method (`bittune quantize --bits 4 --method M`); nf4 is the default
+    quant4_method: str  # `bittune quantize --bits 4 --method M`: int, not nf4 (NF4 rounds a QLoRA merge back to its base)
     gptq_calib_tokens: int  # GPTQ's calibration tokens, from the training questions
     gguf_type: str  # f16 | q8_0 | q4_0 (bittune's own writer; no llama.cpp needed)
 
@@ -56,7 +56,7 @@ SIZES: dict[str, Sizes] = {
         log_every=10,
         n_eval=150,
         eval_batch=32,
-        quant4_method="nf4",
+        quant4_method="int",
         gptq_calib_tokens=4096,
         gguf_type="q4_0",
     ),
@@ -68,7 +68,7 @@ SIZES: dict[str, Sizes] = {
         log_every=1,
         n_eval=48,
         eval_batch=16,
-        quant4_method="nf4",
+        quant4_method="int",
         gptq_calib_tokens=256,
         gguf_type="q4_0",
     ),

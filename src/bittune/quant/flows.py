@@ -294,10 +294,14 @@ def merge_spec(
     symmetric: bool,
     calib_tokens: int | None = None,
 ) -> Spec:
-    """The spec for ``merge --into-quantized BITS``: by default the run's own training quantization at those bits."""
-    trained = artifact.training_quant
-    if method is None and trained is not None and trained.bits == bits:
-        return trained
+    """The spec for ``merge --into-quantized BITS`` (``--method`` etc. as given, else the defaults of ``quantize``).
+
+    A QLoRA run at 4 bits is the exception: its merged weights are its NF4/FP4 grid values plus a LoRA-sized change,
+    and re-quantizing them on the same bitsandbytes grid rounds nearly every weight back onto the base (the tuned
+    model is lost), so without ``--method`` it gets round-to-nearest int4 on another grid.
+    """
+    if method is None and bits == 4 and artifact.training_quant is not None:
+        method = "int"
     return spec_from_cli(
         bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
     )
