@@ -42,7 +42,7 @@ class Sizes:
     log_every: int
     n_eval: int  # held-out questions every model is measured on (the first n of the shuffled held-out split)
     eval_batch: int
-    quant4_method: str  # `bittune quantize --bits 4 --method M`: int, not nf4 (NF4 rounds a QLoRA merge back to its base)
+    quant4_method: str  # `quantize --bits 4 --method M`: int, not nf4 (NF4 rounds a QLoRA merge back to its base)
     gptq_calib_tokens: int  # GPTQ's calibration tokens, from the training questions
     gguf_type: str  # f16 | q8_0 | q4_0 (bittune's own writer; no llama.cpp needed)
 
