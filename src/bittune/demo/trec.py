@@ -152,6 +152,18 @@ def chat_messages(question: str, answer: str | None = None) -> list[dict[str, st
     return messages
 
 
+def head_with_every_label(rows: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` rows, except that each label's first row is taken in any case (rows keep their order).
+
+    Label ranking scores the label set the data shows (``bittune report``'s ``auto``): a subset missing a rare class
+    (ABBR) would rank one label fewer than the demo's own evaluation and print a different accuracy.
+    """
+    firsts = sorted({r["label"]: i for i, r in reversed(list(enumerate(rows)))}.values())[:n]
+    taken = set(firsts)
+    rest = [i for i in range(len(rows)) if i not in taken][: n - len(firsts)]
+    return [rows[i] for i in sorted([*firsts, *rest])]
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSON lines atomically (temp file + rename); returns the row count."""
     path.parent.mkdir(parents=True, exist_ok=True)
