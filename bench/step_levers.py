@@ -4,14 +4,18 @@ A copy of today's training step (bittune's data, model loading, LoRA, AdamW, epo
 normalisation) with each lever behind a flag, so that variants differ by one lever and are measured side by side:
 
 * ``head=targets``: ``causal_lm_target_loss_sum`` (logits only at label positions, chunked cross-entropy);
-* ``dtype=bf16``: bf16 autocast over fp32 weights; ``dtype=bf16-base``: frozen base stored in bf16 + autocast
-  (LoRA weights and optimizer stay fp32);
+* ``dtype=bf16``: bf16 autocast over fp32 weights; ``dtype=bf16-base``: frozen linears stored in bf16 + autocast
+  (LoRA weights and optimizer stay fp32); ``dtype=bf16-all``: every frozen weight in bf16 (embeddings, norms:
+  the residual stream is bf16, as bittune's GPU recipe does) + autocast;
 * ``batching=packed``: each micro-batch's rows packed into one row (restarting position ids, no attention mask:
   rows never see each other; same rows, same loss), instead of padding to the longest;
 * ``lora=fused``: ``bittune.training.fused_lora`` (one autograd node per LoRA linear, the dropout mask instead of
   a dropped copy of the input);
-* ``compile``: ``torch.compile`` of the model's forward;
-* ``trim``: glibc ``malloc_trim`` after each optimizer step.
+* ``compile``: ``torch.compile`` of each decoder layer (in place, dynamic shapes: one compiled graph serves all
+  layers and lengths);
+* ``trim``: glibc ``malloc_trim`` after each optimizer step;
+* ``budget=N``: each micro-batch run as forward passes of at most N padded tokens (``data.collate.split_by_tokens``:
+  rows grouped by length, each pass padded to its own longest row).
 
     python bench/step_levers.py --dataset trec --variants base head=targets dtype=bf16 --reps 2
     python bench/step_levers.py --dataset pydoc --profile head=targets   # torch.profiler table of one variant
@@ -40,10 +44,11 @@ sys.path.insert(0, str(HERE))
 @dataclass(frozen=True)
 class Levers:
     head: str = "full"  # full | targets
-    dtype: str = "fp32"  # fp32 | bf16 | bf16-base
+    dtype: str = "fp32"  # fp32 | bf16 | bf16-base | bf16-all
     batching: str = "padded"  # padded | packed
     lora: str = "peft"  # peft | fused
     attn: str = "sdpa"  # sdpa | eager | sdpa32 (float32 attention inside bf16 autocast)
+    budget: int = 0  # >0: forward passes of at most this many padded tokens (rows grouped by length)
     mask: str = "torch"  # torch | fast: how fused LoRA draws its dropout masks
     compile: bool = False
     trim: bool = False
@@ -63,9 +68,22 @@ class Levers:
         return lv
 
 
-def best_levers(dtype: str = "fp32") -> Levers:
-    """The combination bittune's step is meant to use (what the measurements in BENCHMARKS.md found to pay)."""
-    return Levers(head="targets", dtype="fp32" if dtype == "fp32" else "bf16-base", batching="packed", lora="fused")
+def best_levers(dtype: str = "auto") -> Levers:
+    """The combination bittune's step is meant to use (what bench/results/step_levers_paired_*.md found to pay).
+
+    ``auto``: bf16 where this CPU runs a bf16 matmul clearly faster than float32 (``fastest_cpu_dtype``), else
+    float32. ``fp32`` / ``bf16`` force one.
+    """
+    import torch
+
+    from bittune.plan.device import fastest_cpu_dtype
+
+    if dtype == "auto":
+        dtype = "bf16" if fastest_cpu_dtype() == torch.bfloat16 else "fp32"
+    common = {"head": "targets", "lora": "fused", "mask": "fast"}
+    if dtype == "bf16":
+        return Levers(**common, dtype="bf16-all", attn="sdpa32")
+    return Levers(**common)
 
 
 # --- one epoch -------------------------------------------------------------------------------------------------
@@ -98,8 +116,9 @@ def load(data: dict[str, Any], lv: Levers) -> tuple[Any, Any, Any]:
         tokenizer=tok, task="causal-lm", seed=0,
     )  # fmt: skip
     attn = "eager" if lv.attn == "eager" else "sdpa"
+    dtype = torch.bfloat16 if lv.dtype == "bf16-all" else torch.float32  # converted while loading: no fp32 copy
     model = load_model(
-        path, task="causal-lm", dtype=torch.float32, pad_token_id=tok.pad_token_id, device=torch.device("cpu"),
+        path, task="causal-lm", dtype=dtype, pad_token_id=tok.pad_token_id, device=torch.device("cpu"),
         attn_implementation=attn,
     )  # fmt: skip
     model.config.use_cache = False
@@ -113,19 +132,44 @@ def apply_levers(model: Any, lv: Levers) -> None:
     import torch
 
     from bittune.training.fused_lora import fuse_lora, unfuse_lora
-    from bittune.training.precision import store_frozen_linears, use_fp32_attention
+    from bittune.training.precision import store_frozen_linears, store_frozen_weights, use_fp32_attention
 
     if lv.dtype == "bf16-base":
         store_frozen_linears(model, torch.bfloat16)
+    if lv.dtype == "bf16-all":
+        store_frozen_weights(model, torch.bfloat16)
     if lv.attn == "sdpa32":
         use_fp32_attention(model)
     unfuse_lora(model)
     if lv.lora == "fused":
         fuse_lora(model, fast_mask=lv.mask == "fast")
+    if lv.compile:
+        base = model.get_base_model()
+        for layer in getattr(base, base.base_model_prefix).layers:
+            if getattr(layer, "_compiled_call_impl", None) is None:
+                layer.compile(dynamic=True)
+
+
+def passes(batch: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+    """The padded micro-batch as token-budgeted passes, each cut to its own longest row."""
+    from bittune.data.collate import split_by_tokens
+
+    lengths = batch["attention_mask"].sum(1).tolist()
+    out = []
+    for rows in split_by_tokens(lengths, budget):
+        width = max(lengths[i] for i in rows)
+        out.append({k: v[rows, :width] for k, v in batch.items()})
+    return out
 
 
 def micro_step(model: Any, batch: dict[str, Any], lv: Levers, n_targets: int) -> float:
     """Forward and backward of one micro-batch, its loss divided by the step's target count (as bittune does)."""
+    if lv.budget and "attention_mask" in batch:
+        return sum(_micro_step(model, b, lv, n_targets) for b in passes(batch, lv.budget))
+    return _micro_step(model, batch, lv, n_targets)
+
+
+def _micro_step(model: Any, batch: dict[str, Any], lv: Levers, n_targets: int) -> float:
     import torch
 
     from bittune.training.evaluate import model_inputs
@@ -159,7 +203,7 @@ def run_epoch(data: dict[str, Any], lv: Levers, seed: int = 42, max_steps: int |
     optimizer = build_optimizer(model, lr=2e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, name="adamw")
     scheduler = build_scheduler(optimizer, kind="linear", warmup_steps=0, total_steps=len(groups))
     params = [p for p in model.parameters() if p.requires_grad]
-    forward = torch.compile(model, dynamic=True) if lv.compile else model
+    forward = model
     tokens, losses = 0, []
     model.train()
     start = time.perf_counter()
@@ -208,24 +252,23 @@ def paired(data: dict[str, Any], variants: list[str], n_micro: int, reps: int) -
     # One model per (weights dtype, attention) combination, copies of the same weights.
     models = {}
     for lv in levers.values():
-        key = (lv.dtype == "bf16-base", lv.attn)
+        key = (lv.dtype if lv.dtype.startswith("bf16-") else "fp32", lv.attn, lv.compile)
         if key not in models:
             twin = copy.deepcopy(model)
             if lv.attn == "eager":
                 twin.get_base_model().set_attn_implementation("eager")
             models[key] = twin
     del model
-    compiled: dict[str, Any] = {}
     collate = make_collator("causal-lm", tok.pad_token_id, False)
     micro = epoch_batches(len(prepared.train), 4, 42, 0)[:n_micro]
     batches = [collate([prepared.train[i] for i in idx]) for idx in micro]
-    out: dict[str, Any] = {v: {"seconds": [], "peak_mb": [], "loss": []} for v in variants}
+    out: dict[str, Any] = {v: {"seconds": [], "cpu_seconds": [], "peak_mb": [], "loss": []} for v in variants}
     for rep in range(reps):
         for v in variants if rep % 2 == 0 else list(reversed(variants)):
             lv = levers[v]
-            m = models[(lv.dtype == "bf16-base", lv.attn)]
+            m = models[(lv.dtype if lv.dtype.startswith("bf16-") else "fp32", lv.attn, lv.compile)]
             apply_levers(m, lv)
-            fwd = compiled.setdefault(v, torch.compile(m, dynamic=True)) if lv.compile else m
+            fwd = m
             m.train()
             for b in batches:
                 bb = pack_micro_batch(b) if lv.batching == "packed" else b
@@ -233,9 +276,10 @@ def paired(data: dict[str, Any], variants: list[str], n_micro: int, reps: int) -
                 base_kb = vm_kb("VmRSS")
                 reset_peak_rss()
                 torch.manual_seed(rep)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss = micro_step(fwd, bb, lv, count_targets("causal-lm", b["labels"]))
                 out[v]["seconds"].append(time.perf_counter() - t0)
+                out[v]["cpu_seconds"].append(time.process_time() - c0)
                 out[v]["peak_mb"].append((vm_kb("VmHWM") - base_kb) / 1024)
                 out[v]["loss"].append(round(loss, 5))
                 m.zero_grad(set_to_none=True)
@@ -248,9 +292,9 @@ def write_paired(args: argparse.Namespace, res: dict[str, Any], mach: dict[str, 
     base = args.variants[0]
     n = res["micro_batches"]
 
-    def best(v: str) -> float:
+    def best(v: str, key: str = "seconds") -> float:
         """Sum over micro-batches of the fastest repetition: the least disturbed time on a shared machine."""
-        s = res["variants"][v]["seconds"]
+        s = res["variants"][v][key]
         return sum(min(s[i::n]) for i in range(n))
 
     def median(v: str) -> float:
@@ -258,31 +302,98 @@ def write_paired(args: argparse.Namespace, res: dict[str, Any], mach: dict[str, 
         return statistics.median(sum(s[i : i + n]) for i in range(0, len(s), n))
 
     b_t, b_med, b_m = best(base), median(base), max(res["variants"][base]["peak_mb"])
+    b_cpu = best(base, "cpu_seconds")
     lines = [
         f"# Levers, paired in one process ({args.dataset})",
         "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores; flags {', '.join(mach['flags'])}; "
         f"{args.threads} torch threads. The same {n} micro-batches ({res['tokens_per_rep']} real tokens) per "
         f"variant and repetition, forward + backward, variants alternating, {args.reps} repetitions. Speed from the "
-        "fastest repetition of each micro-batch (and the median repetition). Step peak: the highest RSS rise above "
-        "the step's starting RSS (after malloc_trim), i.e. the step's own working memory.",
+        "fastest repetition of each micro-batch by wall time and by process CPU time (with one thread, CPU time is "
+        "the compute itself, whatever else the machine runs), and the median repetition. Step peak: the highest RSS "
+        "rise above the step's starting RSS (after malloc_trim), i.e. the step's own working memory.",
         "",
-        f"| variant | tokens/s best | x {base} | tokens/s median | x {base} | step peak MB | x {base} | losses |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| variant | tokens/s best | x {base} | tokens/CPU-s best | x {base} | tokens/s median | x {base} "
+        f"| step peak MB | x {base} | losses |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for v in args.variants:
         t, t_med, m = best(v), median(v), max(res["variants"][v]["peak_mb"])
+        cpu = best(v, "cpu_seconds")
         losses = ", ".join(f"{x:.4f}" for x in res["variants"][v]["loss"][:n])
         tok = res["tokens_per_rep"]
         lines.append(
-            f"| {v} | {tok / t:.1f} | {b_t / t:.2f} | {tok / t_med:.1f} | {b_med / t_med:.2f} | {m:,.0f} "
-            f"| {m / b_m:.2f} | {losses} |"
+            f"| {v} | {tok / t:.1f} | {b_t / t:.2f} | {tok / cpu:.1f} | {b_cpu / cpu:.2f} | {tok / t_med:.1f} "
+            f"| {b_med / t_med:.2f} | {m:,.0f} | {m / b_m:.2f} | {losses} |"
         )
     lines += ["", f"Command: `python bench/step_levers.py {' '.join(sys.argv[1:])}` ({wall / 60:.1f} min)", ""]
     stem = Path(args.out) / f"step_levers_paired_{args.dataset}"
     stem.with_suffix(".md").write_text("\n".join(lines))
     stem.with_suffix(".json").write_text(json.dumps({"machine": mach, "args": vars(args), **res}, indent=2))
     print("\n".join(lines))
+
+
+# --- what the forward keeps for backward ---------------------------------------------------------------------------
+
+
+def saved_tensors(data: dict[str, Any], variants: list[str]) -> str:
+    """Bytes autograd keeps for backward after one forward of the first micro-batch, by the module that saved them.
+
+    A ``saved_tensors_hooks`` pack hook sees every tensor an op saves; storages are counted once (a tensor saved by
+    several ops, or a view of another, costs nothing more) and the weights' own storages not at all. The innermost
+    module running when a tensor is saved names its row: what the activations of a step consist of, before the
+    allocator adds its own overhead.
+    """
+    return "\n".join(line for v in variants for line in _saved_one(data, v))
+
+
+def _saved_one(data: dict[str, Any], v: str) -> list[str]:
+    import torch
+
+    from bittune.data import make_collator
+    from bittune.recipes.finetune import epoch_batches
+    from bittune.training.evaluate import count_targets, model_inputs
+    from bittune.training.loss import causal_lm_loss_sum, causal_lm_target_loss_sum
+
+    lv = Levers.parse(v)
+    model, tok, prepared = load(data, lv)
+    model.train()
+    collate = make_collator("causal-lm", tok.pad_token_id, False)
+    batch = collate([prepared.train[i] for i in epoch_batches(len(prepared.train), 4, 42, 0)[0]])
+    tokens = int(batch["attention_mask"].sum())
+    if lv.batching == "packed":
+        batch = pack_micro_batch(batch)
+    stack: list[str] = ["(outside modules)"]
+    hooks = []
+    for name, mod in model.named_modules():
+        kind = type(mod).__name__ + (" (lora_dropout)" if name.endswith("lora_dropout.default") else "")
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, k=kind: stack.append(k)))
+        hooks.append(mod.register_forward_hook(lambda m, a, o: stack.pop()))
+    by: dict[str, int] = {}
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            by[stack[-1]] = by.get(stack[-1], 0) + st.nbytes()
+        return t
+
+    inputs, labels = model_inputs(batch, torch.device("cpu")), batch["labels"]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if lv.dtype.startswith("bf16") else None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast or contextlib.nullcontext():
+        n = count_targets("causal-lm", labels)
+        if lv.head == "targets":
+            loss = causal_lm_target_loss_sum(model, inputs, labels) / n
+        else:
+            loss = causal_lm_loss_sum(model(**inputs).logits, labels) / n
+    for h in hooks:
+        h.remove()
+    del loss
+    lines = [f"### {v}: {sum(by.values()) / 2**20:,.0f} MB kept for backward ({tokens} real tokens)", ""]
+    lines += ["| saved under | MB |", "|---|---:|"]
+    lines += [f"| {k} | {b / 2**20:,.1f} |" for k, b in sorted(by.items(), key=lambda kv: -kv[1]) if b > 2**19]
+    return [*lines, ""]
 
 
 # --- parent: variants side by side --------------------------------------------------------------------------------
@@ -347,6 +458,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the whole epoch)")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--saved", action="store_true", help="what one forward keeps for backward, by module")
     p.add_argument("--paired", type=int, metavar="N", help="in-process A/B on N micro-batches instead of epochs")
     p.add_argument("--profile", action="store_true", help="profile the (single) variant instead of timing it")
     p.add_argument("--work", default="/tmp/bittune-vs-trl")
@@ -381,6 +493,12 @@ def main() -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     data = write_data(Path(args.work), args.scale)[args.dataset]
+    if args.saved:
+        torch_threads(args.threads)
+        text = saved_tensors(data, args.variants)
+        (Path(args.out) / f"saved_tensors_{args.dataset}.md").write_text(text)
+        print(text)
+        return
     if args.paired:
         t0 = time.time()
         torch_threads(args.threads)

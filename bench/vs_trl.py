@@ -256,10 +256,12 @@ def child_bittune(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssS
 
 
 def child_proto(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampler) -> dict[str, Any]:
-    """The levers harness with the levers that pay (see ``bench/step_levers.py``)."""
+    """The levers harness with the levers that pay (see ``bench/step_levers.py``), compute dtype chosen by
+    measurement as bittune will (``--dtypes fp32`` means "bittune's default" here, i.e. auto)."""
     import step_levers
 
-    return step_levers.run_epoch(data, step_levers.best_levers(dtype), seed=SEED)
+    lv = step_levers.best_levers("auto" if dtype == "fp32" else dtype)
+    return {**step_levers.run_epoch(data, lv, seed=SEED), "levers": step_levers.lv_name(lv)}
 
 
 def child_main(args: argparse.Namespace) -> None:

@@ -375,3 +375,43 @@ def test_memory_helpers_run_here():
         from bittune.training.memory import _peak_rss_bytes
 
         assert _peak_rss_bytes() / 2**20 <= current_rss_mb() * 1.5 + 50
+
+
+# --- token-budgeted forward passes -------------------------------------------------------------------------------
+
+
+def test_split_by_tokens_covers_every_row_once_within_budget():
+    from bittune.data.collate import split_by_tokens
+
+    lengths = [60, 256, 12, 200, 90, 256, 31]
+    passes = split_by_tokens(lengths, 512)
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    for p in passes:
+        assert len(p) * max(lengths[i] for i in p) <= 512 or len(p) == 1
+    assert split_by_tokens([300, 400], 100) == [[0], [1]]  # longer than the budget: alone
+    assert split_by_tokens([5, 5, 5], 10**6) == [[0, 1, 2]]
+
+
+def test_token_budget_passes_sum_to_the_micro_batch_gradient():
+    """Rows split into passes, each padded to its own longest row, sum to the padded batch's loss and gradients."""
+    from bittune.data.collate import split_by_tokens
+
+    model = lora(tiny_llama())
+    inputs, labels = padded_batch(lengths=(9, 5, 12, 3))
+    whole = loss_and_grads(model, lambda: causal_lm_loss_sum(model(**inputs).logits, labels))
+    lengths = inputs["attention_mask"].sum(1).tolist()
+
+    def in_passes():
+        total = 0.0
+        for rows in split_by_tokens(lengths, 20):
+            width = max(lengths[i] for i in rows)
+            sub = {k: v[rows, :width] for k, v in inputs.items()}
+            loss = causal_lm_target_loss_sum(model, sub, labels[rows, :width])
+            loss.backward()
+            total += float(loss)
+        return torch.tensor(total, requires_grad=True)  # gradients already accumulated above
+
+    parts = loss_and_grads(model, in_passes)
+    assert len(split_by_tokens(lengths, 20)) > 1
+    torch.testing.assert_close(parts[0], whole[0], rtol=1e-5, atol=1e-5)
+    assert_grads_close(parts[1], whole[1])

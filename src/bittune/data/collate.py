@@ -84,3 +84,32 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     if "position_ids" in batch and "attention_mask" not in batch:
         kwargs["use_cache"] = False
     return kwargs
+
+
+def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split one micro-batch's rows into forward passes of at most ``max_tokens`` padded tokens each.
+
+    Rows are taken shortest first (so rows of similar length share a pass and pad little) and a pass closes when
+    one more row would make ``rows x longest`` exceed ``max_tokens``; a row longer than the budget gets a pass of
+    its own. Every row lands in exactly one pass, so with losses normalised by the step's target count (see
+    ``training.loss``) the summed gradients are the micro-batch's own, while the activations held at once shrink
+    to one pass's and less padding is computed.
+
+    Args:
+        lengths: Token count of each row of the micro-batch.
+        max_tokens: Padded tokens per forward pass (rows x longest row).
+
+    Returns:
+        Row indices per pass, each list in ascending length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            passes.append(current)
+            current = []
+        current.append(i)
+    if current:
+        passes.append(current)
+    return passes

@@ -48,6 +48,21 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
+def store_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen floating-point parameter in ``dtype`` (trainable ones untouched); returns how many.
+
+    The in-place equivalent of loading the base in ``dtype`` and attaching LoRA (PEFT keeps adapters float32):
+    the GPU recipe's frozen-base policy. Unlike :func:`store_frozen_linears` the embeddings and norms are cast too,
+    so the residual stream runs in ``dtype`` and no linear input needs a cast under autocast.
+    """
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
 def _sdpa_fp32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
