@@ -80,7 +80,7 @@ def best_levers(dtype: str = "auto") -> Levers:
 
     if dtype == "auto":
         dtype = "bf16" if fastest_cpu_dtype() == torch.bfloat16 else "fp32"
-    common = {"head": "targets", "lora": "fused", "mask": "fast"}
+    common = {"head": "targets", "lora": "fused", "mask": "fast", "budget": 512}
     if dtype == "bf16":
         return Levers(**common, dtype="bf16-all", attn="sdpa32")
     return Levers(**common)
@@ -327,7 +327,7 @@ def write_paired(args: argparse.Namespace, res: dict[str, Any], mach: dict[str, 
             f"| {b_med / t_med:.2f} | {m:,.0f} | {m / b_m:.2f} | {losses} |"
         )
     lines += ["", f"Command: `python bench/step_levers.py {' '.join(sys.argv[1:])}` ({wall / 60:.1f} min)", ""]
-    stem = Path(args.out) / f"step_levers_paired_{args.dataset}"
+    stem = Path(args.out) / f"step_levers_paired_{args.dataset}{'_' + args.tag if args.tag else ''}"
     stem.with_suffix(".md").write_text("\n".join(lines))
     stem.with_suffix(".json").write_text(json.dumps({"machine": mach, "args": vars(args), **res}, indent=2))
     print("\n".join(lines))
@@ -458,6 +458,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the whole epoch)")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument("--saved", action="store_true", help="what one forward keeps for backward, by module")
     p.add_argument("--paired", type=int, metavar="N", help="in-process A/B on N micro-batches instead of epochs")
     p.add_argument("--profile", action="store_true", help="profile the (single) variant instead of timing it")

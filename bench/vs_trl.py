@@ -22,7 +22,10 @@ Sides:
   no packing, ``gradient_checkpointing=False``, ``use_cpu=True``); ``bf16=True`` for the bf16 dtype (autocast);
 * ``bittune``: ``bittune.recipes.finetune.train`` on the same rows (chat format, the tokenizer's template);
 * ``proto``: the levers harness (``bench/step_levers.py``) with the levers that pay switched on: what bittune's
-  step will do once they are wired in.
+  step will do once they are wired in (compute dtype chosen by measurement, as bittune will: ``auto``).
+
+bittune and proto run with ``OMP_WAIT_POLICY=PASSIVE`` (``bittune.threads.configure_omp``, what bittune sets for
+itself before torch loads; ``--no-passive`` turns it off), TRL with the OpenMP defaults its users get.
 
     python bench/vs_trl.py                          # full run: 2 repetitions x 2 data sets x sides, fp32
     python bench/vs_trl.py --dtypes fp32 bf16       # also each side's bf16 (where it has one)
@@ -317,7 +320,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_child(side: str, data: dict[str, Any], dtype: str, threads: int, work: Path) -> dict[str, Any]:
+def run_child(
+    side: str, data: dict[str, Any], dtype: str, threads: int, work: Path, passive: bool = True
+) -> dict[str, Any]:
     result = work / f"result-{side}-{time.time_ns()}.json"
     env = {
         **os.environ,
@@ -325,6 +330,13 @@ def run_child(side: str, data: dict[str, Any], dtype: str, threads: int, work: P
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    env.pop("OMP_WAIT_POLICY", None)
+    if passive and side != "trl":
+        # What bittune's CLI sets for itself before torch loads (bittune.threads.configure_omp); TRL runs with the
+        # OpenMP defaults its users get.
+        from bittune.threads import DEFAULTS
+
+        env.update(DEFAULTS)
     cmd = [sys.executable, __file__, "--child", side, "--dtype", dtype, "--data", json.dumps(data)]
     t0 = time.time()
     proc = subprocess.run([*cmd, "--result", str(result)], capture_output=True, text=True, env=env)
@@ -346,6 +358,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_mb": {"median": statistics.median(rss), "min": min(rss), "max": max(rss), "all": rss},
         "peak_rss_train_mb": statistics.median(r["peak_rss_train_mb"] for r in ok),
         "peak_rss_load_mb": statistics.median(r["peak_rss_load_mb"] for r in ok),
+        **({"levers": ok[0]["levers"]} if "levers" in ok[0] else {}),
     }
 
 
@@ -360,7 +373,13 @@ def markdown(results: dict[str, Any], mach: dict[str, Any], args: argparse.Names
         f"SmolLM2-135M-Instruct, LoRA r=16/alpha 32/dropout 0.05 all-linear, AdamW lr 2e-4, batch {BATCH} x "
         f"grad-accum {ACCUM}, one epoch; {args.reps} repetitions per side, alternating, each run its own process. "
         "Tokens/s: real (non-padding) tokens of the epoch / time of the optimizer steps. Peak RSS: VmHWM of the "
-        "run's process (load + train); train: the highest RSS sampled during the steps.",
+        "run's process (load + train); train: the highest RSS sampled during the steps. "
+        + (
+            ""
+            if args.no_passive
+            else "bittune and proto run with OMP_WAIT_POLICY=PASSIVE (what bittune's CLI "
+            "sets before torch loads), TRL with the OpenMP defaults."
+        ),
         "",
         "| data | dtype | side | real tokens | tokens/s median (min-max) | peak RSS MB median (min-max) "
         "| RSS in train | vs TRL speed | vs TRL memory |",
@@ -377,8 +396,9 @@ def markdown(results: dict[str, Any], mach: dict[str, Any], args: argparse.Names
         if "error" not in base and base:
             speed = f"{t['median'] / base['tokens_per_s']['median']:.2f}x"
             mem = f"{m['median'] / base['peak_rss_mb']['median']:.2f}x"
+        label = f"{side} ({agg['levers']})" if "levers" in agg else side
         lines.append(
-            f"| {ds} | {dtype} | {side} | {agg['tokens']:,} | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) "
+            f"| {ds} | {dtype} | {label} | {agg['tokens']:,} | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) "
             f"| {m['median']:,.0f} ({m['min']:,.0f}-{m['max']:,.0f}) | {agg['peak_rss_train_mb']:,.0f} "
             f"| {speed} | {mem} |"
         )
@@ -399,6 +419,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sides", nargs="*", default=["trl", "bittune"], choices=SIDES)
     p.add_argument("--dtypes", nargs="*", default=["fp32"], choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-passive", action="store_true", help="bittune sides without OMP_WAIT_POLICY=PASSIVE")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of each data set's rows (quick runs)")
     p.add_argument("--work", default="/tmp/bittune-vs-trl")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -428,7 +449,7 @@ def main() -> None:
                 for side in order:
                     if side == "bittune" and dtype != "fp32":
                         continue  # bittune train computes in float32 on CPU (until the dtype lever is wired in)
-                    r = run_child(side, data[ds], dtype, args.threads, work)
+                    r = run_child(side, data[ds], dtype, args.threads, work, passive=not args.no_passive)
                     runs.setdefault(f"{ds}/{dtype}/{side}", []).append(r)
                     brief = r.get("error", "").splitlines()[-1:] or [
                         f"{r['tokens']} tokens, {r['tokens_per_s']:.1f} tok/s, peak {r['peak_rss_mb']:,.0f} MB"

@@ -415,3 +415,13 @@ def test_token_budget_passes_sum_to_the_micro_batch_gradient():
     assert len(split_by_tokens(lengths, 20)) > 1
     torch.testing.assert_close(parts[0], whole[0], rtol=1e-5, atol=1e-5)
     assert_grads_close(parts[1], whole[1])
+
+
+def test_configure_omp_sets_passive_waits_without_overriding_the_user():
+    from bittune.threads import configure_omp
+
+    env: dict[str, str] = {}
+    assert configure_omp(env) == {"OMP_WAIT_POLICY": "PASSIVE"} and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert configure_omp(env) == {} and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert configure_omp() == {}  # torch is imported in this process: too late to change the runtime
