@@ -425,3 +425,26 @@ def test_configure_omp_sets_passive_waits_without_overriding_the_user():
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert configure_omp(env) == {} and env["OMP_WAIT_POLICY"] == "ACTIVE"
     assert configure_omp() == {}  # torch is imported in this process: too late to change the runtime
+
+
+def test_release_mapped_weights_unmaps_the_checkpoint(tiny_llama_dir):
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from bittune.training.mapped import checkpoint_mappings, mapped_files, release_mapped_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if not sys.platform.startswith("linux") or "model.safetensors" not in mapped_files():
+        pytest.skip("transformers did not memory-map the checkpoint here")
+    copied = release_mapped_weights(model)
+    assert copied > 0
+    assert "model.safetensors" not in mapped_files()  # the last view is gone, so is the mapping
+    assert not any(
+        lo <= p.untyped_storage().data_ptr() < hi for p in model.parameters() for lo, hi in checkpoint_mappings()
+    )
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied weights stay one tensor
+    assert release_mapped_weights(model) == 0
