@@ -13,7 +13,8 @@ normalisation) with each lever behind a flag, so that variants differ by one lev
   a dropped copy of the input);
 * ``compile``: ``torch.compile`` of each decoder layer (in place, dynamic shapes: one compiled graph serves all
   layers and lengths);
-* ``trim``: glibc ``malloc_trim`` after each optimizer step;
+* ``trim``: glibc ``malloc_trim`` after each optimizer step; ``malloc=mmap1m``: glibc's mmap threshold fixed at
+  1 MiB (epoch mode only: an environment variable of the run's process);
 * ``budget=N``: each micro-batch run as forward passes of at most N padded tokens (``data.collate.split_by_tokens``:
   rows grouped by length, each pass padded to its own longest row).
 
@@ -52,6 +53,7 @@ class Levers:
     mask: str = "torch"  # torch | fast: how fused LoRA draws its dropout masks
     compile: bool = False
     trim: bool = False
+    malloc: str = "default"  # default | mmap1m: glibc MALLOC_MMAP_THRESHOLD_=1 MiB (big blocks go back on free)
     dropout: float = 0.05
 
     @classmethod
@@ -347,6 +349,11 @@ def saved_tensors(data: dict[str, Any], variants: list[str]) -> str:
     return "\n".join(line for v in variants for line in _saved_one(data, v))
 
 
+def _pop(stack: list[str]) -> None:
+    """A forward hook must return None, or its value replaces the module's output."""
+    stack.pop()
+
+
 def _saved_one(data: dict[str, Any], v: str) -> list[str]:
     import torch
 
@@ -368,7 +375,7 @@ def _saved_one(data: dict[str, Any], v: str) -> list[str]:
     for name, mod in model.named_modules():
         kind = type(mod).__name__ + (" (lora_dropout)" if name.endswith("lora_dropout.default") else "")
         hooks.append(mod.register_forward_pre_hook(lambda m, a, k=kind: stack.append(k)))
-        hooks.append(mod.register_forward_hook(lambda m, a, o: stack.pop()))
+        hooks.append(mod.register_forward_hook(lambda m, a, o: _pop(stack)))
     by: dict[str, int] = {}
     seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -473,6 +480,8 @@ def parse_args() -> argparse.Namespace:
 def run_variant(args: argparse.Namespace, variant: str, data: dict[str, Any]) -> dict[str, Any]:
     result = Path(args.work) / f"lever-{time.time_ns()}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if Levers.parse(variant).malloc == "mmap1m":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
     cmd = [sys.executable, __file__, "--child", variant, "--data", json.dumps(data), "--result", str(result)]
     cmd += ["--out", args.out] + (["--steps", str(args.steps)] if args.steps else [])
     cmd += ["--profile"] if args.profile else []
