@@ -18,7 +18,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 LLAMACPP_SPEC := llama-cpp-python==0.3.36
 WHEELS ?= ../shared/wheels
 
-.PHONY: install demo demo-quick test test-all test-llamacpp llamacpp lint format clean
+.PHONY: install demo demo-quick test test-all test-llamacpp llamacpp browser lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ demo: install
 demo-quick: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bittune demo --quick --out runs/demo-quick
 
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 llamacpp: install
@@ -49,6 +49,16 @@ llamacpp: install
 
 test-llamacpp: llamacpp
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m llamacpp tests/test_export_llamacpp.py
+
+# Headless Chromium renders `bittune report`'s HTML in tests/test_report.py (skipped, with the reason, without it).
+# A system package, so `make test` does not install it; CI (root on Debian) runs this first.
+browser:
+	@command -v chromium >/dev/null 2>&1 && echo "chromium already installed" || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
+	else \
+		echo "install Debian's chromium (apt-get install chromium) to run the report's browser test"; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

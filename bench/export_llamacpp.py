@@ -57,12 +57,11 @@ def tune(base: Path, work: Path, steps: int) -> Path:
 
 
 def measure(path: Path, work: Path, label: str, *, permute: bool = True, qtypes=QTYPES) -> list[dict]:
+    from bittune.artifacts import load
     from bittune.export import gguf_writer
-    from bittune.export.source import load_merged, resolve_source
     from bittune.export.verify import compare_with_llamacpp
 
-    source = resolve_source(str(path))
-    model, tokenizer = load_merged(source)
+    model, tokenizer, _ = load(path, as_="merged", device="cpu")
     original = gguf_writer.permute_for_rotary
     if not permute:
         gguf_writer.permute_for_rotary = lambda w, n: w

@@ -13,7 +13,8 @@ On a tiny random Llama and a short LoRA run built in-process (offline), for each
 
     python bench/kill_outputs.py [--kills 5] [--seed 1] [--out bench/results/kill_outputs.md]
 
-Exits 1 on any violation. tests/test_kill_outputs.py runs a one-kill version.
+Exits 1 on any violation. tests/test_kill_outputs.py kills the same commands at fixed points instead (half-way
+through writing the weights, at the rename into place).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def build_run(work: Path) -> Path:
     """A finished tiny LoRA run (adapter/ + run_config.yaml)."""
     from bittune.config import config_from_dict
     from bittune.recipes.finetune import train
-    from helpers import color_chat_rows, make_tiny_llama, make_tokenizer, write_jsonl
+    from tiny import color_chat_rows, make_tiny_llama, make_tokenizer, write_jsonl
 
     model = make_tiny_llama(work / "tiny-llama", make_tokenizer(), hidden=64)
     data = write_jsonl(work / "chat.jsonl", color_chat_rows(32))

@@ -1,6 +1,6 @@
 """Kill safety: SIGKILL `bittune train` at random moments, resume each time, and demand a bit-identical result.
 
-For each method (LoRA, full) on a tiny random Llama built in-process (tests/helpers.py, offline):
+For each method (LoRA, full) on a tiny random Llama built in-process (tests/tiny.py, offline):
 
 1. one uninterrupted run gives the reference weights and metrics;
 2. a second run in a fresh output_dir is killed with SIGKILL at ``--kills`` points drawn with a seeded RNG across
@@ -71,7 +71,7 @@ SABOTAGE = {
         "_load = c.load_checkpoint\n"
         "def _lose_position(*a, **k):\n"
         "    state = _load(*a, **k)\n"
-        "    state['step_in_epoch'] = 0\n"
+        "    state.step_in_epoch = 0\n"
         "    return state\n"
         "c.load_checkpoint = _lose_position\n"
     ),
@@ -248,7 +248,7 @@ class ForkLauncher:
 
 def build_assets(work: Path, rows: int = 64) -> tuple[Path, Path]:
     """A tiny random Llama with its tokenizer, and a learnable chat data file (both offline, in ``work``)."""
-    from helpers import color_chat_rows, make_tiny_llama, make_tokenizer, write_jsonl
+    from tiny import color_chat_rows, make_tiny_llama, make_tokenizer, write_jsonl
 
     model = work / "tiny-llama"
     if not (model / "config.json").is_file():
@@ -262,7 +262,7 @@ def write_config(path: Path, *, model: Path, data: Path, method: str, steps: int
     cfg = {
         "model": {"path": str(model)},
         "method": method,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        **({"lora": {"r": 8, "alpha": 16, "dropout": 0.1}} if method == "lora" else {}),
         "data": {"train": str(data), "format": "chat", "max_length": 64, "eval_fraction": 0.1},
         "train": {
             "batch_size": 8,
@@ -679,7 +679,7 @@ def render_report(results: list[MethodResult], args: argparse.Namespace, command
         + (f"; SABOTAGE: resumed jobs run with `--sabotage {args.sabotage}`" if args.sabotage else "")
         + ".",
         "",
-        f"Run: tiny random Llama (2 layers, hidden 32, tests/helpers.py), 64 chat rows (10% held out for eval), "
+        f"Run: tiny random Llama (2 layers, hidden 32, tests/tiny.py), 64 chat rows (10% held out for eval), "
         f"{args.steps} steps of batch 8, `save_every: {args.save_every}`, `eval_every: 5`, `keep_last: {KEEP_LAST}`, "
         "cosine schedule with 3 warmup steps, LoRA dropout 0.1 (so the RNG state matters). "
         f"{args.kills} kill points drawn with `random.Random({args.seed})` uniformly over steps 0..{args.steps}+1; "

@@ -126,6 +126,8 @@ def run_config(model: Path, data: Path, out: Path, overrides: dict[str, Any], ar
             raw.setdefault(key, {}).update(value)
         else:
             raw[key] = value
+    if raw.get("method") not in ("lora", "qlora"):  # full fine-tuning trains no adapter: no lora section
+        raw.pop("lora", None)
     return raw
 
 

@@ -79,15 +79,15 @@ def measure(
     """Held-out accuracy and loss of a run's model: as trained, after PTQ to ``ptq_bits``, or after QAT convert."""
     import torch
 
+    from bittune.artifacts import load, resolve
     from bittune.data import make_collator, prepare_data
-    from bittune.model import load_for_inference
-    from bittune.quant.qat import convert, quantize_linears_, read_qat_settings
+    from bittune.quant.qat import convert, quantize_linears_
     from bittune.training.evaluate import evaluate
 
-    model, tokenizer, task = load_for_inference(str(run_dir), device="cpu")
+    model, tokenizer, task = load(str(run_dir), device="cpu")
     if convert_qat:
-        q = read_qat_settings(run_dir)
-        model = convert(model, bits=q["bits"], group_size=q["group_size"], symmetric=q["symmetric"])
+        q = resolve(run_dir).qat
+        model = convert(model, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
     if ptq_bits is not None:
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()

@@ -39,9 +39,9 @@ def merged_fp_model(demo_run: Path, out: Path) -> Path:
     """The demo's LoRA merged into its float32 base, saved as a plain model folder."""
     if (out / "config.json").is_file():
         return out
-    from bittune.quant.merge import load_merged
+    from bittune.artifacts import load
 
-    model, tokenizer, _, _ = load_merged(str(demo_run), device="cpu")
+    model, tokenizer, _ = load(str(demo_run), as_="merged", device="cpu")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
@@ -74,17 +74,16 @@ def measure_model(
     calib: Path | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Load a model folder or run, optionally PTQ (``("int"|"gptq", bits)``) or QAT-convert it, and score it."""
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load, resolve
     from bittune.quant import quantize
     from bittune.quant.api import calibration_batches
     from bittune.quant.qat import convert as qat_convert
-    from bittune.quant.qat import read_qat_settings
     from bittune.quant.spec import GptqSpec, IntSpec
 
-    model, tokenizer, _ = load_for_inference(str(path), device="cpu")
+    model, tokenizer, _ = load(str(path), device="cpu")
     if convert:
-        q = read_qat_settings(path)
-        model = qat_convert(model, bits=q["bits"], group_size=q["group_size"], symmetric=q["symmetric"])
+        q = resolve(path).qat
+        model = qat_convert(model, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
     if ptq is not None:
         method, bits = ptq
         if method == "int":

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from bittune.artifacts import load
 from bittune.demo.assets import prepare_smollm2
 from bittune.inference import prepare_eval_rows
-from bittune.model import load_for_inference
 from bittune.quant import quantize
 from bittune.quant.api import calibration_batches
-from bittune.quant.io import load_quantized, save_quantized
+from bittune.quant.io import save_quantized
 from bittune.quant.report import measure, quality_delta, weights_size
 from bittune.quant.select import quantizable_linears
 from bittune.quant.spec import BnbSpec, CastSpec, GptqSpec, HqqSpec, IntSpec
@@ -83,7 +83,7 @@ def main() -> None:
     model_dir = prepare_smollm2(log=lambda m: print(m, file=sys.stderr))
     work = Path(tempfile.mkdtemp(prefix="bittune-quant-bench-"))
     data = work / "text.jsonl"
-    tokenizer = load_for_inference(str(model_dir), device="cpu")[1]
+    tokenizer = load(str(model_dir), device="cpu")[1]
     rows, calib_rows, total = [], [], 0
     for r in text_rows():
         if total >= args.tokens:
@@ -98,7 +98,7 @@ def main() -> None:
         for name in args.only or list(CONFIGS):
             spec = CONFIGS[name]
             t0 = time.perf_counter()
-            model, tokenizer, task = load_for_inference(str(model_dir), device="cpu")
+            model, tokenizer, task = load(str(model_dir), device="cpu")
             eval_rows = prepare_eval_rows(str(model_dir), tokenizer, task, data=str(data), **opts)
             if spec is None:
                 entry = {"name": name, "size_mb": round(weights_size(model_dir) / MB, 1)}
@@ -118,7 +118,7 @@ def main() -> None:
                 body_bytes = _body_bytes(model, body)
                 del model
                 gc.collect()
-                model, _ = load_quantized(folder, device="cpu")
+                model = load(folder, device="cpu").model
                 entry = {
                     "name": name,
                     "size_mb": round(weights_size(folder) / MB, 1),

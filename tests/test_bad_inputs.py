@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,57 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import color_chat_rows, sentiment_rows, write_jsonl
-
-# ---------------------------------------------------------------------------------------------------------------
-# Running the CLI
-
-
-def run_inproc(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """``bittune ARGV`` in this process: (exit code, stderr). An escaping exception counts as a traceback."""
-    from bittune.cli import main
-
-    capsys.readouterr()  # drop whatever earlier setup printed
-    # transformers' log handler keeps the stderr of the moment it was made (maybe an earlier test's closed capture):
-    # point it at this capture, so its output is seen here as a user would see it, then put it back.
-    libs = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("transformers")]
-    handlers = list({h for lg in libs for h in lg.handlers if type(h) is logging.StreamHandler})
-    saved = [(h.stream, h.__dict__.get("flush")) for h in handlers]
-    for h in handlers:
-        # Not setStream(): that flushes the old stream, which may be closed. transformers also binds its handler's
-        # flush to the stream of that moment.
-        h.stream, h.flush = sys.stderr, sys.stderr.flush
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except Exception:  # a bug: main() must turn every user error into a message
-        code = 1
-        print(traceback.format_exc(), file=sys.stderr)
-    finally:
-        for h, (stream, flush) in zip(handlers, saved):
-            h.stream = stream
-            if flush is None:
-                del h.flush
-            else:
-                h.flush = flush
-    return code, capsys.readouterr().err
-
-
-def run_subprocess(argv: list[str]) -> tuple[int, str]:
-    """``python -m bittune ARGV``: the exit code and stderr a user sees."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bittune", *argv], capture_output=True, text=True, env=env, timeout=300
-    )
-    return proc.returncode, proc.stderr
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (bytes) and folder (None) under ``root``, by relative path."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
+from tiny import color_chat_rows, run_cli, run_inproc, run_subprocess, sentiment_rows, snapshot, write_jsonl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared inputs
@@ -93,11 +40,12 @@ def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stopped_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, chat_file: Path) -> Path:
     """A 6-step LoRA run stopped (as if killed) after step 4, with checkpoints step-2 and step-4."""
     from bittune.config import config_from_dict
-    from bittune.recipes.finetune import train
+    from bittune.recipes.finetune import stop_after, train
 
     out = tmp_path_factory.mktemp("stopped") / "run"
     raw = base_config(tiny_llama_dir, chat_file, out, max_steps=6, save_every=2)
-    assert train(config_from_dict(raw), stop_after_step=4, progress=False).stopped_early
+    with stop_after(4):
+        assert train(config_from_dict(raw), progress=False).stopped_early
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     return out
 
@@ -432,9 +380,20 @@ def _task_vs_format(env: Env) -> Scenario:
 
 @case("full-method-with-quant")
 def _full_with_quant(env: Env) -> Scenario:
-    cfg = env.config(env.run_config(method="full", quant={"bits": 4}))
+    raw = env.run_config(method="full", quant={"bits": 4})
+    del raw["lora"]  # full fine-tuning has no adapter settings (a lora section is its own error, below)
+    cfg = env.config(raw)
     return Scenario(
         ["train", str(cfg)], "quant is set but method is 'full'", [str(cfg), "use method: qlora"], out=env.tmp / "out"
+    )
+
+
+@case("lora-section-with-full-method")
+def _full_with_lora(env: Env) -> Scenario:
+    cfg = env.config(env.run_config(method="full"))
+    line = cfg.read_text().splitlines().index("lora:") + 1
+    return Scenario(
+        ["train", str(cfg)], f"{cfg}:{line}: lora", ["method is 'full'", "remove the lora section"], out=env.tmp / "out"
     )
 
 
@@ -744,7 +703,7 @@ def _generate_classifier(env: Env) -> Scenario:
 # --- export and push --------------------------------------------------------------------------------------------
 @case("export-gguf-of-a-bert")
 def _export_bert(env: Env) -> Scenario:
-    from helpers import make_tiny_bert
+    from tiny import make_tiny_bert
 
     bert = make_tiny_bert(env.tmp / "bert", _tok())
     out = env.tmp / "m.gguf"
@@ -756,7 +715,7 @@ def _export_bert(env: Env) -> Scenario:
 
 @case("export-gguf-of-a-gpt2")
 def _export_gpt2(env: Env) -> Scenario:
-    from export_helpers import make_tiny
+    from tiny import make_tiny
 
     gpt2 = make_tiny(env.tmp / "gpt2", _tok(), "gpt2")
     out = env.tmp / "m.gguf"
@@ -767,7 +726,7 @@ def _export_gpt2(env: Env) -> Scenario:
 
 
 def _tok() -> Any:
-    from helpers import make_tokenizer
+    from tiny import make_tokenizer
 
     return make_tokenizer()
 
@@ -860,7 +819,7 @@ def _export_unfinished(env: Env) -> Scenario:
 
 @case("export-gguf-with-an-unsupported-tokenizer")
 def _export_tokenizer(env: Env) -> Scenario:
-    from export_helpers import tokenizer_with_pre
+    from tiny import tokenizer_with_pre
 
     model = env.tmp / "ws-model"
     shutil.copytree(env.tiny_llama_dir, model)
@@ -971,6 +930,21 @@ def test_eval_of_a_classifier_folder_with_default_labels(
     tmp_path: Path, classifier_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Not a bad input: the valid neighbour of generate-on-a-classifier-folder, which fails for the same reason."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     data = write_jsonl(tmp_path / "s.jsonl", [{"text": "good movie", "label": 1}, {"text": "bad movie", "label": 0}])
-    code, err = run_inproc(["eval", str(classifier_model), "--data", str(data)], capsys)
+    code, out, err = run_cli(["eval", str(classifier_model), "--data", str(data)], capsys)
     assert code == 0, err
+    result = json.loads(out)
+    metrics = {"eval_loss", "eval_accuracy", "eval_f1_macro", "confusion", "rows", "data"}
+    assert metrics <= set(result) and result["rows"] == 2 and result["task"] == "classification"
+    assert sum(map(sum, result["confusion"]["matrix"])) == 2
+    # The numbers are stock transformers' on the same rows: label ids 1 and 0 are LABEL_1 and LABEL_0.
+    tok = AutoTokenizer.from_pretrained(classifier_model)
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_model).eval()
+    labels = torch.tensor([1, 0])
+    with torch.no_grad():
+        logits = model(**tok(["good movie", "bad movie"], return_tensors="pt", padding=True)).logits
+    assert result["eval_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert result["eval_accuracy"] == float((logits.argmax(-1) == labels).float().mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 REPO = Path(__file__).parent.parent
 
@@ -83,6 +84,21 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
+def stock_greedy_reply(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> str:
+    """Greedy reply of base + adapter loaded with stock transformers and PEFT (no bittune code)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
 @pytest.mark.e2e
 def test_validate_train_eval_generate(tmp_path, tiny_llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", color_chat_rows(24))
@@ -100,10 +116,16 @@ def test_validate_train_eval_generate(tmp_path, tiny_llama_dir):
     proc = bittune("eval", str(out), "--data", str(data))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
+    assert {"eval_loss", "eval_perplexity", "rows", "data", "tokens"} <= set(result) and result["data"] == str(data)
+    assert "eval_accuracy" not in result  # plain-text rows: loss only, no task metric invented
     assert result["rows"] == 24 and result["eval_perplexity"] > 1
+    assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]), rel=1e-6)
 
     proc = bittune("generate", str(out), "--prompt", "What color is the sky?", "--max-new-tokens", "5")
     assert proc.returncode == 0, proc.stderr
+    # What it prints is the reply stock transformers + PEFT give greedily for the chat-rendered prompt.
+    assert proc.stdout.strip() == stock_greedy_reply(tiny_llama_dir, out / "adapter", "What color is the sky?", 5)
+    assert proc.stdout.strip()
 
     proc = bittune("eval", str(out))  # the run had no eval file: say what to pass
     assert_clean_error(proc, "--data")

@@ -115,9 +115,37 @@ def test_fixed_dotted_names_exist():
             node = getattr(node, part)
 
 
+def _leaves(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    out = []
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "columns":  # data.columns is a value (a mapping), not a section
+            out += _leaves(value, (*prefix, key))
+        else:
+            out.append(((*prefix, key), value))
+    return out
+
+
+def test_there_are_example_configs():
+    assert len(CONFIGS) >= 5, CONFIGS
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_example_configs_validate(path):
-    load_config(path)
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # Every value the file sets is the value the config holds: no key renamed, dropped or silently re-read.
+    raw = yaml.safe_load(path.read_text())
+    leaves = _leaves(raw)
+    assert len(leaves) >= 8, leaves
+    for dotted, value in leaves:
+        got = cfg
+        for part in dotted:
+            got = getattr(got, part)
+        if isinstance(value, str) and value.startswith("~"):
+            value = str(Path(value).expanduser())  # model.path and data files: ~ is expanded
+        assert got == value, (".".join(dotted), got, value)
+    # What a run writes as run_config.yaml loads back to the same config.
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
 
 
 def test_every_config_key_is_documented_in_the_readme():
@@ -128,16 +156,16 @@ def test_every_config_key_is_documented_in_the_readme():
         LoraConfig,
         ModelConfig,
         QatConfig,
-        QuantConfig,
         TrackingConfig,
         TrainConfig,
     )
+    from bittune.quant.spec import BnbSpec
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     sections = {
         "model": ModelConfig,
         "lora": LoraConfig,
-        "quant": QuantConfig,
+        "quant": BnbSpec,
         "qat": QatConfig,
         "distill": DistillConfig,
         "data": DataConfig,

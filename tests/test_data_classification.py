@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from bittune.data import count_target_tokens, make_collator
+from bittune.data import count_targets, make_collator
 from bittune.errors import DataError
-from data_helpers import make_tokenizer, prepare, write_rows
+from tiny import data_tokenizer, prepare, write_rows
 
 ROWS = [
     {"text": "a great movie", "label": "positive"},
@@ -20,7 +20,7 @@ ROWS = [
 
 
 def _prep(tmp_path: Path, rows: list[dict], **kw: Any) -> Any:
-    tok = kw.pop("tok", None) or make_tokenizer(bert=True)
+    tok = kw.pop("tok", None) or data_tokenizer(bert=True)
     return prepare(tok, write_rows(tmp_path / "c.jsonl", rows), fmt="classification", task="classification", **kw)
 
 
@@ -74,7 +74,7 @@ def test_one_class_is_an_error(tmp_path: Path) -> None:
 
 
 def test_special_tokens_pairs_and_truncation(tmp_path: Path) -> None:
-    tok = make_tokenizer(bert=True)
+    tok = data_tokenizer(bert=True)
     cls, sep = tok.convert_tokens_to_ids(["[CLS]", "[SEP]"])
     rows = [
         {"text": "a great movie", "text_pair": "a film", "label": "pos"},
@@ -89,7 +89,7 @@ def test_special_tokens_pairs_and_truncation(tmp_path: Path) -> None:
 
 
 def test_classification_collator(tmp_path: Path) -> None:
-    tok = make_tokenizer(bert=True)
+    tok = data_tokenizer(bert=True)
     data = _prep(tmp_path, ROWS, tok=tok)
     batch = make_collator("classification", tok.pad_token_id, packed=False)(data.train)
     longest = max(len(r["input_ids"]) for r in data.train)
@@ -97,9 +97,9 @@ def test_classification_collator(tmp_path: Path) -> None:
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, longest)
     assert batch["labels"].tolist() == [2, 0, 1, 2] and str(batch["labels"].dtype) == "torch.int64"
     assert batch["attention_mask"].sum().item() == sum(len(r["input_ids"]) for r in data.train)
-    assert count_target_tokens(batch) == 4
+    assert count_targets("classification", batch["labels"]) == 4
 
 
 def test_format_and_task_must_agree(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data\.format 'text' does not fit task 'classification'"):
-        prepare(make_tokenizer(), write_rows(tmp_path / "t.jsonl", ROWS), fmt="text", task="classification")
+        prepare(data_tokenizer(), write_rows(tmp_path / "t.jsonl", ROWS), fmt="text", task="classification")

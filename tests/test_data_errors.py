@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bittune.errors import DataError
-from data_helpers import make_tokenizer, prepare
+from tiny import data_tokenizer, prepare
 
 
 def _jsonl(*rows: object) -> str:
@@ -185,7 +185,7 @@ def test_bad_data_names_file_line_and_field(tmp_path: Path, case: str) -> None:
         path.write_text(content, encoding="utf-8")
     task = "classification" if fmt == "classification" else "causal-lm"
     with pytest.raises(DataError) as err:
-        prepare(make_tokenizer(), path, fmt=fmt, task=task)
+        prepare(data_tokenizer(), path, fmt=fmt, task=task)
     for text in expected:
         assert text in err.value.message, f"{text!r} not in {err.value.message!r}"
     assert err.value.hint and hint in err.value.hint, err.value.hint
@@ -193,7 +193,7 @@ def test_bad_data_names_file_line_and_field(tmp_path: Path, case: str) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nope\.jsonl: data file not found") as err:
-        prepare(make_tokenizer(), tmp_path / "nope.jsonl", fmt="text")
+        prepare(data_tokenizer(), tmp_path / "nope.jsonl", fmt="text")
     assert "check the path" in (err.value.hint or "")
 
 
@@ -201,7 +201,7 @@ def test_mapped_column_missing_says_it_was_mapped(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(_jsonl({"sentense": "a", "label": "x"}), encoding="utf-8")
     with pytest.raises(DataError) as err:
-        prepare(make_tokenizer(), path, fmt="classification", task="classification", columns={"text": "sentence"})
+        prepare(data_tokenizer(), path, fmt="classification", task="classification", columns={"text": "sentence"})
     assert "t.jsonl:1: field 'sentence' (mapped from 'text' by data.columns) is missing" in err.value.message
     assert "did you mean 'sentense'?" in err.value.message
 
@@ -210,29 +210,29 @@ def test_columns_naming_an_unknown_field(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(_jsonl({"text": "a"}), encoding="utf-8")
     with pytest.raises(DataError, match=r"data\.columns maps 'txt', which format 'text' does not use"):
-        prepare(make_tokenizer(), path, fmt="text", columns={"txt": "body"})
+        prepare(data_tokenizer(), path, fmt="text", columns={"txt": "body"})
 
 
 def test_auto_template_without_chat_template(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(_jsonl(_chat(U, A)), encoding="utf-8")
     with pytest.raises(DataError, match="has no chat template") as err:
-        prepare(make_tokenizer(chat_template=None), path, fmt="chat", template="auto")
+        prepare(data_tokenizer(chat_template=None), path, fmt="chat", template="auto")
     assert "data.template: chatml" in (err.value.hint or "")
     # The suggested fix works.
-    assert len(prepare(make_tokenizer(chat_template=None), path, fmt="chat", template="chatml").train) == 1
+    assert len(prepare(data_tokenizer(chat_template=None), path, fmt="chat", template="chatml").train) == 1
 
 
 def test_llama2_needs_alternating_turns(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(_jsonl(_chat(U, A), _chat(U, U, A)), encoding="utf-8")
     with pytest.raises(DataError, match=r"t\.jsonl:2: message 1 is 'user' but template 'llama2' needs 'assistant'"):
-        prepare(make_tokenizer(), path, template="llama2")
+        prepare(data_tokenizer(), path, template="llama2")
 
 
 def test_template_that_raises_is_reported_with_the_row(tmp_path: Path) -> None:
     strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    tok = make_tokenizer(chat_template=strict + make_tokenizer().chat_template)
+    tok = data_tokenizer(chat_template=strict + data_tokenizer().chat_template)
     path = tmp_path / "t.jsonl"
     path.write_text(_jsonl(_chat(U, A)), encoding="utf-8")
     with pytest.raises(DataError, match=r"t\.jsonl:1: the tokenizer's chat template rejected this conversation"):
@@ -241,4 +241,4 @@ def test_template_that_raises_is_reported_with_the_row(tmp_path: Path) -> None:
 
 def test_unknown_format_suggests_the_closest() -> None:
     with pytest.raises(DataError, match="unknown data format 'compleiton' \\(did you mean 'completion'\\?\\)"):
-        prepare(make_tokenizer(), "unused.jsonl", fmt="compleiton")
+        prepare(data_tokenizer(), "unused.jsonl", fmt="compleiton")

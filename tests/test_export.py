@@ -6,14 +6,26 @@ chat template, eos), the rotary Q/K reordering, and the Q8_0/Q4_0 blocks within 
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from export_helpers import GPT2_PRE, SMOLLM_PRE, make_tiny, split_then_bytelevel, tokenizer_with_pre
-from helpers import CHATML_TEMPLATE, color_chat_rows, write_jsonl
+from tiny import (
+    CHATML_TEMPLATE,
+    GPT2_PRE,
+    SMOLLM_PRE,
+    color_chat_rows,
+    make_tiny,
+    run_cli,
+    split_then_bytelevel,
+    tokenizer_with_pre,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +179,12 @@ def test_gguf_of_a_lora_run_holds_the_merged_weights(lora_run: Path, tmp_path: P
     import gguf
     import torch
 
+    from bittune.artifacts import load
     from bittune.export.commands import export_model
-    from bittune.model import load_for_inference
 
     result = export_model(str(lora_run), fmt="gguf", qtype="f32", out=tmp_path / "run.gguf")
     assert result["merged_adapter"] is True
-    model, _, _ = load_for_inference(str(lora_run))
+    model, _, _ = load(str(lora_run))
     merged = model.merge_and_unload().state_dict()
     tensors = _tensors(gguf.GGUFReader(str(tmp_path / "run.gguf")))
     base = _hf_weights(
@@ -233,8 +245,8 @@ def test_hf_export_of_a_lora_run_reloads_with_the_same_outputs_and_a_card(lora_r
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from bittune.artifacts import load
     from bittune.export.commands import export_model
-    from bittune.model import load_for_inference
 
     out = tmp_path / "hf"
     result = export_model(str(lora_run), fmt="hf", out=out)
@@ -246,7 +258,7 @@ def test_hf_export_of_a_lora_run_reloads_with_the_same_outputs_and_a_card(lora_r
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == CHATML_TEMPLATE
     assert GenerationConfig.from_pretrained(out).eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
-    peft_model, _, _ = load_for_inference(str(lora_run))
+    peft_model, _, _ = load(str(lora_run))
     ids = torch.tensor([tok("What color is the sky?").input_ids])
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
@@ -277,6 +289,21 @@ def test_card_includes_a_quantization_report(lora_run: Path, tmp_path: Path) -> 
     assert "base_model: owner/base" in card
 
 
+def hf_api_binder() -> Callable[..., dict[str, Any]]:
+    """``bind(method, *args, **kw)``: a call to ``HfApi.<method>`` bound to the real signature (taken now, before
+    the test replaces the method), as the arguments it would receive; TypeError where the real call would fail."""
+    import huggingface_hub
+
+    real = {m: inspect.signature(getattr(huggingface_hub.HfApi, m)) for m in ("create_repo", "upload_folder")}
+
+    def bind(method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        bound = real[method].bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    return bind
+
+
 def test_push_uploads_the_staged_folder_and_never_writes_the_token(
     lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -288,27 +315,69 @@ def test_push_uploads_the_staged_folder_and_never_writes_the_token(
     secret = "hf_" + "x7" * 17
     monkeypatch.setenv("HF_TOKEN", secret)
     calls: dict[str, dict] = {}
+    bound_call = hf_api_binder()
 
-    def create_repo(self, repo_id, **kw):
-        calls["create_repo"] = {"repo_id": repo_id, **kw}
-        return f"https://huggingface.co/{repo_id}"
+    def create_repo(*args, **kw):
+        calls["create_repo"] = bound_call("create_repo", *args, **kw)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{calls['create_repo']['repo_id']}")
 
-    def upload_folder(self, **kw):
-        folder = Path(kw["folder_path"])
-        calls["upload_folder"] = {**kw, "files": {p.name: p.read_bytes() for p in folder.iterdir()}}
+    def upload_folder(*args, **kw):
+        call = bound_call("upload_folder", *args, **kw)
+        folder = Path(call["folder_path"])
+        calls["upload_folder"] = {**call, "files": {p.name: p.read_bytes() for p in folder.iterdir()}}
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     main(["push", str(lora_run), "--repo", "alice/tiny-colors", "--private"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["repo"] == "alice/tiny-colors" and printed["private"] is True
+    assert printed["url"] == "https://huggingface.co/alice/tiny-colors"
+    assert calls["create_repo"]["repo_id"] == "alice/tiny-colors" and calls["create_repo"]["repo_type"] == "model"
     assert calls["create_repo"]["private"] is True and calls["create_repo"]["exist_ok"] is True
+    assert calls["create_repo"]["token"] is None  # huggingface_hub finds the token itself; bittune never holds it
     files = calls["upload_folder"]["files"]
-    assert calls["upload_folder"]["repo_id"] == "alice/tiny-colors"
+    assert calls["upload_folder"]["repo_id"] == "alice/tiny-colors" and calls["upload_folder"]["repo_type"] == "model"
+    assert calls["upload_folder"]["path_in_repo"] is None and calls["upload_folder"]["token"] is None
     assert {"README.md", "model.safetensors", "tokenizer.json", "config.json"} <= files.keys()
     assert b"# alice/tiny-colors" in files["README.md"]
     assert not any(secret.encode() in data for data in files.values())
     assert not Path(calls["upload_folder"]["folder_path"]).exists(), "the staging folder is removed"
+
+
+@pytest.mark.parametrize("failing", ["create_repo", "upload_folder"])
+def test_push_failure_is_one_clean_error_without_the_token(
+    lora_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], failing: str
+) -> None:
+    """A refused upload: exit 2, one error line, no traceback, no token in any output, the staging folder removed."""
+    import huggingface_hub
+
+    secret = "hf_" + "q4" * 17
+    monkeypatch.setenv("HF_TOKEN", secret)
+    staged: list[Path] = []
+    bound_call = hf_api_binder()
+
+    def create_repo(*args, **kw):
+        call = bound_call("create_repo", *args, **kw)
+        if failing == "create_repo":
+            # As an HTTP client error may echo the request: the token must not reach the user's terminal or logs.
+            raise OSError(f"401 Unauthorized for {call['repo_id']} (Authorization: Bearer {secret})")
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{call['repo_id']}")
+
+    def upload_folder(*args, **kw):
+        staged.append(Path(bound_call("upload_folder", *args, **kw)["folder_path"]))
+        raise ConnectionError(f"connection reset while sending with token={secret}\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    code, out, err = run_cli(["push", str(lora_run), "--repo", "alice/tiny-colors"], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and secret not in err and secret not in out
+    message = err[err.index("error: ") :]
+    assert message.startswith("error: upload to alice/tiny-colors failed"), err
+    assert ("OSError: 401 Unauthorized" if failing == "create_repo" else "ConnectionError: connection reset") in message
+    assert "\n  fix: " in message and "second line" not in message
+    assert staged == [] if failing == "create_repo" else (len(staged) == 1 and not staged[0].exists())
+    assert out == ""
 
 
 def test_push_dry_run_stages_the_folder(lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -330,10 +399,10 @@ def test_hf_export_of_a_lora_classifier_run(tmp_path: Path, tiny_bert_dir: Path)
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from bittune.artifacts import load
     from bittune.config import config_from_dict
     from bittune.export.commands import export_model
-    from bittune.model import load_for_inference
-    from helpers import sentiment_rows
+    from tiny import sentiment_rows
 
     raw = {
         "model": {"path": str(tiny_bert_dir), "task": "classification"},
@@ -349,7 +418,7 @@ def test_hf_export_of_a_lora_classifier_run(tmp_path: Path, tiny_bert_dir: Path)
     export_model(str(run), fmt="hf", out=tmp_path / "hf")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
     assert reloaded.config.id2label == {0: "neg", 1: "pos"}
-    peft_model, _, _ = load_for_inference(str(run))
+    peft_model, _, _ = load(str(run))
     enc = AutoTokenizer.from_pretrained(tmp_path / "hf")(["good movie, the sky"], return_tensors="pt")
     with torch.inference_mode():
         torch.testing.assert_close(reloaded.eval()(**enc).logits, peft_model(**enc).logits, atol=1e-5, rtol=1e-5)
@@ -377,9 +446,10 @@ def test_export_of_a_quantized_folder_writes_its_quantized_values(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bittune.artifacts import load
     from bittune.export.commands import export_model
     from bittune.quant import quantize
-    from bittune.quant.io import load_quantized, save_quantized
+    from bittune.quant.io import save_quantized
     from bittune.quant.spec import GptqSpec
 
     spec = GptqSpec(bits=3, group_size=16)
@@ -390,7 +460,7 @@ def test_export_of_a_quantized_folder_writes_its_quantized_values(
     folder = tmp_path / "q"
     folder.mkdir()
     save_quantized(model, folder, spec=spec, task="causal-lm", tokenizer=tokenizer)
-    quantized, _ = load_quantized(folder)
+    quantized = load(folder).model
     original = _hf_weights(tiny_llama_dir)
     name = "model.layers.0.self_attn.v_proj.weight"
     v = quantized.get_submodule(name.removesuffix(".weight")).dequantized_weight().numpy()
@@ -410,13 +480,13 @@ def test_export_of_a_quantized_folder_writes_its_quantized_values(
 
 
 def test_hf_export_of_an_nf4_folder_holds_its_dequantized_weights(tiny_llama_dir: Path, tokenizer, tmp_path: Path):
-    pytest.importorskip("bitsandbytes")
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bittune.artifacts import load
     from bittune.export.commands import export_model
     from bittune.quant import quantize
-    from bittune.quant.io import load_quantized, save_quantized
+    from bittune.quant.io import save_quantized
     from bittune.quant.spec import BnbSpec
 
     spec = BnbSpec(method="nf4")
@@ -424,7 +494,7 @@ def test_hf_export_of_an_nf4_folder_holds_its_dequantized_weights(tiny_llama_dir
     folder.mkdir()
     save_quantized(quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), spec), folder, spec=spec,
                    task="causal-lm", tokenizer=tokenizer)  # fmt: skip
-    quantized, _ = load_quantized(folder)
+    quantized = load(folder).model
     export_model(str(folder), fmt="hf", out=tmp_path / "hf")  # transformers must not try to re-pack bnb weights
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert getattr(reloaded.config, "quantization_config", None) is None

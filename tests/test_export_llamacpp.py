@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from export_helpers import GPT2_PRE, SMOLLM_PRE, make_tiny, split_then_bytelevel, tokenizer_with_pre
-from helpers import color_chat_rows, write_jsonl
+from tiny import GPT2_PRE, SMOLLM_PRE, color_chat_rows, make_tiny, split_then_bytelevel, tokenizer_with_pre, write_jsonl
 
 pytestmark = pytest.mark.llamacpp
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run `make test-llamacpp`")
@@ -77,17 +76,17 @@ def test_a_missing_rotary_permutation_is_caught(
     ],
 )
 def test_each_pre_tokenizer_tokenizes_as_in_transformers(tmp_path: Path, pre: dict | str) -> None:
+    from bittune.artifacts import load
     from bittune.export.gguf_writer import write_gguf
-    from bittune.export.source import load_merged, resolve_source
     from bittune.export.tokenizer_meta import _LLAMA3_REGEX, _QWEN2_REGEX
     from bittune.export.verify import compare_with_llamacpp
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     if isinstance(pre, str):
         pre = split_then_bytelevel(_LLAMA3_REGEX if pre == "llama3" else _QWEN2_REGEX)
     tok = tokenizer_with_pre(pre)
     model_dir = make_tiny_llama(tmp_path / "m", tok)
-    model, tokenizer = load_merged(resolve_source(str(model_dir)))
+    model, tokenizer, _ = load(model_dir, as_="merged", device="cpu")
     write_gguf(model, tokenizer, tmp_path / "m.gguf", qtype="f32")
     texts = (
         "In 1994 I'm sure we'll pay 24690 dollars.\n\nThey've 3.14 x7",

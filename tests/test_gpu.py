@@ -7,8 +7,7 @@ import torch
 
 from bittune.config import config_from_dict
 from bittune.recipes.finetune import train
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import first_last, losses, run_config
+from tiny import color_chat_rows, first_last, losses, run_config, write_jsonl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 
@@ -48,7 +47,7 @@ def test_qlora_adapter_gives_same_logits_after_reload_on_gpu(tiny_llama_dir, cha
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
 
     raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method="qlora", train={"max_steps": 5})
     result = train(config_from_dict(raw), progress=False)
@@ -62,7 +61,7 @@ def test_qlora_adapter_gives_same_logits_after_reload_on_gpu(tiny_llama_dir, cha
         tiny_llama_dir, quantization_config=q, device_map={"": 0}, dtype=torch.bfloat16
     )
     stock = PeftModel.from_pretrained(base, result.final_dir).eval()
-    ours, _, _ = load_for_inference(str(result.run_dir))
+    ours, _, _ = load(str(result.run_dir))
     ids = torch.tensor([[1, 5, 9, 20, 33, 4, 17]], device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-2, rtol=1e-2)

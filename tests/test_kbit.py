@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
 from bittune.config import config_from_dict
 from bittune.errors import ConfigError
 from bittune.recipes.finetune import train
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import first_last, losses, run_config
-
-bnb = pytest.importorskip("bitsandbytes")
+from bittune.sidecars import read_training_quant
+from tiny import color_chat_rows, first_last, losses, run_config, write_jsonl
 
 # These train on the CPU path on purpose (fp32 compute, CPU-only refusals). One process holds one accelerate
 # device, so on a GPU machine they are left to CI and the GPU paths are covered by test_gpu.py.
@@ -48,32 +47,33 @@ def test_kbit_lora_trains_on_cpu(tiny_llama_dir, chat_file, tmp_path, quant, opt
     assert memory["peak_rss_mb"] > 0 and memory["weights_mb"] > 0
     stored = "uint8" if quant["bits"] == 4 else "int8"
     assert memory["weights_mb_by_dtype"][stored] > 0
-    saved = json.loads((result.final_dir / "bittune_quantization.json").read_text())
-    assert saved["bits"] == quant["bits"]
+    saved = read_training_quant(result.final_dir)  # bittune_quantization.json, in the one vocabulary
+    assert saved.bits == quant["bits"]
+    assert json.loads((result.final_dir / "bittune_quantization.json").read_text())["method"] == saved.method
 
 
 @cpu_only
 @pytest.mark.e2e
-@pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny_llama_dir, chat_file, tmp_path, bits):
+@pytest.mark.parametrize("quant", [{"bits": 4}, {"bits": 4, "type": "fp4"}, {"bits": 8}], ids=["nf4", "fp4", "int8"])
+def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny_llama_dir, chat_file, tmp_path, quant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
 
     raw = run_config(
         tiny_llama_dir,
         chat_file,
         tmp_path / "run",
         method="qlora",
-        quant={"bits": bits},
+        quant=quant,
         train={"max_steps": 5, "device": "cpu"},
     )
     result = train(config_from_dict(raw), progress=False)
-    if bits == 4:
+    if quant["bits"] == 4:
         q = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_type=quant.get("type", "nf4"),
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
@@ -86,7 +86,7 @@ def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     stock = PeftModel.from_pretrained(base, result.final_dir).eval()
-    ours, _, _ = load_for_inference(str(result.run_dir), device="cpu")
+    ours, _, _ = load(str(result.run_dir), device="cpu")
     ids = torch.tensor([[1, 5, 9, 20, 33, 4, 17]])
     with torch.no_grad():
         a, b = stock(input_ids=ids).logits, ours(input_ids=ids).logits
@@ -98,15 +98,16 @@ def test_qlora_adapter_loads_in_stock_peft_on_a_transformers_quantized_base(tiny
 def test_double_quant_shrinks_the_stored_scales(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from bittune.model import bnb_config
+    from bittune.quant.api import bnb_config
+    from bittune.quant.spec import BnbSpec
     from bittune.training.memory import weights_footprint
-    from helpers import make_tiny_llama
+    from tiny import make_tiny_llama
 
     # Wide layers: on a 32-wide toy the fixed per-layer tables of double quant outweigh what it saves.
     model_dir = make_tiny_llama(tmp_path / "wide", tokenizer, hidden=512, layers=1)
 
     def footprint(double: bool) -> dict[str, int]:
-        q = bnb_config(bits=4, quant_type="nf4", double_quant=double, compute_dtype=torch.float32)
+        q = bnb_config(BnbSpec(method="nf4", double_quant=double, compute_dtype="float32"))
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, device_map={"": "cpu"})
         n4 = sum(p.numel() * 2 for p in model.parameters() if p.dtype == torch.uint8)  # two weights per byte
         return weights_footprint(model), n4
@@ -125,7 +126,7 @@ def test_incompatible_options_are_refused_at_config_time():
     with pytest.raises(ConfigError, match="apply to 4-bit only"):
         config_from_dict({**base, "method": "qlora", "quant": {"bits": 8, "type": "fp4"}})
     cfg = config_from_dict({**base, "method": "qlora"})
-    assert cfg.quant.bits == 4 and cfg.quant.type == "nf4" and cfg.quant.double_quant
+    assert cfg.quant.bits == 4 and cfg.quant.method == "nf4" and cfg.quant.double_quant
 
 
 @cpu_only
@@ -153,11 +154,13 @@ def test_4bit_layers_keep_the_training_numerics_in_eval(tokenizer, tmp_path):
     """
     from transformers import AutoModelForCausalLM
 
-    from bittune.model import bnb_config, pin_bnb_cpu_kernels
-    from helpers import make_tiny_llama
+    from bittune.model import pin_bnb_cpu_kernels
+    from bittune.quant.api import bnb_config
+    from bittune.quant.spec import BnbSpec
+    from tiny import make_tiny_llama
 
     path = make_tiny_llama(tmp_path / "m", tokenizer)
-    q = bnb_config(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.float32)
+    q = bnb_config(BnbSpec(method="nf4", double_quant=True, compute_dtype="float32"))
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": "cpu"})
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers

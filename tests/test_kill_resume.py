@@ -21,10 +21,10 @@ from types import ModuleType
 import pytest
 
 from bittune.config import config_from_dict
-from bittune.recipes.finetune import train
-from bittune.training.checkpoint import COMPLETE, list_checkpoints
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from bittune.recipes.finetune import stop_after, train
+from bittune.storage import COMPLETE
+from bittune.training.checkpoint import list_checkpoints
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -124,7 +124,8 @@ def test_kill_during_pruning_leaves_no_folder_that_looks_complete(
 
 def test_resume_removes_the_temp_folders_of_killed_jobs(tiny_llama_dir: Path, chat_file: Path, tmp_path: Path) -> None:
     raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 4, "save_every": 2})
-    train(config_from_dict(raw), stop_after_step=2, progress=False)
+    with stop_after(2):
+        train(config_from_dict(raw), progress=False)
     ckpts = tmp_path / "run" / "checkpoints"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that is no longer running, like a killed job's

@@ -15,7 +15,7 @@ from bittune.config import config_from_dict
 from bittune.plan import estimate, model_shape
 from bittune.plan.activations import ActivationSpec, layer_bytes_per_token
 from bittune.plan.shapes import meta_shape
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, write_jsonl
 
 LLAMA = dict(
     vocab_size=300,
@@ -55,6 +55,8 @@ def plan_cfg(model_dir: Path, **sections):
             raw.setdefault(key, {}).update(value)
         else:
             raw[key] = value
+    if raw["method"] not in ("lora", "qlora"):  # full fine-tuning and QAT train no adapter: no lora section
+        raw.pop("lora", None)
     return config_from_dict(raw)
 
 
@@ -181,18 +183,14 @@ def test_unknown_architecture_falls_back_to_meta_count(tmp_path):
 
 def test_kbit_weights_match_the_loaded_footprint(tiny_llama_dir):
     """The 4-bit/8-bit weight bytes, scales included, equal what bitsandbytes really allocates."""
-    pytest.importorskip("bitsandbytes")
-    from bittune.model import bnb_config, load_model
+    from bittune.model import load_model
+    from bittune.quant.api import bnb_config
+    from bittune.quant.spec import BnbSpec
     from bittune.training.memory import weights_footprint
 
     for quant in ({"bits": 4, "double_quant": True}, {"bits": 4, "double_quant": False}, {"bits": 8}):
         report = plan(tiny_llama_dir, method="qlora", quant=quant)
-        q = bnb_config(
-            bits=quant["bits"],
-            quant_type="nf4",
-            double_quant=quant.get("double_quant", False),
-            compute_dtype=torch.float32,
-        )
+        q = bnb_config(BnbSpec.model_validate(quant))  # the config's old {bits, ...} spelling, translated
         model = load_model(
             str(tiny_llama_dir), task="causal-lm", dtype=torch.float32, quantization=q, device=torch.device("cpu")
         )

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from bittune.config import config_from_dict
-from bittune.quant.qat import convert, read_qat_settings
-from bittune.recipes.finetune import train
+from bittune.quant.qat import convert
+from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, make_tiny_llama, make_tokenizer, sentiment_rows, write_jsonl
+from tiny import color_chat_rows, make_tiny_llama, make_tokenizer, sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -34,6 +34,8 @@ def config(model_dir: Path, data_file: Path, out: Path, **sections) -> dict:
             raw[key] = value
     if raw["qat"] is None:  # qat=None: a run without QAT
         del raw["qat"]
+    if raw["method"] not in ("lora", "qlora"):  # full fine-tuning and QAT train no adapter: no lora section
+        raw.pop("lora", None)
     return raw
 
 
@@ -47,17 +49,17 @@ def mean(values: list[float]) -> float:
 
 def eval_converted(run_dir: Path) -> dict[str, float]:
     """Load a finished QAT run, convert it to its final bit-width and evaluate it on the run's own eval rows."""
+    from bittune.artifacts import load, resolve
     from bittune.config import load_config
     from bittune.data import make_collator
-    from bittune.model import load_for_inference
-    from bittune.quant.qat import convert, read_qat_settings
-    from bittune.recipes.finetune import prepare_run_data
+    from bittune.preflight import prepare_run_data
+    from bittune.quant.qat import convert
     from bittune.training.evaluate import evaluate
 
     cfg = load_config(run_dir / "run_config.yaml")
-    model, tokenizer, task = load_for_inference(str(run_dir), device="cpu")
-    q = read_qat_settings(run_dir)
-    model = convert(model, bits=q["bits"], group_size=q["group_size"], symmetric=q["symmetric"])
+    model, tokenizer, task = load(str(run_dir), device="cpu")
+    q = resolve(run_dir).qat
+    model = convert(model, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
     data = prepare_run_data(cfg, tokenizer)
     collate = make_collator(task, tokenizer.pad_token_id, data.packed)
     batches = (collate(data.eval[i : i + 8]) for i in range(0, len(data.eval), 8))
@@ -103,17 +105,17 @@ def test_qat_stages_switch_bits_keep_checkpoints_and_convert_reproduces_the_fina
 
     # `bittune quantize RUN_DIR` with no settings takes qat.json's, stores real packed codes, and the reloaded
     # low-bit model computes what the last stage evaluated (no original weights needed).
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load, resolve
     from bittune.quant.flows import quantize_path
     from bittune.quant.spec import IntSpec, spec_for_source
 
     spec = spec_for_source(str(run), bits=None, method=None, group_size=None, symmetric=False)
     assert spec == IntSpec(bits=4, group_size=16, symmetric=False)
     quantize_path(str(run), spec, tmp_path / "q4")
-    quantized, _, _ = load_for_inference(str(tmp_path / "q4"), device="cpu")
-    converted, _, _ = load_for_inference(str(run), device="cpu")
-    q = read_qat_settings(run)
-    converted = convert(converted, bits=q["bits"], group_size=q["group_size"], symmetric=q["symmetric"])
+    quantized, _, _ = load(str(tmp_path / "q4"), device="cpu")
+    converted, _, _ = load(str(run), device="cpu")
+    q = resolve(run).qat
+    converted = convert(converted, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
     ids = torch.tensor([[1, 5, 9, 13, 2, 7, 11]])
     with torch.no_grad():
         assert torch.equal(quantized(ids).logits, converted(ids).logits)
@@ -131,7 +133,8 @@ def test_resume_across_a_stage_boundary_is_bit_identical(tiny_llama_dir, chat_fi
         )  # fmt: skip
 
     straight = train(cfg(tmp_path / "straight"), progress=False)
-    stopped = train(cfg(tmp_path / "resumed"), stop_after_step=5, progress=False)
+    with stop_after(5):
+        stopped = train(cfg(tmp_path / "resumed"), progress=False)
     assert stopped.stopped_early
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-4"]
     resumed = train(cfg(tmp_path / "resumed"), resume=True, progress=False)  # from step 4 (8 bits) into 3 bits

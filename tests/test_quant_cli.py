@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import color_chat_rows, write_jsonl
-from test_bad_inputs import run_inproc, run_subprocess, snapshot
+from tiny import color_chat_rows, run_cli, run_inproc, run_subprocess, snapshot, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,13 @@ def test_quantize_cli_writes_folder_that_eval_reads(tiny_llama_dir: Path, chat_f
     assert "| int2-g32 |" in err and "Traceback" not in err
     report = json.loads((out / "quant_report.json").read_text())
     assert report["spec"] == {"method": "int", "bits": 2, "group_size": 32, "symmetric": False}
-    code, _ = run_inproc(["eval", str(out), "--data", str(chat_file)], capsys)
-    assert code == 0
+    code, printed, err = run_cli(["eval", str(out), "--data", str(chat_file)], capsys)
+    assert code == 0, err
+    # eval reads the folder as quantized: the numbers the report measured for the reloaded int2 model.
+    result, measured = json.loads(printed), report["models"][1]
+    assert measured["name"] == "int2-g32" and result["rows"] == measured["rows"] == 8
+    assert result["eval_loss"] == pytest.approx(measured["eval_loss"], rel=1e-6)
+    assert result["eval_loss"] > report["models"][0]["eval_loss"]  # not the float reference
 
 
 def _fake_full_run(tmp: Path, model_dir: Path) -> Path:

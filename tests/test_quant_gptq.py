@@ -12,8 +12,7 @@ from bittune.quant import quantize
 from bittune.quant.gptq import HessianCollector, gptq_quantize_weight, layer_output_error
 from bittune.quant.intq import dequantize, quantize_codes, quantize_dequantize, quantize_int
 from bittune.quant.spec import GptqSpec, IntSpec, spec_from_cli
-from helpers import color_chat_rows, write_jsonl
-from test_bad_inputs import run_inproc
+from tiny import color_chat_rows, run_cli, run_inproc, write_jsonl
 
 
 def correlated_inputs(n: int = 2048, d: int = 128, seed: int = 0) -> torch.Tensor:
@@ -79,6 +78,10 @@ def test_dead_inputs_get_zero_weights_and_no_nan() -> None:
     codes, scale, zero = gptq_quantize_weight(w, hessian_of(x), bits=3, group_size=16)
     deq = dequantize(codes, scale, zero, w.shape)
     assert torch.isfinite(deq).all()
+    # The dead column is exactly zero (0 is on every asymmetric grid: lo <= 0 <= hi and the zero point is an
+    # integer), though its float weights were not; its neighbours, fed real inputs, keep theirs.
+    assert w[:, 10].abs().min() > 0 and torch.equal(deq[:, 10], torch.zeros(16))
+    assert (deq[:, 9] != 0).any() and (deq[:, 11] != 0).any()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +107,7 @@ def _load(path: Path, cls_name: str = "AutoModelForCausalLM"):
 
 
 def test_gptq_model_beats_rtn_and_reloads_identically(tiny_llama_dir: Path, tokenizer, tmp_path: Path) -> None:
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
     from bittune.quant.io import save_quantized
 
     reference = _load(tiny_llama_dir)
@@ -121,7 +124,7 @@ def test_gptq_model_beats_rtn_and_reloads_identically(tiny_llama_dir: Path, toke
     with torch.no_grad():
         expected = gptq(**held_out[0]).logits
     save_quantized(gptq, tmp_path, spec=spec, task="causal-lm", tokenizer=tokenizer)
-    reloaded, _, _ = load_for_inference(str(tmp_path), device="cpu")
+    reloaded, _, _ = load(str(tmp_path), device="cpu")
     with torch.no_grad():
         assert torch.equal(reloaded(**held_out[0]).logits, expected)
 
@@ -181,8 +184,10 @@ def test_quantize_cli_gptq_calibrates_on_calib_and_reports_it(
     assert report["spec"]["method"] == "gptq" and report["spec"]["calibration_tokens"] == 300
     assert report["calibration"] == {"data": str(chat_file), "tokens": 300}
     assert report["models"][1]["name"] == "gptq3-g16"
-    code, _ = run_inproc(["eval", str(out), "--data", str(chat_file)], capsys)
-    assert code == 0
+    code, printed, err = run_cli(["eval", str(out), "--data", str(chat_file)], capsys)
+    assert code == 0, err
+    result, measured = json.loads(printed), report["models"][1]
+    assert result["rows"] == measured["rows"] and result["eval_loss"] == pytest.approx(measured["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(

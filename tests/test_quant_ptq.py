@@ -12,7 +12,7 @@ import torch
 from bittune.quant import quantize
 from bittune.quant.intq import dequantize, pack_codes, quantize_dequantize, quantize_int, unpack_codes
 from bittune.quant.spec import BnbSpec, CastSpec, GptqSpec, HqqSpec, IntSpec, spec_from_cli
-from helpers import color_chat_rows, write_jsonl
+from tiny import color_chat_rows, run_cli, write_jsonl
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 4, 17, 60, 2, 11]])
 
@@ -152,7 +152,7 @@ SPECS = {
 def test_quantize_save_reload_gives_identical_outputs(
     tiny_llama_dir: Path, tokenizer, tmp_path: Path, name: str
 ) -> None:
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
     from bittune.quant.io import save_quantized
 
     spec = SPECS[name]
@@ -172,17 +172,18 @@ def test_quantize_save_reload_gives_identical_outputs(
     save_quantized(model, tmp_path, spec=spec, task="causal-lm", tokenizer=tokenizer)
     del model
     # Through the same loader `bittune eval` / `generate` use, and with no access to the original weights.
-    reloaded, _, task = load_for_inference(str(tmp_path), device="cpu")
+    reloaded, _, task = load(str(tmp_path), device="cpu")
     assert task == "causal-lm"
     with torch.no_grad():
         got = reloaded(input_ids=IDS).logits
     assert torch.equal(got, expected)
 
 
-def test_int_reload_needs_no_original_weights_and_keeps_ties(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_int_reload_needs_no_original_weights_and_keeps_ties(tiny_llama_dir: Path, tokenizer, tmp_path: Path) -> None:
     import shutil
 
-    from bittune.quant.io import load_quantized, save_quantized
+    from bittune.artifacts import load
+    from bittune.quant.io import save_quantized
 
     copy = tmp_path / "orig"
     shutil.copytree(tiny_llama_dir, copy)
@@ -190,9 +191,9 @@ def test_int_reload_needs_no_original_weights_and_keeps_ties(tiny_llama_dir: Pat
     quantize(model, IntSpec(bits=4, group_size=16))
     out = tmp_path / "q"
     out.mkdir()
-    save_quantized(model, out, spec=IntSpec(bits=4, group_size=16), task="causal-lm")
+    save_quantized(model, out, spec=IntSpec(bits=4, group_size=16), task="causal-lm", tokenizer=tokenizer)
     shutil.rmtree(copy)
-    reloaded, _ = load_quantized(out)
+    reloaded = load(out).model
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     assert all(p.device.type == "cpu" for p in reloaded.parameters())
     with torch.no_grad():
@@ -233,7 +234,7 @@ def nf4_reference_codes(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 
 
 def test_nf4_codes_agree_with_bitsandbytes(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from safetensors.torch import load_file
 
     from bittune.quant.io import save_quantized
@@ -286,7 +287,6 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, cha
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, chat_file: Path) -> Path:
-    pytest.importorskip("bitsandbytes")
     return _train(tiny_llama_dir, chat_file, tmp_path_factory.mktemp("qlora") / "run", "qlora")
 
 
@@ -315,14 +315,14 @@ def _logits(model) -> torch.Tensor:
 
 @pytest.mark.e2e
 def test_merge_into_fp32_equals_adapter_outputs(lora_run: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
     from bittune.quant.flows import merge_run
 
-    adapter_model, _, _ = load_for_inference(str(lora_run), device="cpu")
+    adapter_model, _, _ = load(str(lora_run), device="cpu")
     expected = _logits(adapter_model)
     assert (expected - _logits(_load(tiny_llama_dir))).abs().max() > 1e-3  # the adapter is not a no-op
     report = merge_run(str(lora_run), tmp_path / "m", device="cpu")
-    merged, _, _ = load_for_inference(str(tmp_path / "m"), device="cpu")
+    merged, _, _ = load(str(tmp_path / "m"), device="cpu")
     assert not hasattr(merged, "peft_config")
     assert (_logits(merged) - expected).abs().max() < 1e-4
     assert abs(report["models"][1]["delta"]["loss"]) < 1e-5
@@ -331,13 +331,32 @@ def test_merge_into_fp32_equals_adapter_outputs(lora_run: Path, tiny_llama_dir: 
 
 @pytest.mark.e2e
 def test_qlora_merge_dequantizes_the_nf4_base_first(qlora_run: Path, tmp_path: Path) -> None:
-    from bittune.model import load_for_inference
-    from bittune.quant.merge import load_merged
+    from bittune.artifacts import load, resolve
 
-    adapter_on_nf4, _, _ = load_for_inference(str(qlora_run), device="cpu")
-    merged, _, _, info = load_merged(str(qlora_run))
-    assert info["base_quantization"]["type"] == "nf4"
+    run = resolve(qlora_run)
+    adapter_on_nf4, _, _ = load(run, device="cpu")
+    merged, _, _ = load(run, as_="merged", device="cpu")
+    assert run.training_quant.method == "nf4"
     assert (_logits(merged) - _logits(adapter_on_nf4)).abs().max() < 1e-4
+
+
+@pytest.mark.e2e
+def test_merge_and_hf_export_of_a_qlora_run_give_equal_weights(qlora_run: Path, tmp_path: Path) -> None:
+    """One merge policy: `bittune merge` and `bittune export --format hf` write the same merged model."""
+    from safetensors.torch import load_file
+
+    from bittune.export.commands import export_model
+    from bittune.quant.flows import merge_run
+
+    merge_run(str(qlora_run), tmp_path / "merged", device="cpu")
+    export_model(str(qlora_run), fmt="hf", out=tmp_path / "exported")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert merged.keys() == exported.keys() and len(merged) > 10
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, exported[name]), name
+    # ... and it is the adapter on its dequantized NF4 base, not on the float weights before quantization.
+    assert "adapter merged into the dequantized nf4-dq base" in (tmp_path / "exported" / "README.md").read_text()
 
 
 @pytest.mark.e2e
@@ -387,3 +406,38 @@ def test_compare_writes_table_json_and_png(tiny_llama_dir: Path, lora_run: Path,
     png = (out / "compare.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert (out / "compare.md").read_text().count("\n| ") == 4  # header + 3 models
+
+
+@pytest.mark.parametrize(
+    ("task", "other", "large"),
+    [
+        ("causal-lm", {"eval_loss": 2.0199, "eval_perplexity": math.exp(2.0199)}, False),
+        ("causal-lm", {"eval_loss": 2.0201, "eval_perplexity": math.exp(2.0201)}, True),
+        ("causal-lm", {"eval_loss": float("nan"), "eval_perplexity": float("nan")}, True),
+        ("classification", {"eval_loss": 2.0, "eval_accuracy": 0.891}, False),
+        ("classification", {"eval_loss": 2.0, "eval_accuracy": 0.889}, True),
+    ],
+)
+def test_large_change_threshold_is_the_one_the_readme_states(task: str, other: dict, large: bool) -> None:
+    """README: a warning "when it is large (over ~2% perplexity or 1 point of accuracy)"."""
+    from bittune.quant.report import quality_delta
+
+    reference = {"eval_loss": 2.0, "eval_perplexity": math.exp(2.0), "eval_accuracy": 0.9}
+    delta = quality_delta(reference, other, task)
+    assert delta["large"] is large
+    if task == "causal-lm" and math.isfinite(other["eval_loss"]):
+        assert delta["perplexity_pct"] == pytest.approx(2.0, abs=0.05)  # the threshold sits at ~2% perplexity
+
+
+@pytest.mark.e2e
+def test_merge_into_quantized_warns_on_a_large_change(lora_run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m2"
+    argv = ["merge", str(lora_run), "--out", str(out), "--into-quantized", "2", "--method", "int", "--group-size", "16"]
+    code, _, err = run_cli([*argv, "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "merge_report.json").read_text())
+    final = report["models"][-1]
+    assert final["name"] == "merged int2-g16" and final["delta"]["large"] and final["delta"]["loss"] > 0.02
+    (warning,) = report["warnings"]
+    assert warning.startswith("merged int2-g16 changed quality against the adapter on its base: perplexity +")
+    assert f"warning: {warning}" in " ".join(err.split())  # printed, as the terminal wraps it

@@ -9,36 +9,11 @@ import pytest
 import torch
 
 from bittune.config import config_from_dict
-from bittune.recipes.finetune import train
+from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, sentiment_rows, write_jsonl
+from tiny import color_chat_rows, first_last, losses, run_config, sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.e2e
-
-
-def run_config(model_dir: Path, data_file: Path, out: Path, **sections) -> dict:
-    raw = {
-        "model": {"path": str(model_dir)},
-        "method": "lora",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(data_file), "format": "chat", "max_length": 64},
-        "train": {"batch_size": 8, "lr": 1e-2, "max_steps": 30, "seed": 1, "scheduler": "constant"},
-        "output_dir": str(out),
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
-    return raw
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
-
-
-def first_last(values: list[float], k: int = 3) -> tuple[float, float]:
-    return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +72,13 @@ def test_adapter_loads_in_stock_peft_with_same_logits(tiny_llama_dir, chat_file,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from bittune.model import load_for_inference
+    from bittune.artifacts import load
 
     raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 5})
     result = train(config_from_dict(raw), progress=False)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     stock = PeftModel.from_pretrained(base, result.final_dir).eval()
-    ours, _, task = load_for_inference(str(result.run_dir))
+    ours, _, task = load(str(result.run_dir))
     assert task == "causal-lm"
     ids = torch.tensor([[1, 5, 9, 20, 33, 4]])
     with torch.no_grad():
@@ -155,7 +130,8 @@ def test_resume_is_bit_identical(tiny_llama_dir, chat_file, tmp_path, method):
         )  # fmt: skip
 
     straight = train(cfg(tmp_path / "straight"), progress=False)
-    stopped = train(cfg(tmp_path / "resumed"), stop_after_step=10, progress=False)
+    with stop_after(10):
+        stopped = train(cfg(tmp_path / "resumed"), progress=False)
     assert stopped.stopped_early and stopped.final_dir is None
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-4", "step-8"]
     resumed = train(cfg(tmp_path / "resumed"), resume=True, progress=False)

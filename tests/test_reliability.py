@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,10 +14,9 @@ import pytest
 
 from bittune.config import config_from_dict
 from bittune.errors import BittuneError, NonFiniteError, StorageError
-from bittune.recipes.finetune import train
+from bittune.recipes.finetune import stop_after, train
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -57,9 +57,59 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_llama_dir, chat_
     assert result.steps == 10 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def poison_grad_at(monkeypatch, bad_calls: set[int]) -> None:
+    """Make the gradient (not the loss) NaN on the given forward passes (1-based): the loss value stays finite."""
+    import torch
+
+    import bittune.training.loss as loss_module
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    real = loss_module.loss_sum
+    calls = {"n": 0}
+
+    def fake(task, logits, labels):
+        calls["n"] += 1
+        out = real(task, logits, labels)
+        return NanGrad.apply(out) if calls["n"] in bad_calls else out
+
+    monkeypatch.setattr(loss_module, "loss_sum", fake)
+
+
+def checkpoint(run: Path, step: int) -> tuple[dict, dict]:
+    """(trainable weights, optimizer state) of ``run``'s checkpoint at ``step``."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = run / "checkpoints" / f"step-{step}"
+    return load_file(folder / "weights.safetensors"), torch.load(folder / "optimizer.pt", weights_only=True)
+
+
+def same(a, b) -> bool:
+    """Nested dicts/lists of tensors and numbers, equal bit for bit."""
+    import torch
+
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
 def test_nan_loss_skip_drops_only_that_update(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    ckpts = {"max_steps": 6, "save_every": 1, "keep_last": 10}
+    reference = train(
+        config_from_dict(run_config(tiny_llama_dir, chat_file, tmp_path / "ref", train=ckpts)), progress=False
+    )
     poison_loss_at(monkeypatch, {3})
-    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 6, "on_nonfinite": "skip"})
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={**ckpts, "on_nonfinite": "skip"})
     result = train(config_from_dict(raw), progress=False)
     assert result.steps == 6
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -68,6 +118,58 @@ def test_nan_loss_skip_drops_only_that_update(tiny_llama_dir, chat_file, tmp_pat
 
     weights = load_file(result.final_dir / "adapter_model.safetensors")
     assert all(bool(v.isfinite().all()) for v in weights.values())
+    run, ref = tmp_path / "run", reference.run_dir
+    # Before the bad step: exactly the clean run. The bad step: weights and optimizer state (Adam moments, step
+    # count) unchanged. After it: every step updates again.
+    assert all(same(checkpoint(run, s), checkpoint(ref, s)) for s in (1, 2))
+    assert same(checkpoint(run, 3), checkpoint(run, 2))
+    for before, after in [(1, 2), (3, 4), (4, 5)]:
+        assert not same(checkpoint(run, before)[0], checkpoint(run, after)[0]), (before, after)
+    assert not same(checkpoint(run, 4)[0], checkpoint(ref, 4)[0])  # step 3's update is really missing
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None], ids=["clipped", "unclipped"])
+def test_nan_gradient_with_a_finite_loss_is_caught(tiny_llama_dir, chat_file, tmp_path, monkeypatch, max_grad_norm):
+    poison_grad_at(monkeypatch, {2})
+    train_cfg = {"max_steps": 4, "save_every": 1, "keep_last": 5, "max_grad_norm": max_grad_norm}
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "stop", train=train_cfg)
+    with pytest.raises(NonFiniteError, match=r"non-finite grad_norm \(nan\) at step 2 .*checkpoints/step-1"):
+        train(config_from_dict(raw), progress=False)
+    records = read_metrics(tmp_path / "stop" / "metrics.jsonl")
+    assert records[-1] == {"step": 2, "nonfinite": "grad_norm", "action": "stop"}
+
+    poison_grad_at(monkeypatch, {2})
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "skip", train={**train_cfg, "on_nonfinite": "skip"})
+    result = train(config_from_dict(raw), progress=False)
+    records = read_metrics(tmp_path / "skip" / "metrics.jsonl")
+    assert {"step": 2, "nonfinite": "grad_norm", "action": "skipped"} in records
+    step2 = next(r for r in records if r.get("step") == 2 and "loss" in r)
+    assert math.isfinite(step2["loss"])  # the loss itself was fine
+    assert same(checkpoint(tmp_path / "skip", 2), checkpoint(tmp_path / "skip", 1))
+    weights = result.final_dir / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    assert all(bool(v.isfinite().all()) for v in load_file(weights).values())
+
+
+def test_ten_skips_in_a_row_stop_the_run_and_nine_do_not(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    train_cfg = {"max_steps": 14, "on_nonfinite": "skip", "save_every": 2}
+    poison_loss_at(monkeypatch, set(range(2, 11)))  # steps 2..10: nine in a row, then a good step
+    result = train(
+        config_from_dict(run_config(tiny_llama_dir, chat_file, tmp_path / "nine", train=train_cfg)), progress=False
+    )
+    assert result.steps == 14 and result.final_dir is not None
+    skipped = [r["step"] for r in read_metrics(tmp_path / "nine" / "metrics.jsonl") if r.get("action") == "skipped"]
+    assert skipped == list(range(2, 11))
+
+    poison_loss_at(monkeypatch, set(range(2, 12)))  # steps 2..11: the tenth in a row stops
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "ten", train=train_cfg)
+    with pytest.raises(NonFiniteError, match=r"at step 11 .*checkpoints/step-10"):
+        train(config_from_dict(raw), progress=False)
+    records = read_metrics(tmp_path / "ten" / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("action") == "skipped"] == list(range(2, 11))
+    assert records[-1] == {"step": 11, "nonfinite": "loss", "action": "stop"}
+    assert not (tmp_path / "ten" / "adapter").exists()
 
 
 def test_disk_full_mid_checkpoint_keeps_the_previous_one(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
@@ -112,7 +214,8 @@ def test_second_job_on_the_same_output_dir_is_refused(tiny_llama_dir, chat_file,
 
 def test_corrupt_checkpoint_is_a_clean_error(tiny_llama_dir, chat_file, tmp_path):
     raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 6, "save_every": 2})
-    train(config_from_dict(raw), stop_after_step=4, progress=False)
+    with stop_after(4):
+        train(config_from_dict(raw), progress=False)
     weights = tmp_path / "run" / "checkpoints" / "step-4" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     from bittune.errors import CheckpointError
@@ -140,6 +243,7 @@ def test_hub_token_never_reaches_any_output(tiny_llama_dir, chat_file, tmp_path)
 
 
 def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    import bittune.storage as storage
     import bittune.training.checkpoint as ckpt
 
     root = tmp_path / "checkpoints"
@@ -153,7 +257,7 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
         next(Path(path).iterdir()).unlink()  # the delete got as far as one file...
         raise KeyboardInterrupt  # ...when the process died
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(storage.shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         ckpt.prune_checkpoints(root, keep_last=2)
     monkeypatch.undo()
@@ -161,7 +265,7 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
     assert names[1:] == ["step-2", "step-3"] and names[0].startswith(".del-step-1-")
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-2", "step-3"]
     (root / ".tmp-step-4-999").mkdir()  # and a checkpoint write that was killed
-    ckpt.sweep_stale_temp(root)
+    storage.sweep_stale_temp(root)
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
 
 

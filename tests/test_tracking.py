@@ -17,16 +17,26 @@ import pytest
 import yaml
 
 from bittune.training.metrics import read_metrics
-from helpers import color_chat_rows, write_jsonl
-from test_recipe import run_config
+from tiny import color_chat_rows, run_config, write_jsonl
 
 pytestmark = pytest.mark.e2e
 
 TOKENS = {
     "HF_TOKEN": "hf_PLANTEDsecret0123456789abcdefXYZ",
+    "HUGGING_FACE_HUB_TOKEN": "hf_PLANTEDlegacyhub0123456789abcdef",
     "WANDB_API_KEY": "PLANTEDwandbkey0123456789abcdef0123456789",
     "MLFLOW_TRACKING_TOKEN": "PLANTEDmlflowtoken0123456789",
+    "MLFLOW_TRACKING_PASSWORD": "PLANTEDmlflowpassword0123456789",
+    "TRACKIO_WRITE_TOKEN": "PLANTEDtrackiowrite0123456789",
 }
+
+
+def test_every_secret_variable_the_readme_names_is_planted_and_redacted():
+    from bittune.tracking import SECRET_ENV
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    named = readme[readme.index("The values of `HF_TOKEN`") :].split("are never written", 1)[0]
+    assert set(TOKENS) == set(SECRET_ENV) == {w.strip("`,") for w in named.split() if w.strip("`,").isupper()}
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +194,72 @@ def test_metrics_jsonl_is_written_without_any_tracker(tiny_llama_dir, tmp_path):
     assert not (result.run_dir / "tracking").exists() and not (result.run_dir / "tracking.json").exists()
 
 
-def test_flatten_and_redact(monkeypatch):
+@pytest.mark.parametrize("name", list(TOKENS))
+def test_flatten_and_redact(monkeypatch, name):
     from bittune.tracking import flatten
 
-    monkeypatch.setenv("HF_TOKEN", "hf_secretvalue123")
+    monkeypatch.setenv(name, "hf_secretvalue123")
     flat = flatten({"a": {"b": 1, "c": None, "d": [1, 2]}, "e": "x hf_secretvalue123 y", "f": True})
     assert flat == {"a.b": 1, "a.c": "null", "a.d": "[1, 2]", "e": "x *** y", "f": True}
+
+
+# A driver that makes the loss NaN on one forward pass (so the run stops there, as a crash would, after logging
+# the steps before it), then runs the CLI.
+POISONED_TRAIN = """
+import sys
+import bittune.training.loss as loss_module
+real, calls = loss_module.loss_sum, [0]
+def poisoned(task, logits, labels):
+    calls[0] += 1
+    out = real(task, logits, labels)
+    return out * float("nan") if calls[0] == int(sys.argv[2]) else out
+loss_module.loss_sum = poisoned
+from bittune.cli import main
+main(["train", sys.argv[1]])
+"""
+
+
+def wandb_history(tracking_dir: Path, run_id: str) -> list[int]:
+    """The ``_step`` of every loss record in every offline W&B run file of ``run_id``, in file then log order."""
+    steps = []
+    for run_file in sorted(tracking_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
+        for r in read_wandb_records(run_file):
+            if r.WhichOneof("record_type") == "history":
+                items = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                if "loss" in items:
+                    steps.append(int(items["_step"]))
+    return steps
+
+
+def test_a_resumed_run_continues_the_same_mlflow_and_wandb_runs_without_repeating_steps(tiny_llama_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    data = write_jsonl(tmp_path / "chat.jsonl", color_chat_rows(32))
+    raw = run_config(tiny_llama_dir, data, tmp_path / "run", train={"max_steps": 6, "save_every": 2})
+    raw["tracking"] = {"backends": ["mlflow", "wandb"], "project": "colors"}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Steps 1-3 are logged, step 4's loss is NaN: the run stops with checkpoints/step-2 as its last good state.
+    first = subprocess.run(
+        [sys.executable, "-c", POISONED_TRAIN, str(cfg), "4"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert first.returncode == 2 and "at step 4" in first.stderr, first.stderr[-3000:]
+    run = tmp_path / "run"
+    before = links(run)["backends"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bittune", "train", str(cfg), "--resume"], capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = links(run)["backends"]
+    assert after["mlflow"]["run_id"] == before["mlflow"]["run_id"] and after["wandb"]["id"] == before["wandb"]["id"]
+
+    # Steps 3 (replayed from checkpoint 2, with the same values) is not sent twice, and no step goes backwards.
+    expected = expected_losses(run)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    client = MlflowClient(tracking_uri=after["mlflow"]["tracking_uri"])
+    history = [(m.step, m.value) for m in client.get_metric_history(after["mlflow"]["run_id"], "loss")]
+    assert [s for s, _ in sorted(history, key=lambda h: h[0])] == [1, 2, 3, 4, 5, 6], history
+    assert dict(history) == pytest.approx(expected, rel=1e-6)
+    assert wandb_history(run / "tracking", after["wandb"]["id"]) == [1, 2, 3, 4, 5, 6]

@@ -28,6 +28,7 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value, e.g. --set train.max_steps=50 (repeatable)."),
@@ -35,15 +36,23 @@ SetOption = Annotated[
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks, and third-party logs, warnings and progress bars.")
+    ] = False,
+) -> None:
     _state["debug"] = debug
     if not debug:
-        import logging
+        from bittune.quiet import quiet_by_default
 
-        # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing; that
-        # says nothing actionable to a user and would come before bittune's own messages.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # Hub ids work for users with a network; on an offline machine they fail fast instead of retrying.
+        # transformers' load/save bars, warnings raised inside transformers/peft, bitsandbytes' import notice
+        # (a missing optional hub kernel on AVX512-BF16 CPUs) and lm-eval's INFO logs say nothing a user can act
+        # on and would bury bittune's own progress.
+        quiet_by_default()
+    else:
+        from bittune.quiet import show_third_party
+
+        show_third_party()  # an earlier in-process call (tests, notebooks) may have quieted them
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -118,6 +127,22 @@ def validate(
         con.print(f"[yellow]warning:[/yellow] {warning}")
 
 
+LabelsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--labels",
+        help="Causal LM label task: 'auto' (answers that look like labels) or a,b,c. Adds accuracy by greedy "
+        "generation and by ranking the labels by likelihood.",
+    ),
+]
+
+
+def _labels(value: str | None) -> list[str] | str | None:
+    if value is None or value == "auto":
+        return value
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help="Run directory, model folder, adapter folder or hub id.")],
@@ -127,14 +152,63 @@ def eval_(
     template: Annotated[str | None, typer.Option(help="Chat template (default: the run's, or auto).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Token limit per row.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8,
+    labels: LabelsOption = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="lm-evaluation-harness tasks, comma-separated: bittune's offline ones "
+            "(trec_mc, vader_sentiment, chatterbot_trivia) or any lm-eval task name (needs a network)."
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="lm-eval: examples per task at most.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples (default: the task's).")] = None,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="lm-eval: render prompts with the model's chat template (default: when it has one).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="lm-eval: write lm_eval.json here (default for a run directory: RUN_DIR/eval/)."),
+    ] = None,
+    device: DeviceOption = "auto",
 ) -> None:
-    """Loss and perplexity (causal LM) or accuracy and F1 (classifier) of a model on data."""
-    from bittune.inference import evaluate_on_data
+    """Evaluate a model: loss and perplexity (token-level) or accuracy, F1 and confusion matrix (classifier) on
+    data; label tasks by generation and label ranking; lm-evaluation-harness tasks with --tasks."""
+    if tasks is None:
+        from bittune.evaluation.core import evaluate_path
 
-    result = evaluate_on_data(
-        model, data=data, adapter=adapter, fmt=fmt, template=template, max_length=max_length, batch_size=batch_size
+        result = evaluate_path(
+            model,
+            adapter=adapter,
+            data=data,
+            device=device,
+            batch_size=batch_size,
+            labels=_labels(labels),
+            log=_log,
+            fmt=fmt,
+            template=template,
+            max_length=max_length,
+        )
+        print(json.dumps(result, indent=2))
+        return
+    from bittune.evaluation.harness import run_tasks
+
+    result = run_tasks(
+        model,
+        [t.strip() for t in tasks.split(",") if t.strip()],
+        adapter=adapter,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        chat_template=chat_template,
+        batch_size=batch_size,
+        device=device,
+        out=out,
+        log=_log,
     )
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result["summary"], indent=2))
 
 
 @app.command()
@@ -191,8 +265,10 @@ def plan(
     """Estimate peak memory and time per step of CONFIG before training, and whether it fits."""
     from bittune.config import load_config
     from bittune.plan import estimate
+    from bittune.preflight import preflight
 
     cfg = load_config(config, set_ or [])
+    preflight(cfg, cheap=True).raise_problems()  # model path and LoRA targets; no data, no device
     report = estimate(cfg, device=device, matmul_flops=matmul_tflops * 1e12 if matmul_tflops else None)
     print(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
 
@@ -236,7 +312,6 @@ FormatOption = Annotated[str | None, typer.Option("--format", help="Data format 
 TemplateOption = Annotated[str | None, typer.Option(help="Chat template (default: the run's, or auto).")]
 MaxLengthOption = Annotated[int | None, typer.Option(help="Token limit per row.")]
 MaxRowsOption = Annotated[int | None, typer.Option(help="Measure on the first N rows only.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 GroupSizeOption = Annotated[int | None, typer.Option(help="int/hqq/gptq: columns per group (default 64; -1 per row).")]
 SymmetricOption = Annotated[bool, typer.Option("--symmetric", help="int/gptq: symmetric codes (fixed zero point).")]
 BatchSizeOption = Annotated[int, typer.Option(help="Rows per forward pass when measuring.")]
@@ -280,14 +355,16 @@ def quantize(
     device: DeviceOption = "auto",
 ) -> None:
     """Quantize a model and report size, memory, speed and the quality change against the original."""
+    from bittune.artifacts import resolve
     from bittune.quant.flows import describe, quantize_path
     from bittune.quant.spec import spec_for_source
 
+    source = resolve(model)  # once: the artifact flows down from here
     spec = spec_for_source(
-        model, bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
+        source, bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
     )
     report = quantize_path(
-        model,
+        source,
         spec,
         out,
         data=data,
@@ -358,6 +435,7 @@ def compare(
     max_rows: MaxRowsOption = None,
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8,
     device: DeviceOption = "auto",
+    labels: LabelsOption = None,
 ) -> None:
     """Measure several models on the same data: one table (size, load time, tokens/s, quality) and a bar chart."""
     from bittune.compare import compare_models
@@ -370,10 +448,49 @@ def compare(
         data_opts=_data_opts(fmt, template, max_length, max_rows),
         batch_size=batch_size,
         device=device,
+        labels=_labels(labels),
         log=_log,
     )
     _log(table(result["models"], result["task"]))
     print(json.dumps({"out": str(out), "plot": str(out / "compare.png")}))
+
+
+@app.command()
+def ladder(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML); each rung trains into OUTPUT_DIR/<rung>.")],
+    target: Annotated[str, typer.Option(help="METRIC OP VALUE, e.g. 'accuracy>=0.85' or 'loss<=1.2'.")],
+    set_: SetOption = None,
+    rungs: Annotated[str, typer.Option(help="Rungs in order, comma-separated.")] = "qlora,lora,full",
+) -> None:
+    """QLoRA, then LoRA, then full fine-tuning on the same data; stop at the first that meets --target."""
+    from bittune.ladder import run_ladder
+
+    result = run_ladder(
+        config, target, overrides=set_ or [], rungs=tuple(r.strip() for r in rungs.split(",") if r.strip()), log=_log
+    )
+    print(json.dumps({"met": result["met"], "rungs": [r["rung"] for r in result["rungs"]]}))
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A bittune run directory.")],
+    compare: Annotated[
+        list[str] | None,
+        typer.Option("--compare", help="Another model to put beside base and tuned (quantized/merged folder, run)."),
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Data to measure on (default: the run's eval file).")] = None,
+    gguf: Annotated[
+        Path | None, typer.Option(help="A GGUF export: its llama.cpp replies join the side-by-side samples.")
+    ] = None,
+    base: Annotated[bool, typer.Option("--base/--no-base", help="Measure the base model too.")] = True,
+    device: DeviceOption = "auto",
+) -> None:
+    """Write RUN/report/{report.md, report.html, *.png}: metrics beside the base model's, curves, memory and speed,
+    quantization, benchmarks, confusion matrix, side-by-side generations."""
+    from bittune.report.build import write_report
+
+    out = write_report(run, compare=compare, data=data, gguf=gguf, base=base, device=device, log=_log)
+    print(json.dumps({"report": str(out / "report.md"), "html": str(out / "report.html")}))
 
 
 def main(argv: list[str] | None = None) -> None:

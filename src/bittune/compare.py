@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import gc
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bittune.errors import BittuneError, DataError
 
-MB = 1024**2
+if TYPE_CHECKING:
+    from bittune.artifacts import Artifact
 
 
 def _name(path: str, taken: set[str]) -> str:
@@ -33,16 +33,15 @@ def _name(path: str, taken: set[str]) -> str:
     return name
 
 
-def _kind(path: str) -> str:
-    from bittune.model import resolve_inference_source
-    from bittune.quant.io import is_quantized_dir, read_manifest
+def artifact_kind(artifact: Artifact) -> str:
+    """How ``artifact`` stores weights: ``adapter``, a quantize method label, ``bitsandbytes``, ``full precision``."""
+    from bittune.artifacts import QuantizedDir
 
-    base, adapter, _ = resolve_inference_source(path)
-    if adapter is not None:
+    if artifact.adapter is not None:
         return "adapter"
-    if is_quantized_dir(base):
-        return read_manifest(base)["spec"].label()
-    cfg = Path(base) / "config.json"
+    if isinstance(artifact, QuantizedDir):
+        return artifact.manifest.spec.label()
+    cfg = Path(artifact.base) / "config.json"
     q = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
     return "bitsandbytes" if q else "full precision"
 
@@ -55,6 +54,7 @@ def compare_models(
     data_opts: dict[str, Any] | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    labels: list[str] | str | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Measure every model in ``paths`` on ``data``; write ``compare.json``, ``compare.md`` and ``compare.png``.
@@ -63,62 +63,88 @@ def compare_models(
         paths: Model folders, run directories, adapter folders, quantized folders or hub ids.
         data: The data file all models are measured on.
         out: New folder for the results (must not exist, or be empty).
+        labels: Also score a causal label task by generation and by label ranking (``"auto"`` or a list; see
+            :func:`bittune.evaluation.core.evaluate_loaded`), with the same numbers ``bittune eval`` prints.
 
     Returns:
         ``{"task", "data", "models": [...]}`` with one entry per path, in order.
     """
-    from bittune.inference import prepare_eval_rows
-    from bittune.model import load_for_inference, model_source, resolve_inference_source
-    from bittune.quant.flows import check_data, check_out_dir
-    from bittune.quant.report import measure, table, warm_imports, weights_size
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.evaluation.core import data_settings, label_results, read_examples, tokenized_rows
+    from bittune.evaluation.loading import describe, load_model
+    from bittune.quant.flows import check_out_dir, source_size_mb
+    from bittune.quant.report import measure, table, warm_imports
+    from bittune.storage import atomic_dir
 
     if not paths:
         raise BittuneError("compare needs at least one model", hint="bittune compare MODEL_A MODEL_B --data FILE")
     out = Path(out)
     check_out_dir(out)
-    for p in paths:  # reads no weights: fail before the slow part
-        model_source(resolve_inference_source(p)[0])
-    check_data(data)
-    tasks = {p: resolve_inference_source(p)[2] for p in paths}
+    artifacts = [(p, describe(p)) for p in paths]  # reads no weights: fail before the slow part
+    tasks = {p: a.task for p, a in artifacts}
     if len(set(tasks.values())) > 1:
         raise DataError(
             f"cannot compare causal LMs with classifiers on one data file ({tasks})",
             hint="compare models of one task at a time",
         )
     task = next(iter(tasks.values()))
+    examples = read_examples(data_settings(paths[0], data, **_opts(data_opts)), task)  # every row checked first
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
-    for path in paths:
+    for path, artifact in artifacts:
         log(f"{path}: loading ...")
-        warm_imports(path)
-        t0 = time.perf_counter()
-        model, tokenizer, _ = load_for_inference(path, device=device)
-        load_s = round(time.perf_counter() - t0, 2)
-        rows = prepare_eval_rows(path, tokenizer, task, data=data, model=model, **(data_opts or {}))
-        base, adapter, _ = resolve_inference_source(path)
-        sizes = [weights_size(base), weights_size(adapter) if adapter else 0]
+        warm_imports(artifact)
+        loaded = load_model(artifact, device=device)
+        model, tokenizer, load_s = loaded.model, loaded.tokenizer, loaded.load_s
+        settings = data_settings(path, data, **_opts(data_opts))
+        rows = tokenized_rows(loaded, settings)
         entry: dict[str, Any] = {
             "name": _name(path, taken),
             "path": path,
-            "kind": _kind(path),
-            "size_mb": None if sizes[0] is None else round(sum(sizes) / MB, 2),
+            "kind": artifact_kind(artifact),
+            "size_mb": source_size_mb(artifact),
             "load_s": load_s,
         }
         log(f"{path}: measuring on {len(rows)} rows ...")
         entry.update(measure(model, tokenizer, task, rows, batch_size=batch_size))
+        if labels is not None and task != "classification":
+            entry.update(label_results(loaded, examples, labels, settings, log=log))
         entries.append(entry)
-        del model
+        del model, loaded
         gc.collect()
     result = {"task": task, "data": data, "models": entries}
 
     def write(tmp: Path) -> None:
         (tmp / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        (tmp / "compare.md").write_text(f"# Comparison on {data}\n\n{table(entries, task)}\n", encoding="utf-8")
+        md = f"# Comparison on {data}\n\n{table(entries, task)}\n{label_table(entries)}"
+        (tmp / "compare.md").write_text(md, encoding="utf-8")
         plot(entries, task, tmp / "compare.png")
 
     atomic_dir(out, write)
     return result
+
+
+def label_table(entries: list[dict[str, Any]]) -> str:
+    """Label-task accuracy by generation and by label ranking, one row per model ("" when not measured)."""
+    if not any("ranking" in e or "generation" in e for e in entries):
+        return ""
+
+    def pct(e: dict[str, Any], key: str, metric: str) -> str:
+        return f"{100 * e[key][metric]:.1f}%" if key in e else "-"
+
+    lines = ["", "| model | accuracy, generation | macro-F1, generation | not a label | accuracy, label ranking |"]
+    lines.append("|---|---|---|---|---|")
+    for e in entries:
+        f1 = f"{e['generation']['f1_macro']:.3f}" if "generation" in e else "-"
+        lines.append(
+            f"| {e['name']} | {pct(e, 'generation', 'accuracy')} | {f1} | {pct(e, 'generation', 'off_label')} "
+            f"| {pct(e, 'ranking', 'accuracy')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _opts(data_opts: dict[str, Any] | None) -> dict[str, Any]:
+    """``compare``'s data options under :class:`bittune.evaluation.core.DataSettings`' names."""
+    return {k: v for k, v in (data_opts or {}).items() if v is not None}
 
 
 def plot(entries: list[dict[str, Any]], task: str, path: Path) -> None:

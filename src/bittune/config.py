@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bittune.errors import ConfigError
+from bittune.quant.spec import BnbSpec, IntSpec
 
 Task = Literal["causal-lm", "classification"]
 Method = Literal["full", "lora", "qlora", "qat"]
+ADAPTER_METHODS = ("lora", "qlora")  # the methods that train a LoRA adapter (and read the lora section)
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 DataFormat = Literal["text", "completion", "alpaca", "chat", "classification"]
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
@@ -57,7 +69,7 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
-    """LoRA adapter settings (used when ``method: lora``)."""
+    """LoRA adapter settings: ``method: lora`` or ``qlora`` only (defaults when the section is left out)."""
 
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
@@ -67,25 +79,12 @@ class LoraConfig(_Section):
     modules_to_save: list[str] | None = None
 
 
-class QuantConfig(_Section):
-    """How the frozen base is stored for ``method: qlora`` (LoRA on a k-bit base, through bitsandbytes)."""
-
-    bits: Literal[4, 8] = 4
-    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (NF4 suits normally distributed weights).")
-    double_quant: bool = Field(True, description="Quantize the 4-bit block scales too (~0.37 bit/param saved).")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: float32 on CPU (bf16 is ~50x slower there), bf16 on a GPU that supports it."
-    )
-
-    @model_validator(mode="after")
-    def _four_bit_options(self) -> QuantConfig:
-        if self.bits == 8 and {"type", "double_quant"} & self.model_fields_set:
-            raise ValueError("quant.type and quant.double_quant apply to 4-bit only; remove them for bits: 8")
-        return self
-
-
 class QatConfig(_Section):
-    """Quantization-aware training: weights are fake-quantized in the forward pass, with a bit-width per stage."""
+    """Quantization-aware training: weights are fake-quantized in the forward pass, with a bit-width per stage.
+
+    The grid speaks :class:`~bittune.quant.spec.IntSpec`'s words (``method``, ``group_size``, ``symmetric``); each
+    stage trains at :meth:`spec` of its bits, and the last one is what ``bittune quantize RUN`` applies.
+    """
 
     schedule: list[int] = Field(description="Bits per stage, in order, each 2..8 (e.g. [8, 6, 4]).")
     steps_per_stage: int | None = Field(None, gt=0, description="Optimizer steps of every stage.")
@@ -117,6 +116,11 @@ class QatConfig(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def spec(self, bits: int | None = None) -> IntSpec:
+        """The integer grid of the stage with ``bits`` (default: the last stage's, what the run converts to)."""
+        return IntSpec(bits=self.schedule[-1] if bits is None else bits, group_size=self.group_size,
+                       symmetric=self.symmetric)  # fmt: skip
 
     def explicit_steps(self) -> list[int] | None:
         """Steps of each stage when the config fixes them, else None (stages split the run's steps evenly)."""
@@ -241,9 +245,11 @@ class TrackingConfig(_Section):
 
     @field_validator("backends")
     @classmethod
-    def _installed_once(cls, v: list[str]) -> list[str]:
+    def _installed_once(cls, v: list[str], info: ValidationInfo) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("a backend is listed twice")
+        if not _check_environment(info):
+            return v
         missing = [b for b in v if importlib.util.find_spec(TRACKER_MODULES[b]) is None]
         if missing:
             raise ValueError(f"{', '.join(missing)} not installed: pip install 'bittune[track]'")
@@ -260,8 +266,12 @@ class RunConfig(_Section):
 
     model: ModelConfig
     method: Method = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    quant: QuantConfig | None = Field(None, description="Base quantization; only with method: qlora.")
+    lora: LoraConfig | None = Field(None, description="LoRA settings; method lora or qlora (default: LoraConfig()).")
+    quant: BnbSpec | None = Field(
+        None,
+        description="Base quantization, only with method: qlora: {method: nf4|fp4|llm-int8, double_quant, "
+        "compute_dtype} (the old {bits, type} spelling is translated).",
+    )
     qat: QatConfig | None = Field(None, description="Quantization-aware training; method: qat, or lora with it.")
     distill: DistillConfig | None = Field(None, description="Distillation from a teacher; any method.")
     data: DataConfig
@@ -269,14 +279,40 @@ class RunConfig(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str
+    # Where the config came from (file and the line of every key), for messages that point into the YAML.
+    _source: str | None = PrivateAttr(None)
+    _lines: dict[tuple[str, ...], int] = PrivateAttr(default_factory=dict)
 
     @field_validator("output_dir")
     @classmethod
     def _expand_home(cls, v: str) -> str:
         return _expand(v)
 
+    @field_validator("lora")
+    @classmethod
+    def _lora_only_with_an_adapter(cls, v: LoraConfig | None, info: ValidationInfo) -> LoraConfig | None:
+        method = info.data.get("method")
+        if v is not None and method is not None and method not in ADAPTER_METHODS:
+            raise ValueError(
+                f"lora is set but method is '{method}', which trains no adapter, so its settings would be ignored: "
+                "remove the lora section, or use method: lora"
+            )
+        return v
+
+    def __eq__(self, other: object) -> bool:
+        """Same settings (where each came from does not count)."""
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    def locate(self, key: str) -> str | None:
+        """``file:line`` of a dotted key (or of its closest parent present) in the YAML this config came from."""
+        parts = tuple(key.split("."))
+        for n in range(len(parts), 0, -1):
+            if parts[:n] in self._lines:
+                return f"{self._source}:{self._lines[parts[:n]]}"
+        return None
+
     @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
+    def _consistent(self, info: ValidationInfo) -> RunConfig:
         problems = []
         if (self.model.task == "classification") != (self.data.format == "classification"):
             problems.append(
@@ -288,7 +324,9 @@ class RunConfig(_Section):
         if self.data.packing and self.model.task == "classification":
             problems.append("data.packing only applies to causal-lm training")
         if self.method == "qlora" and self.quant is None:
-            self.__dict__["quant"] = QuantConfig()  # defaults: 4-bit NF4 with double quant
+            self.__dict__["quant"] = BnbSpec()  # defaults: 4-bit NF4 with double quant
+        if self.method in ADAPTER_METHODS and self.lora is None:
+            self.__dict__["lora"] = LoraConfig()
         if self.quant is not None and self.method != "qlora":
             problems.append(
                 f"quant is set but method is '{self.method}': a k-bit base can only be trained through an adapter; "
@@ -311,7 +349,7 @@ class RunConfig(_Section):
                     f"({sum(steps)} steps): raise max_steps or remove it (it defaults to the schedule's length)"
                 )
         needs_bnb = self.method == "qlora" or self.train.optimizer != "adamw"
-        if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        if needs_bnb and _check_environment(info) and importlib.util.find_spec("bitsandbytes") is None:
             what = "method: qlora" if self.method == "qlora" else f"train.optimizer: {self.train.optimizer}"
             problems.append(f"{what} needs bitsandbytes, which is not installed: pip install 'bittune[kbit]'")
         if self.distributed.strategy == "deepspeed" and self.method == "qlora":
@@ -324,6 +362,11 @@ class RunConfig(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _check_environment(info: ValidationInfo) -> bool:
+    """Whether to check that optional packages are installed (not when reading back a finished run's config)."""
+    return not (info.context or {}).get("recorded", False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,18 +464,26 @@ def _section_model(path: tuple[str, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = RunConfig
     for part in path:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # An optional section (``LoraConfig | None``) is its model.
+        members = () if field is None else (typing.get_args(field.annotation) or (field.annotation,))
+        sections = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not sections:
             return None
-        model = field.annotation
+        model = sections[0]
     return model
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, recorded: bool = False) -> RunConfig:
     """Read, override and validate a run config.
 
     Args:
         path: YAML file.
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML.
+        recorded: The config of a run that already happened (``run_config.yaml``, written by :func:`dump_config`; a
+            file of that name always counts as one): everything is validated except that optional packages
+            (trackers, bitsandbytes) are installed here. Versions before ``lora:`` became optional listed it for
+            every method; it is dropped where the method has no adapter, so ``train RUN/run_config.yaml --resume``
+            still works.
 
     Returns:
         The validated config.
@@ -458,7 +509,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: the file is empty", hint="see configs/ for complete examples")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(raw, overrides, source=str(path), lines=_key_lines(text))
+    recorded = recorded or path.name == "run_config.yaml"  # bittune.sidecars.RUN_CONFIG_FILE
+    if recorded and raw.get("method") not in ADAPTER_METHODS:
+        raw.pop("lora", None)
+    return config_from_dict(raw, overrides, source=str(path), lines=_key_lines(text), recorded=recorded)
 
 
 def config_from_dict(
@@ -467,11 +521,12 @@ def config_from_dict(
     *,
     source: str = "<config>",
     lines: dict[tuple[str, ...], int] | None = None,
+    recorded: bool = False,
 ) -> RunConfig:
     """Validate a config given as a nested dict (after applying overrides). See :func:`load_config`."""
     raw = apply_overrides(raw, overrides)
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw, context={"recorded": recorded})
     except ValidationError as exc:
         problems = _format_errors(exc, source, lines or {}, raw)
         n = len(problems)
@@ -479,6 +534,19 @@ def config_from_dict(
             f"{source}: {n} problem{'s' if n > 1 else ''} in the config:\n" + "\n".join(f"  - {p}" for p in problems),
             hint="correct the keys listed above (see README 'Config reference')",
         ) from None
+    cfg._source, cfg._lines = source, dict(lines or {})
+    return cfg
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The validated ``run_config.yaml`` of a run directory (the resolved config the run was trained with).
+
+    Raises:
+        ConfigError: when the file is missing or no longer valid (naming the file, line and key).
+    """
+    from bittune.sidecars import RUN_CONFIG_FILE
+
+    return load_config(Path(run_dir) / RUN_CONFIG_FILE, recorded=True)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -49,3 +49,7 @@ class StorageError(BittuneError):
 
 class NonFiniteError(BittuneError):
     """Training produced a NaN or infinite loss or gradient."""
+
+
+class PreflightError(BittuneError):
+    """Several problems found before training (each one is listed with its own fix)."""

@@ -2,18 +2,17 @@
 
 transformers reads GGUF (``from_pretrained(..., gguf_file=...)``) but cannot save or fine-tune the packed blocks, and
 re-reading a GGUF on every run costs tens of seconds. So a GGUF is converted once: loaded with dequantization to
-float32, stripped of the GGUF loader's traces, saved with its tokenizer (chat template included) into a temp folder
-beside the cache entry, checked to reload and generate the same tokens, marked complete and renamed into place.
-A killed conversion never leaves a folder that looks usable.
+float32, stripped of the GGUF loader's traces, saved with its tokenizer (chat template included) and checked to
+reload and generate the same tokens -- all inside the atomic folder of ``bittune.storage.atomic_dir`` (a temp
+folder beside the cache entry, renamed into place once complete). A killed conversion never leaves a folder that
+looks usable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from bittune.errors import ModelLoadError
 
-# Written last into a converted folder: a folder without it is not trusted.
+# Written into a converted folder before it is renamed into place: the conversion version and its files.
 COMPLETE_MARKER = "bittune_complete.json"
 # Bump when the conversion changes, so old caches are redone.
 CONVERSION_VERSION = 1
@@ -183,12 +182,13 @@ def is_complete(folder: Path) -> bool:
         info = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if info.get("version") != CONVERSION_VERSION:
+    if not isinstance(info, dict) or info.get("version") != CONVERSION_VERSION:
         return False
     return all((folder / f).is_file() for f in info.get("files", []))
 
 
 def _remove_stale_tmp(parent: Path, prefix: str) -> None:
+    """Temp folders of conversions killed long ago (a live one, maybe another process's, is left alone)."""
     now = time.time()
     for p in parent.glob(f"{prefix}*"):
         try:
@@ -199,36 +199,26 @@ def _remove_stale_tmp(parent: Path, prefix: str) -> None:
 
 
 def cached_conversion(source: Path, target: Path, convert: Convert, log: Log = _quiet) -> Path:
-    """Return ``target``, first running ``convert(source, tmp, log)`` into a temp folder and renaming it if needed.
+    """Return ``target``, first running ``convert(source, tmp, log)`` in an atomic folder if it is not complete.
 
-    Only a folder with a valid completion marker is trusted; a half-written or outdated one is redone, and two
-    processes converting at once both end up with one complete folder.
+    Only a folder with a valid completion marker is trusted; a half-written or outdated one is redone (and replaced
+    only once the new one is complete).
     """
+    from bittune.storage import atomic_dir
+
     if is_complete(target):
         return target
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".tmp-{target.name}-"
-    _remove_stale_tmp(parent, prefix)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target.parent, f".tmp-{target.name}-")
     log(f"converting {source.name} to a Hugging Face folder (once) ...")
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
+
+    def write(tmp: Path) -> None:
         convert(source, tmp, log)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         marker = {"version": CONVERSION_VERSION, "source": str(source), "files": files}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is an ordinary folder
-        if target.exists():
-            if is_complete(target):  # another process finished first
-                return target
-            shutil.rmtree(target)  # an incomplete leftover
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_complete(target):  # another process renamed its finished copy into place first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(target, write)
     log(f"ready at {target}")
     return target
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from bittune.errors import BittuneError
 
+if TYPE_CHECKING:
+    from bittune.artifacts import Artifact
+    from bittune.config import DataConfig
 
-def _run_config(path: str) -> dict[str, Any] | None:
-    """The resolved config of a bittune run directory, or None for a plain model folder / hub id."""
-    f = Path(path) / "run_config.yaml"
-    return yaml.safe_load(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+def run_data(source: str | Path | Artifact) -> DataConfig | None:
+    """The ``data:`` section of the run ``source`` is (validated), or None when it is not a run directory."""
+    from bittune.artifacts import as_artifact
+
+    cfg = as_artifact(source).run_config
+    return cfg.data if cfg is not None else None
 
 
 def evaluate_on_data(
@@ -26,44 +30,34 @@ def evaluate_on_data(
     template: str | None = None,
     max_length: int | None = None,
     batch_size: int = 8,
+    labels: list[str] | str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model (folder, hub id, adapter, run dir or quantized folder) on a data file.
 
     Settings not given here (data file, format, template, max length) come from the run's config when
-    ``model_path`` is a bittune run directory.
+    ``model_path`` is a bittune run directory. The data is read and checked before any weights load. Thin
+    wrapper of :func:`bittune.evaluation.core.evaluate_path`.
 
     Returns:
-        ``eval_loss`` and ``eval_perplexity`` (causal LM) or ``eval_loss``, ``eval_accuracy`` and
-        ``eval_f1_macro`` (classifier), plus ``rows``.
+        ``eval_loss`` and ``eval_perplexity`` (causal LM, token-level) or ``eval_loss``, ``eval_accuracy``,
+        ``eval_f1_macro`` and ``confusion`` (classifier), plus ``rows``; label-task metrics with ``labels``.
     """
-    from bittune.model import load_for_inference
-    from bittune.training.evaluate import evaluate
+    from bittune.evaluation.core import evaluate_path
 
-    data = resolve_eval_data(model_path, data)
-    model, tokenizer, task = load_for_inference(model_path, adapter=adapter)
-    rows = prepare_eval_rows(
-        model_path, tokenizer, task, data=data, fmt=fmt, template=template, max_length=max_length, model=model
+    return evaluate_path(
+        model_path,
+        adapter=adapter,
+        data=data,
+        batch_size=batch_size,
+        labels=labels,
+        fmt=fmt,
+        template=template,
+        max_length=max_length,
     )
-    device = next(model.parameters()).device
-    batches = eval_batches(rows, task, tokenizer, batch_size)
-    result: dict[str, Any] = dict(evaluate(model, batches, task=task, device=device))
-    result["rows"] = len(rows)
-    result["data"] = data
-    return result
-
-
-def resolve_eval_data(model_path: str, data: str | None) -> str:
-    """``data``, else the eval file of the run at ``model_path``; a clear error when there is neither."""
-    data = data or (_run_config(model_path) or {}).get("data", {}).get("eval")
-    if data is None:
-        raise BittuneError(
-            f"no evaluation data for {model_path}", hint="pass --data FILE (the run had no separate eval file)"
-        )
-    return data
 
 
 def prepare_eval_rows(
-    model_path: str,
+    source: str | Path | Artifact,
     tokenizer: Any,
     task: str,
     *,
@@ -74,14 +68,16 @@ def prepare_eval_rows(
     max_rows: int | None = None,
     model: Any = None,
 ) -> list[dict[str, Any]]:
-    """Tokenized rows of ``data`` as ``bittune eval`` reads them (defaults from the run config at ``model_path``).
+    """Tokenized rows of ``data`` as ``bittune eval`` reads them (defaults from the run config, when ``source`` is a
+    run directory).
 
     Args:
+        source: The model measured (an artifact from :func:`bittune.artifacts.resolve`, or its path).
         model: The loaded model; a classifier's label order is taken from its config.
     """
     from bittune.data import prepare_data
 
-    run_data = (_run_config(model_path) or {}).get("data", {})
+    recorded = run_data(source)
     label_names = None
     if task == "classification" and model is not None:
         id2label = model.config.id2label
@@ -90,14 +86,14 @@ def prepare_eval_rows(
         train=data,
         eval=None,
         eval_fraction=0.0,
-        fmt=fmt or run_data.get("format") or ("classification" if task == "classification" else "chat"),
-        template=template or run_data.get("template") or "auto",
-        max_length=max_length or run_data.get("max_length") or 1024,
+        fmt=fmt or (recorded.format if recorded else ("classification" if task == "classification" else "chat")),
+        template=template or (recorded.template if recorded else "auto"),
+        max_length=max_length or (recorded.max_length if recorded else 1024),
         packing=False,
-        train_on_prompt=run_data.get("train_on_prompt", False),
-        system_prompt=run_data.get("system_prompt"),
-        columns=run_data.get("columns") or {},
-        split=run_data.get("split") or "train",
+        train_on_prompt=recorded.train_on_prompt if recorded else False,
+        system_prompt=recorded.system_prompt if recorded else None,
+        columns=recorded.columns if recorded else {},
+        split=recorded.split if recorded else "train",
         max_rows=max_rows,
         tokenizer=tokenizer,
         task=task,
@@ -130,15 +126,16 @@ def generate_text(
     """Generate a reply to ``prompt`` (rendered with the chat template unless ``raw``); returns the new text."""
     import torch
 
+    from bittune.artifacts import load, resolve
     from bittune.data import render_prompt
-    from bittune.model import load_for_inference, resolve_inference_source
 
-    if resolve_inference_source(model_path, adapter)[2] != "causal-lm":  # before loading any weights
+    artifact = resolve(model_path, adapter)
+    if artifact.task != "causal-lm":  # before loading any weights
         raise BittuneError(
             f"{model_path} is a classifier (sequence classification); generate needs a causal LM",
             hint="use `bittune eval MODEL --data FILE` for classifiers",
         )
-    model, tokenizer, _ = load_for_inference(model_path, adapter=adapter)
+    model, tokenizer, _ = load(artifact)
     if raw:
         text = prompt
     else:

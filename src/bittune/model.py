@@ -1,11 +1,11 @@
-"""Load models and tokenizers, attach LoRA, and pick device and dtype.
+"""The low-level model layer: from_pretrained and tokenizer wrappers, LoRA, device and dtype, module surgery.
 
-Components here take plain arguments, not the config object, so they can be used on their own.
+Components here take plain arguments, not the config object, so they can be used on their own. What to load for
+a path (run dir, adapter, quantized folder, ...) and how (as trained, or merged) is :mod:`bittune.artifacts`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -13,11 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bittune.errors import ModelLoadError
-
-# Written beside a QLoRA adapter: how its base was quantized in training (PEFT's own files do not say).
-QUANT_FILE = "bittune_quantization.json"
-# Written into a post-training-quantized folder (bittune.quant.io.QUANTIZED_FILE; kept here so no torch import).
-QUANTIZED_FILE = "bittune_quantized.json"
+from bittune.sidecars import QUANTIZED_MANIFEST_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -90,20 +86,6 @@ def resolve_compute_dtype(preference: str, device: torch.device) -> torch.dtype:
     return getattr(torch, preference)
 
 
-def bnb_config(*, bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> Any:
-    """A transformers ``BitsAndBytesConfig`` for a 4-bit (NF4/FP4) or 8-bit frozen base."""
-    from transformers import BitsAndBytesConfig
-
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
 def pin_bnb_cpu_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """Keep bitsandbytes 4-bit layers on their fp32 CPU path in eval too (in place; returns ``model``).
 
@@ -140,15 +122,20 @@ def model_source(path: str) -> str:
                 hint="point model.path at the folder written by save_pretrained (or a bittune run's model/)",
             )
         return path
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(path):
         raise ModelLoadError(
             f"model.path {path} does not exist", hint="fix the path, or use a hub id like 'owner/name'"
         )
     return path
 
 
-def _hub_error(path: str, exc: Exception) -> ModelLoadError:
+def looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` that is not a local path."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+
+
+def hub_error(path: str, exc: Exception) -> ModelLoadError:
+    """The message for a model or tokenizer that from_pretrained could not load (offline, missing, malformed)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(exc).__name__}: {exc}"
     return ModelLoadError(
@@ -163,7 +150,7 @@ def refuse_quantized_folder(path: str) -> None:
     Its safetensors hold packed integer codes under other names; transformers would not find the weights it
     expects and would silently start from random ones.
     """
-    manifest = Path(path).expanduser() / QUANTIZED_FILE
+    manifest = Path(path).expanduser() / QUANTIZED_MANIFEST_FILE
     if manifest.is_file():
         raise ModelLoadError(
             f"model.path {path} is a `bittune quantize` output (packed low-bit codes), not trainable float weights",
@@ -184,7 +171,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as exc:
-        raise _hub_error(path, exc) from None
+        raise hub_error(path, exc) from None
     if tok.pad_token_id is None:
         if tok.eos_token is None:
             raise ModelLoadError(f"tokenizer of {path} has neither a pad nor an eos token")
@@ -208,11 +195,10 @@ def load_model(
     """Load a causal LM or a sequence classifier from a folder or hub id.
 
     Args:
-        quantization: A ``BitsAndBytesConfig`` (see :func:`bnb_config`) to store the linear layers in k-bit;
-            the model is then placed on ``device`` while loading, as bitsandbytes quantizes on placement.
+        quantization: A ``BitsAndBytesConfig`` (see :func:`bittune.quant.api.bnb_config`) to store the linear
+            layers in k-bit; the model is then placed on ``device`` while loading, as bitsandbytes quantizes on
+            placement.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     path = model_source(path)
     refuse_quantized_folder(path)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": revision}
@@ -228,17 +214,28 @@ def load_model(
         kwargs["num_labels"] = len(label_names)
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-        auto = AutoModelForSequenceClassification
-    else:
-        auto = AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        model = auto_class(task).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise _hub_error(path, exc) from None
+        raise hub_error(path, exc) from None
     if task == "classification" and pad_token_id is not None and model.config.pad_token_id is None:
         # Decoder classifiers find the last real token through pad_token_id.
         model.config.pad_token_id = pad_token_id
     return pin_bnb_cpu_kernels(model) if quantization is not None else model
+
+
+def auto_class(task: str) -> Any:
+    """The transformers auto class of a bittune task: a sequence classifier or a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at dotted ``name``, in the model's train/eval mode (bitsandbytes layers behave differently)."""
+    module.train(model.training)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def attach_lora(
@@ -288,14 +285,13 @@ def check_lora_targets(
     so a misspelled target fails in a second instead of after minutes of loading.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(
         model_source(path), trust_remote_code=trust_remote_code, revision=revision, num_labels=num_labels
     )
-    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     with torch.device("meta"):
-        skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
     with warnings.catch_warnings():  # deprecation notices from peft/transformers internals say nothing to the user
         warnings.simplefilter("ignore", FutureWarning)
         attach_lora(skeleton, task=task, r=1, alpha=1, dropout=0.0, target_modules=target_modules, bias="none")
@@ -333,99 +329,3 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
-
-
-def resolve_inference_source(path: str, adapter: str | None = None) -> tuple[str, str | None, str]:
-    """Where the weights of a model folder, adapter folder or run directory are, and its task; reads no weights.
-
-    Returns:
-        (base model path or hub id, adapter folder or None, task)
-    """
-    root = Path(path)
-    if (root / "run_config.yaml").is_file():  # a bittune run directory
-        if (root / "adapter" / "adapter_config.json").is_file():
-            adapter, root = str(root / "adapter"), root / "adapter"
-        elif (root / "model" / "config.json").is_file():
-            root = root / "model"
-        else:
-            raise ModelLoadError(
-                f"run directory {path} has no finished adapter/ or model/ yet",
-                hint="let the run finish, or resume it with `bittune train CONFIG --resume`",
-            )
-    if (root / "adapter_config.json").is_file() and adapter is None:
-        adapter = str(root)
-    base = str(root)
-    if adapter is not None:
-        with open(Path(adapter) / "adapter_config.json", encoding="utf-8") as f:
-            acfg = json.load(f)
-        if base == adapter:
-            base = acfg.get("base_model_name_or_path") or ""
-        task = "classification" if acfg.get("task_type") == "SEQ_CLS" else "causal-lm"
-    elif (root / QUANTIZED_FILE).is_file():
-        task = json.loads((root / QUANTIZED_FILE).read_text()).get("task", "causal-lm")
-    else:
-        cfg_file = root / "config.json"
-        archs = json.loads(cfg_file.read_text()).get("architectures", []) if cfg_file.is_file() else []
-        task = "classification" if any("SequenceClassification" in a for a in archs) else "causal-lm"
-    return base, adapter, task
-
-
-def load_for_inference(
-    path: str, *, adapter: str | None = None, device: str = "auto", trust_remote_code: bool = False
-) -> tuple[Any, Any, str]:
-    """Load a model to evaluate or generate with: a model folder, a PEFT adapter folder, or a bittune run dir.
-
-    Returns:
-        (model in eval mode, tokenizer, task)
-    """
-    base, adapter, task = resolve_inference_source(path, adapter)
-    dev = resolve_device(device)
-    if adapter is None and (Path(base) / QUANTIZED_FILE).is_file():
-        # A folder written by `bittune quantize` / `bittune merge --into-quantized`.
-        from bittune.quant.io import load_quantized
-
-        model, task = load_quantized(base, device=dev)
-        return model, load_tokenizer(base, trust_remote_code=trust_remote_code), task
-    dtype = resolve_dtype("auto", dev, trainable_base=False)
-    quantization = None
-    quant_file = Path(adapter) / QUANT_FILE if adapter else None
-    if quant_file is not None and quant_file.is_file():
-        # The adapter was trained on a k-bit base: load the base the same way, or its outputs would differ.
-        q = json.loads(quant_file.read_text())
-        quantization = bnb_config(
-            bits=q["bits"],
-            quant_type=q["type"],
-            double_quant=q["double_quant"],
-            compute_dtype=resolve_compute_dtype(q["compute_dtype"], dev),
-        )
-    tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
-    tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
-    label_names = None
-    if task == "classification":
-        label_file = Path(adapter or base) / "labels.json"
-        if label_file.is_file():
-            label_names = json.loads(label_file.read_text())
-        else:
-            from transformers import AutoConfig
-
-            # transformers leaves default labels (LABEL_0, ...) out of config.json; AutoConfig restores them.
-            cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-            label_names = [cfg.id2label[i] for i in range(cfg.num_labels)]
-    model = load_model(
-        base,
-        task=task,
-        dtype=dtype,
-        label_names=label_names,
-        trust_remote_code=trust_remote_code,
-        pad_token_id=tokenizer.pad_token_id,
-        quantization=quantization,
-        device=dev,
-    )
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    if quantization is None:
-        model.to(dev)
-    model.eval()
-    return model, tokenizer, task

@@ -64,6 +64,9 @@ class Trackers:
         wandb_mode: ``offline`` (default) or ``online``.
         mlflow_tracking_uri: MLflow store; default: ``sqlite:///TRACKING_DIR/mlflow.db``.
         resume: A resumed run continues the same tracker runs where the backend allows it (MLflow, W&B, Trackio).
+        logged_through: Steps up to this one were sent before an interruption; a resumed run replays them from its
+            checkpoint with the same values and must not send them again (MLflow would store them twice, W&B
+            refuses steps that go backwards).
     """
 
     def __init__(
@@ -77,10 +80,11 @@ class Trackers:
         wandb_mode: str = "offline",
         mlflow_tracking_uri: str | None = None,
         resume: bool = False,
+        logged_through: int = 0,
     ) -> None:
         self.backends, self.project, self.run_name = list(backends), project, run_name
         self.run_dir, self.dir = Path(run_dir).resolve(), Path(tracking_dir).resolve()
-        self.wandb_mode, self.resume = wandb_mode, resume
+        self.wandb_mode, self.resume, self.logged_through = wandb_mode, resume, logged_through
         # SQLite: MLflow's recommended local store (its plain-file store is in maintenance mode and refused).
         self.mlflow_uri = mlflow_tracking_uri or f"sqlite:///{self.dir / 'mlflow.db'}"
         self.trackers: list[Any] = []
@@ -105,6 +109,8 @@ class Trackers:
         if not self.trackers:
             return
         step = record.get("step", step)
+        if step is not None and step <= self.logged_through:
+            return
         values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if not values:
             return
@@ -181,7 +187,7 @@ class Trackers:
             return {}
 
     def _write_links(self) -> None:
-        from bittune.training.checkpoint import atomic_write_text
+        from bittune.storage import atomic_write_text
 
         links = {"project": self.project, "run_name": self.run_name, "backends": self.where}
         atomic_write_text(self._links, redact(json.dumps(links, indent=2)))

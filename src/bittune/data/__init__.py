@@ -5,7 +5,7 @@ Importing this package is cheap: torch, transformers, datasets and pyarrow are i
 that need them.
 """
 
-from bittune.data.collate import count_target_tokens, make_collator, model_inputs
+from bittune.data.collate import count_targets, make_collator, model_inputs
 from bittune.data.formats import FORMATS
 from bittune.data.prepare import PreparedData, SplitStats, prepare_data, split_eval
 from bittune.data.records import Record, read_records
@@ -17,7 +17,7 @@ __all__ = [
     "PreparedData",
     "Record",
     "SplitStats",
-    "count_target_tokens",
+    "count_targets",
     "encode_prompt",
     "make_collator",
     "model_inputs",

@@ -62,16 +62,12 @@ def make_collator(task: str, pad_id: int, packed: bool) -> Callable[[list[dict[s
     return collate
 
 
-def count_target_tokens(batch: dict[str, Any]) -> int:
-    """How many targets of ``batch`` contribute to the loss.
-
-    Causal LM: label positions after the shift (``labels[:, 1:] != -100``). Classification (1-D labels): the
-    batch size.
-    """
-    labels = batch["labels"]
-    if labels.dim() == 1:
-        return int(labels.shape[0])
-    return int((labels[:, 1:] != IGNORE).sum().item())
+def count_targets(task: str, labels: Any) -> int:
+    """Loss terms in a batch's ``labels``: label positions after the shift (``labels[:, 1:] != -100``) for a
+    causal LM, rows for a classifier. The one count every loss normalisation and eval uses."""
+    if task == "classification":
+        return int(labels.numel())
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

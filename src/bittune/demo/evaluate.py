@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bittune.demo.trec import LABELS, chat_messages
-
-# Maps every punctuation character to a space, so "Number." and "number:" both normalise to "number".
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
 
 Progress = Callable[[int, int], None]
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, replace punctuation by spaces and keep the first word ("" when nothing is left)."""
-    words = text.lower().translate(_PUNCT).split()
-    return words[0] if words else ""
+    """Lowercase, replace punctuation by spaces and keep the first word (:func:`bittune.evaluation.metrics`)."""
+    from bittune.evaluation.metrics import normalize_answer as normalize
+
+    return normalize(text)
 
 
 @dataclass
@@ -46,26 +42,6 @@ class EvalResult:
         }
 
 
-def load_model(path: Path | str, adapter: Path | str | None = None) -> tuple[Any, Any]:
-    """Load a causal LM in float32 for evaluation, with an optional PEFT LoRA adapter merged in.
-
-    Merging the adapter makes generation as fast as with the base model (no extra LoRA matmuls per layer).
-
-    Returns:
-        (model in eval mode, tokenizer)
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return model.eval(), tokenizer
-
-
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -76,50 +52,20 @@ def generate_answers(
     template: str = "auto",
     progress: Progress | None = None,
 ) -> list[str]:
-    """Greedy-generate a short reply to each conversation, batched with left padding.
+    """Greedy-generate a short reply to each conversation, batched with left padding, in input order.
 
-    Conversations are processed shortest first so a batch pads little; replies come back in input order.
+    The shared :func:`bittune.evaluation.generation.generate_replies`: prompts rendered as the training recipe
+    renders them, stopping at the model's eos.
 
     Args:
-        model: A causal LM.
-        tokenizer: Its tokenizer, with a chat template.
-        conversations: Chat messages ending with the user turn.
-        batch_size: Rows per ``generate`` call.
         max_new_tokens: Reply length cap; a one-word label needs at most 3-4 tokens.
         template: Chat template name as in ``data.template`` (``auto``: the tokenizer's own).
         progress: Called as ``progress(done, total)`` after each batch.
     """
-    import torch
+    from bittune.evaluation.generation import Decoding, generate_replies
 
-    from bittune.data import render_prompt
-
-    # The training recipe's own prompt rendering, so the model is asked exactly as it was trained.
-    prompts = [render_prompt(list(c), tokenizer, template) for c in conversations]
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    replies: list[str] = [""] * len(prompts)
-    old_side = tokenizer.padding_side
-    # Left padding keeps every prompt's last token at the end of the row, where generation continues from.
-    tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                enc = tokenizer(
-                    [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
-                ).to(model.device)
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, top_p=None, top_k=None
-                )
-                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                for i, text in zip(idx, texts, strict=True):
-                    replies[i] = text.strip()
-                if progress is not None:
-                    progress(min(start + batch_size, len(order)), len(order))
-    finally:
-        tokenizer.padding_side = old_side
-    return replies
+    decoding = Decoding(max_new_tokens=max_new_tokens, template=template)
+    return generate_replies(model, tokenizer, conversations, decoding, batch_size=batch_size, progress=progress)
 
 
 def evaluate_questions(

@@ -79,16 +79,18 @@ def _eval_progress(console: Any, label: str) -> Iterator[Callable[[int, int], No
 def _evaluate(
     console: Any, label: str, model_dir: Path, rows: list[dict[str, Any]], adapter: Path | None = None
 ) -> EvalResult:
-    """Load the model (with the adapter merged in), measure its accuracy on ``rows``, and free it again."""
+    """Load the model (with the adapter merged in by the merge policy, so generation costs what the base's does),
+    measure its accuracy on ``rows``, and free it again."""
     from transformers.utils import logging as hf_logging
 
-    from bittune.demo.evaluate import evaluate_questions, load_model
+    from bittune.artifacts import load, resolve
+    from bittune.demo.evaluate import evaluate_questions
 
     # transformers' per-load "Loading weights" bar would interleave with the demo's own progress.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model, tokenizer = load_model(model_dir, adapter)
+        model, tokenizer, _ = load(resolve(model_dir, adapter), as_="merged")
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from bittune.model import looks_like_hub_id
+from bittune.quant.spec import BnbSpec
+
 QUANT_REPORTS = ("quantization/report.json", "quantization_report.json", "quantization.json")
 _HYPER_KEYS = (
     "epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_steps", "warmup_ratio",
@@ -28,10 +31,6 @@ def _name(value: Any) -> str:
     if looks_like_hub_id(text):
         return text
     return Path(text).name or text
-
-
-def looks_like_hub_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
 
 
 def _fmt(value: Any) -> str:
@@ -60,13 +59,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """run_config.yaml, summary.json, metrics.jsonl and a quantization report of a run, where present."""
+    """run_config.yaml (validated: :func:`bittune.config.read_run_config`), summary.json, metrics.jsonl and a
+    quantization report of a run, where present."""
+    from bittune.config import read_run_config
+    from bittune.sidecars import RUN_CONFIG_FILE
     from bittune.training.metrics import read_metrics
 
     run_dir = Path(run_dir)
     out: dict[str, Any] = {"config": {}, "summary": {}, "metrics": [], "quantization": None}
-    if (run_dir / "run_config.yaml").is_file():
-        out["config"] = yaml.safe_load((run_dir / "run_config.yaml").read_text(encoding="utf-8")) or {}
+    if (run_dir / RUN_CONFIG_FILE).is_file():
+        out["config"] = read_run_config(run_dir).model_dump(mode="json")
     if (run_dir / "summary.json").is_file():
         out["summary"] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     if (run_dir / "metrics.jsonl").is_file():
@@ -78,15 +80,97 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def gguf_names(path: str | Path) -> dict[str, str]:
+    """What a ``.gguf`` file says about the model it holds: ``repo`` (a hub id, when the file records one),
+    ``name``, ``organization``, ``license``. Reads only the metadata; ``{}`` when the file cannot be read."""
+    try:
+        import gguf
+
+        fields = gguf.GGUFReader(str(path)).fields
+    except Exception:  # a card is still written without these
+        return {}
+
+    def get(key: str) -> str | None:
+        try:
+            value = fields[key].contents() if key in fields else None
+        except Exception:
+            return None
+        return str(value) if value else None
+
+    out = {k: v for k, v in (("name", get("general.name")), ("organization", get("general.organization")),
+                             ("license", get("general.license"))) if v}  # fmt: skip
+    for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.source.huggingface.repository"):
+        url = get(key) or ""
+        repo = url.split("huggingface.co/", 1)[-1].strip("/")
+        if looks_like_hub_id(repo):
+            out["repo"] = repo
+            break
+    return out
+
+
+def headline(run_dir: Path | None) -> dict[str, Any] | None:
+    """The report's measured numbers (``RUN_DIR/report/report.json``): per model, its name and metrics."""
+    f = Path(run_dir) / "report" / "report.json" if run_dir else None
+    if f is None or not f.is_file():
+        return None
+    data = json.loads(f.read_text(encoding="utf-8"))
+    return {"data": data.get("data"), "task": data.get("task"), "models": data.get("models") or []}
+
+
+# (metric key path in an evaluation result, Hub metric type, label)
+_HEADLINE = (
+    (("ranking", "accuracy"), "accuracy", "accuracy, label ranking"),
+    (("generation", "accuracy"), "accuracy", "accuracy, greedy generation"),
+    (("generation", "f1_macro"), "f1", "macro-F1, greedy generation"),
+    (("eval_accuracy",), "accuracy", "accuracy"),
+    (("eval_f1_macro",), "f1", "macro-F1"),
+    (("eval_perplexity",), "perplexity", "token-level perplexity"),
+    (("eval_loss",), "loss", "token-level loss"),
+)
+
+
+def _metric(entry: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    cur: Any = entry.get("metrics") or {}
+    for k in keys:
+        cur = cur.get(k) if isinstance(cur, dict) else None
+    return cur if isinstance(cur, int | float) else None
+
+
+def _evidence(head: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The card's evaluation table (base vs tuned vs the others, with deltas) and the tuned model's Hub metrics."""
+    models = head["models"]
+    tuned = next((m for m in models if m.get("name") == "tuned"), None)
+    if tuned is None:
+        return [], []
+    lines = ["| metric | " + " | ".join(m["name"] for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+    hub = []
+    for keys, kind, label in _HEADLINE:
+        values = [_metric(m, keys) for m in models]
+        if all(v is None for v in values):
+            continue
+        ref = _metric(tuned, keys)
+        cells = []
+        for m, v in zip(models, values):
+            cell = "-" if v is None else f"{v:.4g}"
+            if v is not None and ref is not None and m is not tuned:
+                cell += f" ({v - ref:+.3g} vs tuned)"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if ref is not None:
+            hub.append({"type": kind, "value": round(float(ref), 6), "name": label})
+    return lines, hub
+
+
 def model_card(
     *,
     name: str,
     base: str,
     task: str,
     run_dir: Path | None,
-    kbit: dict[str, Any] | None = None,
+    kbit: BnbSpec | None = None,
     merged: bool = False,
     quantized: str | None = None,
+    base_model: str | None = None,
 ) -> str:
     """The README.md text for an export.
 
@@ -95,40 +179,55 @@ def model_card(
         base: The base model (folder or hub id).
         task: ``causal-lm`` or ``classification``.
         run_dir: The bittune run it came from, or None for a plain model folder.
-        kbit: The QLoRA base quantization of the run, if any.
+        kbit: The QLoRA base quantization of the run (its ``bittune_quantization.json``), if any.
         merged: Whether a LoRA adapter was merged into the weights.
         quantized: The method label of a ``bittune quantize`` folder whose values were dequantized for export.
+        base_model: The Hub id of the base, when ``base`` is not one (a local folder or a ``.gguf`` file).
     """
     run = read_run(run_dir) if run_dir else {"config": {}, "summary": {}, "metrics": [], "quantization": None}
     cfg, summary = run["config"], run["summary"]
     method = cfg.get("method", "lora" if merged else "export")
-    front: dict[str, Any] = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-classification" if task == "classification" else "text-generation",
-        "tags": ["bittune", method, *(["merged-lora"] if merged else [])],
-    }
-    if looks_like_hub_id(base):
-        front["base_model"] = base
+    source = str((cfg.get("model") or {}).get("path") or base)
+    gguf_meta = gguf_names(Path(source).expanduser()) if source.lower().endswith(".gguf") else {}
+    hub_base = base_model or (base if looks_like_hub_id(base) else None) or gguf_meta.get("repo")
+    head = headline(run_dir)
+    evidence, hub_metrics = _evidence(head) if head else ([], [])
+    front = _front_matter(name, task, method, cfg, merged=merged, gguf_meta=gguf_meta, hub_base=hub_base)
+    if hub_metrics:
+        data_name = _name(head["data"]) if head.get("data") else "eval"
+        result = {"task": {"type": front["pipeline_tag"]}, "dataset": {"name": data_name, "type": data_name}}
+        front["model-index"] = [{"name": name, "results": [{**result, "metrics": hub_metrics}]}]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", ""]
     if run_dir is None:
         what = f"Exported from `{_name(base)}` with bittune" + (
             " (LoRA adapter merged into the weights)." if merged else "."
         )
     else:
-        what = f"Fine-tuned from `{_name(base)}` with bittune ({method})"
+        what = f"Fine-tuned from `{_name(source)}` with bittune ({method})"
         what += ", LoRA adapter merged into the weights." if merged else "."
     lines += [what, ""]
+    if gguf_meta:
+        named = " by ".join(v for v in (gguf_meta.get("name"), gguf_meta.get("organization")) if v)
+        lines += [f"The base came from a GGUF file that names its model '{named}'"
+                  + (f" ({gguf_meta['license']} license)." if gguf_meta.get("license") else "."), ""]  # fmt: skip
+    if evidence:
+        lines += ["## Evaluation", "", f"Measured by `bittune report` on `{_name(head.get('data') or 'eval')}` "
+                  "(every model on the same rows; token-level perplexity over reply tokens; accuracy by greedy "
+                  "generation and by ranking the labels by likelihood).", "", *evidence, ""]  # fmt: skip
 
     lines += ["## Method", ""]
     lora = cfg.get("lora") or {}
     method_rows: list[tuple[str, Any]] = [("method", method), ("base model", _name(base)), ("task", task)]
     if method in ("lora", "qlora"):
         method_rows += [(f"lora.{k}", lora.get(k)) for k in ("r", "alpha", "dropout", "target_modules")]
-    if kbit or cfg.get("quant"):
-        q = kbit or cfg["quant"]
-        method_rows.append(("base quantization in training", f"{q.get('bits')}-bit {q.get('type', '')}".strip()))
+    if kbit is None and cfg.get("quant"):
+        kbit = BnbSpec.model_validate(cfg["quant"])
+    if kbit is not None:
+        method_rows.append(("base quantization in training", f"{kbit.bits}-bit {kbit.label()}"))
         if merged:
-            method_rows.append(("merge", "adapter merged into the full-precision base (not the k-bit one)"))
+            method_rows.append(
+                ("merge", f"adapter merged into the dequantized {kbit.label()} base it was trained on, in float32")
+            )
     if quantized:
         method_rows.append(("weights", f"{quantized} quantized values, stored dequantized in float"))
     lines += _table(method_rows)
@@ -172,6 +271,32 @@ def model_card(
         lines += ['model = AutoModelForCausalLM.from_pretrained("REPO")']
     lines += ['tokenizer = AutoTokenizer.from_pretrained("REPO")', "```", ""]
     return "\n".join(lines).replace("REPO", name)
+
+
+def _front_matter(
+    name: str, task: str, method: str, cfg: dict[str, Any], *, merged: bool, gguf_meta: dict[str, str], hub_base: Any
+) -> dict[str, Any]:
+    """The card's Hub metadata: library, pipeline, tags, base_model, license, datasets."""
+    front: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification" if task == "classification" else "text-generation",
+        "tags": ["bittune", method, *(["merged-lora"] if merged else []), *(["gguf-base"] if gguf_meta else [])],
+    }
+    if hub_base:
+        front["base_model"] = hub_base
+    if gguf_meta.get("license"):
+        front["license"] = gguf_meta["license"]
+    data_cfg = cfg.get("data") or {}
+    hub_data = [str(d).split(":")[0] for d in (data_cfg.get("train"), data_cfg.get("eval")) if d and _hub_data(d)]
+    if hub_data:
+        front["datasets"] = sorted(set(hub_data))
+    return front
+
+
+def _hub_data(source: str) -> bool:
+    from bittune.data.records import looks_like_hub_id as data_hub_id
+
+    return data_hub_id(str(source)) and not Path(str(source).split(":")[0]).expanduser().exists()
 
 
 def _results(summary: dict[str, Any], metrics: list[dict[str, Any]]) -> list[tuple[str, Any]]:

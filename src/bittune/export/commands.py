@@ -17,8 +17,17 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _dequantizing(source: Any) -> str:
-    return f" (a {source.quantized} folder: its quantized values are written in float)" if source.quantized else ""
+def _quantized_label(artifact: Any) -> str | None:
+    """The method label of a ``bittune quantize`` folder (e.g. ``gptq3-g64``), or None."""
+    return artifact.manifest.spec.label() if getattr(artifact, "manifest", None) is not None else None
+
+
+def _loading(path: str, artifact: Any) -> str:
+    if artifact.adapter is not None:
+        policy = " (into its dequantized k-bit base, as trained)" if artifact.training_quant is not None else ""
+        return f"loading {path} and merging its LoRA adapter{policy}"
+    label = _quantized_label(artifact)
+    return f"loading {path}" + (f" (a {label} folder: its quantized values are written in float)" if label else "")
 
 
 def export_model(
@@ -58,8 +67,8 @@ def export_model(
 
 def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _quiet) -> dict[str, Any]:
     """Write ``path`` as a GGUF file at ``out``; with ``verify`` it is kept only if llama.cpp agrees."""
+    from bittune.artifacts import base_config, load, load_tokenizer_of, resolve
     from bittune.export.gguf_writer import check_architecture, check_output, write_gguf
-    from bittune.export.source import load_merged, load_source_tokenizer, resolve_source
     from bittune.export.tokenizer_meta import check_tokenizer
 
     out = check_output(out)
@@ -73,18 +82,18 @@ def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _q
         from bittune.export.verify import require_llama_cpp
 
         require_llama_cpp()  # before the slow part
-    source = resolve_source(path)
-    if source.task != "causal-lm":
+    artifact = resolve(path)
+    if artifact.task != "causal-lm":
         raise ModelLoadError(
             f"{path} is a sequence classifier; GGUF export is for causal language models",
             hint="export it with --format hf",
         )
-    check_architecture(source.config, f"{path} ({source.base})" if source.adapter else path)
-    tokenizer = load_source_tokenizer(source)
+    check_architecture(base_config(artifact), f"{path} ({artifact.base})" if artifact.adapter else path)
+    tokenizer = load_tokenizer_of(artifact)
     check_tokenizer(tokenizer)  # before the weights are read
-    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else _dequantizing(source)))
-    model, tokenizer = load_merged(source, tokenizer)
-    name = Path(source.run_dir or source.base).name
+    log(_loading(path, artifact))
+    model = load(artifact, as_="merged", device="cpu", tokenizer=tokenizer).model
+    name = Path(artifact.run_dir or artifact.base).name.removesuffix(".gguf")
     target = out.with_name(f".{out.name}.verify-{os.getpid()}") if verify else out
     try:
         result = write_gguf(model, tokenizer, target, qtype=qtype, name=name, log=log)
@@ -105,35 +114,36 @@ def export_gguf(path: str, out: Path, *, qtype: str, verify: bool, log: Log = _q
         if verify:
             target.unlink(missing_ok=True)
     result["source"] = path
-    result["merged_adapter"] = source.adapter is not None
-    if source.quantized:
-        result["dequantized_from"] = source.quantized
+    result["merged_adapter"] = artifact.adapter is not None
+    if _quantized_label(artifact):
+        result["dequantized_from"] = _quantized_label(artifact)
     return result
 
 
 def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quiet) -> dict[str, Any]:
     """Write ``path`` as a merged Hugging Face folder at ``out`` with a model card (README.md)."""
+    from bittune.artifacts import load, resolve
     from bittune.export.card import model_card
     from bittune.export.hf import check_out_dir, save_hf_folder
-    from bittune.export.source import load_merged, resolve_source
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.storage import atomic_dir
 
     out = check_out_dir(out)
-    source = resolve_source(path)
-    log(f"loading {path}" + (" and merging its LoRA adapter" if source.adapter else _dequantizing(source)))
-    model, tokenizer = load_merged(source)
+    artifact = resolve(path)
+    log(_loading(path, artifact))
+    model, tokenizer, _ = load(artifact, as_="merged", device="cpu")
+    quantized = _quantized_label(artifact)
     card = model_card(
         name=name or out.name,
-        base=source.base,
-        task=source.task,
-        run_dir=source.run_dir,
-        kbit=source.kbit,
-        merged=source.adapter is not None,
-        quantized=source.quantized,
+        base=artifact.base,
+        task=artifact.task,
+        run_dir=artifact.run_dir,
+        kbit=artifact.training_quant,
+        merged=artifact.adapter is not None,
+        quantized=quantized,
     )
-    info = {"source": Path(path).name, "merged_adapter": source.adapter is not None, "task": source.task}
-    if source.quantized:
-        info["dequantized_from"] = source.quantized
+    info = {"source": Path(path).name, "merged_adapter": artifact.adapter is not None, "task": artifact.task}
+    if quantized:
+        info["dequantized_from"] = quantized
     atomic_dir(out, lambda tmp: save_hf_folder(model, tokenizer, tmp, card=card, info=info), marker=False)
     files = sorted(p.name for p in out.iterdir())
-    return {"path": str(out), "files": files, "merged_adapter": source.adapter is not None}
+    return {"path": str(out), "files": files, "merged_adapter": artifact.adapter is not None}

@@ -67,20 +67,10 @@ def check_architecture(config: dict[str, Any], what: str) -> ArchSpec:
 
 
 def check_output(out: Path, *, suffix: str | None = None) -> Path:
-    """Refuse an output path that cannot be written, before any work is done."""
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise StorageError(f"--out {out} is a directory", hint="give a file name, e.g. --out model.gguf")
-    parent = out.parent
-    if not parent.is_dir():
-        raise StorageError(
-            f"--out {out}: the folder {parent} does not exist", hint=f"create it first (mkdir -p {parent})"
-        )
-    if not os.access(parent, os.W_OK):
-        raise StorageError(f"--out {out}: the folder {parent} is not writable", hint="choose a writable location")
-    if suffix and out.suffix != suffix:
-        raise StorageError(f"--out {out} does not end in {suffix}", hint=f"name the file like model{suffix}")
-    return out
+    """Refuse an output path that cannot be written, before any work is done (an existing file is replaced)."""
+    from bittune.storage import check_output_path
+
+    return check_output_path(out, file="model.gguf", suffix=suffix, may_replace=True, parent_must_exist=True)
 
 
 def permute_for_rotary(w: Any, n_heads: int) -> Any:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
-
-from bittune.errors import StorageError
 
 # Written into every export: marks a folder bittune may replace on a later export to the same --out.
 EXPORT_MARKER = "bittune_export.json"
@@ -15,21 +12,10 @@ EXPORT_MARKER = "bittune_export.json"
 
 def check_out_dir(out: Path) -> Path:
     """Refuse an --out folder that is a file, sits in a missing folder, or holds something else already."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise StorageError(f"--out {out} is a file", hint="give a folder path for --format hf")
-    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
-        raise StorageError(
-            f"--out {out} is a folder that already holds other files",
-            hint="choose a new folder (an earlier bittune export there would be replaced)",
-        )
-    if not out.parent.is_dir():
-        raise StorageError(
-            f"--out {out}: the folder {out.parent} does not exist", hint=f"create it first (mkdir -p {out.parent})"
-        )
-    if not os.access(out.parent, os.W_OK):
-        raise StorageError(f"--out {out}: {out.parent} is not writable", hint="choose a writable location")
-    return out
+    from bittune.storage import check_output_path
+
+    # An earlier export (its marker file) is replaced; anything else in the folder is the user's.
+    return check_output_path(out, ours=(EXPORT_MARKER,), may_replace=True, parent_must_exist=True)
 
 
 def save_hf_folder(model: Any, tokenizer: Any, folder: Path, *, card: str | None, info: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bittune.errors import BittuneError
+from bittune.tracking import redact
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -48,7 +49,8 @@ def push_to_hub(
 
     from huggingface_hub import HfApi, get_token
 
-    if get_token() is None:  # checked before the export, which takes a while
+    token = get_token()
+    if token is None:  # checked before the export, which takes a while
         raise BittuneError(
             f"no Hugging Face token to push to {repo}",
             hint="run `hf auth login` or set HF_TOKEN (or stage the folder with --dry-run DIR)",
@@ -66,8 +68,11 @@ def push_to_hub(
                 commit_message="Upload model exported by bittune",
             )
         except Exception as exc:  # network, auth, permissions: all end the same way for the user
+            # An HTTP error may echo the request; the token must not reach the terminal or a CI log.
+            first = redact(str(exc).splitlines()[0] if str(exc) else "")
+            first = first.replace(token, "***") if token else first
             raise BittuneError(
-                f"upload to {repo} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                f"upload to {repo} failed ({type(exc).__name__}: {first})",
                 hint="check the network, your token's write access to the repo, and HF_HUB_OFFLINE",
             ) from None
     return {"repo": repo, "dry_run": False, "url": str(url), "files": staged["files"], "private": private}

@@ -138,6 +138,7 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
         A :class:`PlanReport`; ``peak_mb`` is comparable with ``summary.json``'s ``peak_rss_mb`` (CPU) or
         ``peak_cuda_allocated_mb`` (GPU).
     """
+    from bittune.config import LoraConfig
     from bittune.model import model_source
     from bittune.plan import device as probe
 
@@ -156,21 +157,22 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
         notes.append("QAT's fake-quantized weight copies (one per linear while it runs) are not counted")
     if cfg.distill is not None:
         notes.append("the distillation teacher (its weights and logits) is not counted")
-    full, bits = cfg.method in ("full", "qat"), (cfg.quant.bits if cfg.quant is not None else None)
+    full, bits = cfg.lora is None, (cfg.quant.bits if cfg.quant is not None else None)  # full / QAT: no adapter
+    lora = cfg.lora or LoraConfig()  # (unused for full fine-tuning)
     trainable = trainable_tensors(
         shape,
         method="full" if full else cfg.method,
         task=task,
-        r=cfg.lora.r,
-        target_modules=cfg.lora.target_modules,
-        bias=cfg.lora.bias,
-        modules_to_save=cfg.lora.modules_to_save,
+        r=lora.r,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
     )
     rank_per_layer = 0
     if not full:
         in_blocks = {lin.name for lin in shape.layer_linears}
-        targets = lora_targets(shape, cfg.lora.target_modules)
-        rank_per_layer = cfg.lora.r * sum(lin.name in in_blocks for lin in targets) // max(shape.layers, 1)
+        targets = lora_targets(shape, lora.target_modules)
+        rank_per_layer = lora.r * sum(lin.name in in_blocks for lin in targets) // max(shape.layers, 1)
     wbytes = _dtype_bytes(weights_dtype)
     act_bytes = _dtype_bytes(compute_dtype) if (autocast or bits) else wbytes
     batch, seq = cfg.train.batch_size, cfg.data.max_length
@@ -211,7 +213,7 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
     flops = _step_flops(shape, tokens=run.tokens, full=full, lora_params=trainable.adapters, spec=spec)
     return PlanReport(
         model=cfg.model.path,
-        method=cfg.method + (f" ({bits}-bit {cfg.quant.type if bits == 4 else 'int8'})" if bits else ""),
+        method=cfg.method + (f" ({bits}-bit {cfg.quant.method if bits == 4 else 'int8'})" if bits else ""),
         device=kind,
         device_name=info.name,
         shape_source=shape.source,

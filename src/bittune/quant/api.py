@@ -1,7 +1,10 @@
-"""One entry point for post-training quantization: ``quantize(model, spec)`` dispatches on the spec's type.
+"""One entry point for post-training quantization: ``quantize(model, spec)`` looks up the spec's method in
+:data:`QUANTIZERS` (method -> quantizer).
 
 Every method touches the same layers (:func:`bittune.quant.select.quantizable_linears`): the body's linear layers,
-never the output head. The model is changed in place and returned.
+never the output head. The model is changed in place and returned. :func:`bnb_config` is the one place a
+:class:`~bittune.quant.spec.BnbSpec` becomes a transformers ``BitsAndBytesConfig`` (a QLoRA base, a quantized
+folder, its reload).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from bittune.errors import ConfigError
+from bittune.model import set_module
 from bittune.quant.select import HEAD_NAMES, quantizable_linears
 from bittune.quant.spec import BnbSpec, CastSpec, GptqSpec, HqqSpec, IntSpec, Spec
 
@@ -18,13 +22,8 @@ if TYPE_CHECKING:
 
 # LLM.int8: input columns with a value above this run in 16-bit (the outlier decomposition; transformers' default).
 LLM_INT8_THRESHOLD = 6.0
-
-
-def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    """Put ``module`` at dotted ``name``, in the model's train/eval mode (bitsandbytes layers behave differently)."""
-    module.train(model.training)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+Batches = Iterable[dict[str, Any]] | None
+Log = Callable[[str], None] | None
 
 
 def check_group_size(model: torch.nn.Module, group_size: int) -> None:
@@ -64,17 +63,16 @@ def quantize(
     Raises:
         ConfigError: a group size that does not fit the model, or GPTQ without calibration batches.
     """
-    if isinstance(spec, CastSpec):
-        import torch
+    quantizer = QUANTIZERS.get(getattr(spec, "method", None))
+    if quantizer is None:
+        raise TypeError(f"not a quantization spec: {spec!r}")
+    return quantizer(model, spec, calibration, log)
 
-        return model.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[spec.method]))
-    if isinstance(spec, BnbSpec):
-        return _quantize_bnb(model, spec)
-    if isinstance(spec, GptqSpec):
-        return _quantize_gptq(model, spec, calibration, log)
-    if isinstance(spec, IntSpec | HqqSpec):
-        return _quantize_grid(model, spec)
-    raise TypeError(f"not a quantization spec: {spec!r}")
+
+def _cast(model: torch.nn.Module, spec: CastSpec, calibration: Batches, log: Log) -> torch.nn.Module:
+    import torch
+
+    return model.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[spec.method]))
 
 
 def calibration_batches(
@@ -105,12 +103,7 @@ def calibration_batches(
     return [{"input_ids": torch.tensor([ids[i : i + seq_len]])} for i in range(0, len(ids), seq_len)]
 
 
-def _quantize_gptq(
-    model: torch.nn.Module,
-    spec: GptqSpec,
-    calibration: Iterable[dict[str, torch.Tensor]] | None,
-    log: Callable[[str], None] | None,
-) -> torch.nn.Module:
+def _quantize_gptq(model: torch.nn.Module, spec: GptqSpec, calibration: Batches, log: Log) -> torch.nn.Module:
     import torch
 
     from bittune.quant.gptq import gptq_quantize_model
@@ -135,11 +128,11 @@ def _quantize_gptq(
         for name, linear in linears:
             c, scale, zero = codes[name]
             q = QuantizedLinear.from_codes(linear, c, scale, zero, bits=spec.bits, group_size=spec.group_size)
-            _set_module(model, name, q)
+            set_module(model, name, q)
     return model
 
 
-def _quantize_grid(model: torch.nn.Module, spec: IntSpec | HqqSpec) -> torch.nn.Module:
+def _quantize_grid(model: torch.nn.Module, spec: IntSpec | HqqSpec, calibration: Batches, log: Log) -> torch.nn.Module:
     import torch
 
     from bittune.quant.hqq import quantize_hqq
@@ -150,33 +143,45 @@ def _quantize_grid(model: torch.nn.Module, spec: IntSpec | HqqSpec) -> torch.nn.
     with torch.no_grad():
         for name, linear in quantizable_linears(model):
             w = linear.weight.detach().float()
-            if isinstance(spec, IntSpec):
+            if spec.method == "int":
                 codes, scale, zero = quantize_int(w, spec.bits, spec.group_size, spec.symmetric)
             else:
                 codes, scale, zero = quantize_hqq(w, spec.bits, spec.group_size, iters=spec.iters)
             q = QuantizedLinear.from_codes(linear, codes, scale, zero, bits=spec.bits, group_size=spec.group_size)
-            _set_module(model, name, q)
+            set_module(model, name, q)
     return model
 
 
-def bnb_quantization_config(spec: BnbSpec) -> Any:
-    """The transformers ``BitsAndBytesConfig`` that describes (and reloads) a ``spec``-quantized model."""
+def bnb_config(spec: BnbSpec, device: Any = None, *, skip_modules: list[str] | None = None) -> Any:
+    """The transformers ``BitsAndBytesConfig`` of ``spec`` on ``device``: a QLoRA base to load, or what a
+    bitsandbytes-quantized folder records (and reloads with).
+
+    Args:
+        skip_modules: Modules kept in full precision. None: transformers' own choice (tied weights and the output
+            embedding), what a QLoRA base is loaded with; a PTQ folder names the heads it left out
+            (:data:`~bittune.quant.select.HEAD_NAMES`), so that reloading rebuilds exactly the swapped layers.
+
+    ``compute_dtype: auto`` is float32 on CPU and bf16 on a GPU that has it
+    (:func:`bittune.model.resolve_compute_dtype`).
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
-    skip = sorted(HEAD_NAMES)
+    from bittune.model import resolve_compute_dtype
+
+    skip = skip_modules
     if spec.method == "llm-int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=LLM_INT8_THRESHOLD, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=spec.method,
         bnb_4bit_use_double_quant=spec.double_quant,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=resolve_compute_dtype(spec.compute_dtype, torch.device(device or "cpu")),
         llm_int8_skip_modules=skip,
     )
 
 
-def _quantize_bnb(model: torch.nn.Module, spec: BnbSpec) -> torch.nn.Module:
+def _quantize_bnb(model: torch.nn.Module, spec: BnbSpec, calibration: Batches, log: Log) -> torch.nn.Module:
     """Swap the body linears for bitsandbytes layers; they quantize when placed on the device.
 
     The model's config gets the matching ``quantization_config``, so ``save_pretrained`` writes a folder that
@@ -185,7 +190,10 @@ def _quantize_bnb(model: torch.nn.Module, spec: BnbSpec) -> torch.nn.Module:
     import bitsandbytes as bnb
     import torch
 
+    from bittune.model import pin_bnb_cpu_kernels, resolve_compute_dtype
+
     device = next(model.parameters()).device
+    compute_dtype = resolve_compute_dtype(spec.compute_dtype, device)
     with torch.no_grad():
         for name, linear in quantizable_linears(model):
             w = linear.weight.detach().float()
@@ -203,7 +211,7 @@ def _quantize_bnb(model: torch.nn.Module, spec: BnbSpec) -> torch.nn.Module:
                     linear.in_features,
                     linear.out_features,
                     bias=linear.bias is not None,
-                    compute_dtype=torch.float32,
+                    compute_dtype=compute_dtype,
                     compress_statistics=spec.double_quant,
                     quant_type=spec.method,
                 )
@@ -212,8 +220,19 @@ def _quantize_bnb(model: torch.nn.Module, spec: BnbSpec) -> torch.nn.Module:
                 )
             if linear.bias is not None:
                 new.bias = torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-            _set_module(model, name, new.to(device))  # placement is what quantizes
-    model.config.quantization_config = bnb_quantization_config(spec)
-    from bittune.model import pin_bnb_cpu_kernels
-
+            set_module(model, name, new.to(device))  # placement is what quantizes
+    model.config.quantization_config = bnb_config(spec, device, skip_modules=sorted(HEAD_NAMES))
     return pin_bnb_cpu_kernels(model)
+
+
+# method -> quantizer(model, spec, calibration, log); every method of bittune.quant.spec.METHODS has one.
+QUANTIZERS: dict[str, Callable[[Any, Any, Batches, Log], Any]] = {
+    "fp16": _cast,
+    "bf16": _cast,
+    "nf4": _quantize_bnb,
+    "fp4": _quantize_bnb,
+    "llm-int8": _quantize_bnb,
+    "int": _quantize_grid,
+    "hqq": _quantize_grid,
+    "gptq": _quantize_gptq,
+}

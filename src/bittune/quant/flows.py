@@ -1,21 +1,26 @@
 """The ``bittune quantize`` and ``bittune merge`` flows: load, (merge,) quantize, save, reload, measure, report.
 
-Both write their output folder atomically (a temp folder renamed into place), so a failure leaves nothing behind,
-and both measure the saved model *as reloaded from disk* against the reference on the same rows.
+The source is resolved once (:func:`bittune.artifacts.resolve`) and that artifact flows down: its run config gives
+the default data, its sidecars the default spec, :func:`bittune.artifacts.load` the reference (``trained``) and the
+model to quantize (``merged``). Both flows write their output folder atomically (a temp folder renamed into
+place), so a failure leaves nothing behind, and both measure the saved model *as reloaded from disk* against the
+reference on the same rows.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bittune.errors import ConfigError, ModelLoadError, StorageError
+from bittune.errors import ConfigError, ModelLoadError
 from bittune.quant.api import check_group_size
-from bittune.quant.spec import BnbSpec, GptqSpec, GridSpec, Spec, spec_from_cli
+from bittune.quant.spec import GptqSpec, GridSpec, Spec, spec_from_cli
+
+if TYPE_CHECKING:
+    from bittune.artifacts import Artifact
 
 Log = Callable[[str], None]
 MB = 1024**2
@@ -27,50 +32,42 @@ def _quiet(_: str) -> None:
 
 def check_out_dir(out: Path) -> None:
     """``out`` must not exist, or be an empty folder: results are never written over other files."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise StorageError(f"--out {out} already exists and is not empty", hint="pick a new --out folder or delete it")
+    from bittune.storage import check_output_path
+
+    check_output_path(out)
 
 
-def _run_data(source: str) -> dict[str, Any]:
-    """The ``data:`` section of ``source``'s run config, or ``{}`` when ``source`` is not a run directory."""
-    run_file = Path(source) / "run_config.yaml"
-    if not run_file.is_file():
-        return {}
-    import yaml
-
-    return (yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}).get("data") or {}
-
-
-def _eval_data(source: str, data: str | None, *, train_fallback: bool) -> tuple[str | None, str | None]:
+def _eval_data(artifact: Artifact, data: str | None, *, train_fallback: bool) -> tuple[str | None, str | None]:
     """The data to measure on and a note on where it came from: ``data``, the run's eval file, or its train file."""
+    from bittune.inference import run_data
+
     if data:
         return data, None
-    run_data = _run_data(source)
-    if run_data.get("eval"):
-        return run_data["eval"], f"data: the run's eval file {run_data['eval']}"
-    if train_fallback and run_data.get("train"):
-        return run_data["train"], f"data: the run's train file {run_data['train']} (the run has no eval file)"
+    recorded = run_data(artifact)
+    if recorded is not None and recorded.eval:
+        return recorded.eval, f"data: the run's eval file {recorded.eval}"
+    if train_fallback and recorded is not None and recorded.train:
+        return recorded.train, f"data: the run's train file {recorded.train} (the run has no eval file)"
     return None, None
 
 
-def _rows(source: str, tokenizer: Any, task: str, model: Any, data: str | None, opts: dict[str, Any]) -> Any:
+def _rows(artifact: Artifact, tokenizer: Any, task: str, model: Any, data: str | None, opts: dict[str, Any]) -> Any:
     from bittune.inference import prepare_eval_rows
 
     if data is None:
         return None
-    return prepare_eval_rows(source, tokenizer, task, data=data, model=model, **opts)
+    return prepare_eval_rows(artifact, tokenizer, task, data=data, model=model, **opts)
 
 
-def _source_size(source: str) -> float | None:
-    from bittune.model import resolve_inference_source
+def source_size_mb(artifact: Artifact) -> float | None:
+    """MB of weight files of the base (and adapter) on disk; None for a hub id."""
     from bittune.quant.report import weights_size
 
-    base, adapter, _ = resolve_inference_source(source)
-    sizes = [weights_size(base), weights_size(adapter) if adapter else 0]
+    sizes = [weights_size(artifact.base), weights_size(artifact.adapter) if artifact.adapter else 0]
     return None if sizes[0] is None else round(sum(sizes) / MB, 2)
 
 
-def calibration_data(source: str, spec: Spec | None, calib: str | None) -> str | None:
+def calibration_data(source: str | Path | Artifact, spec: Spec | None, calib: str | None) -> str | None:
     """The text GPTQ calibrates on: ``--calib``, else a run's train file; refused if there is none.
 
     Never the eval file by default: calibrating on the rows the quality is then measured on flatters the result.
@@ -81,9 +78,11 @@ def calibration_data(source: str, spec: Spec | None, calib: str | None) -> str |
         return None
     if calib:
         return calib
-    train = _run_data(source).get("train")
-    if train:
-        return train
+    from bittune.inference import run_data
+
+    recorded = run_data(source)
+    if recorded is not None and recorded.train:
+        return recorded.train
     raise ConfigError(
         "--method gptq needs calibration text and none was given",
         hint="add --calib FILE (a few thousand tokens like your use, in any data format bittune reads; "
@@ -92,31 +91,29 @@ def calibration_data(source: str, spec: Spec | None, calib: str | None) -> str |
 
 
 def _calibration_batches(
-    source: str, spec: Spec, calib: str | None, tokenizer: Any, task: str, model: Any, opts: dict[str, Any]
+    artifact: Artifact, spec: Spec, calib: str | None, tokenizer: Any, task: str, model: Any, opts: dict[str, Any]
 ) -> list | None:
     from bittune.quant.api import calibration_batches
 
     if calib is None or not isinstance(spec, GptqSpec):
         return None
     # Enough rows for the token budget unless rows average under 4 tokens; the file is not tokenized past that.
-    rows = _rows(source, tokenizer, task, model, calib, {**opts, "max_rows": max(spec.calibration_tokens // 4, 1)})
+    rows = _rows(artifact, tokenizer, task, model, calib, {**opts, "max_rows": max(spec.calibration_tokens // 4, 1)})
     # Classifier rows stay separate ([CLS] ... [SEP] each); causal-LM text is packed into full-length sequences.
     return calibration_batches(rows, spec.calibration_tokens, per_row=task == "classification")
 
 
-def preflight(source: str, spec: Spec | None, data: str | None, calib: str | None = None) -> None:
-    """Every check that needs no weights, before the slow part: the path, the group size, the data files."""
-    from bittune.model import model_source, resolve_inference_source
-    from bittune.quant.io import is_quantized_dir
+def preflight(artifact: Artifact, spec: Spec | None, data: str | None, calib: str | None = None) -> None:
+    """Every check that needs no weights, before the slow part: the source, the group size, the data files."""
+    from bittune.artifacts import QuantizedDir
 
-    base, _, task = resolve_inference_source(source)
-    model_source(base)
-    if is_quantized_dir(base):
+    if isinstance(artifact, QuantizedDir):
         raise ModelLoadError(
-            f"{source} is already quantized", hint="quantize the original full-precision model (or run dir) instead"
+            f"{artifact.path} is already quantized",
+            hint="quantize the original full-precision model (or run dir) instead",
         )
     if isinstance(spec, GridSpec) and spec.group_size != -1:
-        check_group_size(_skeleton(base, task), spec.group_size)
+        check_group_size(_skeleton(artifact), spec.group_size)
     check_data(data)
     check_data(calib)
 
@@ -129,26 +126,26 @@ def check_data(data: str | None) -> None:
         read_records(data, "train", max_rows=1)
 
 
-def _skeleton(base: str, task: str) -> Any:
+def _skeleton(artifact: Artifact) -> Any:
     """The model's module tree without weights (meta device): enough to see its layer shapes."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from bittune.quant.io import _auto_class
+    from bittune.model import auto_class, model_source
 
     with init_empty_weights():
-        return _auto_class(task).from_config(AutoConfig.from_pretrained(base))
+        return auto_class(artifact.task).from_config(AutoConfig.from_pretrained(model_source(artifact.base)))
 
 
 def _measure_saved(
     folder: Path, name: str, tokenizer: Any, rows: Any, device: Any, batch_size: int, reference: dict[str, Any]
 ) -> dict[str, Any]:
     """Reload ``folder`` (as a user would) and measure it against ``reference``."""
-    from bittune.quant.io import load_quantized
+    from bittune.artifacts import load, resolve
     from bittune.quant.report import measure, quality_delta, weights_size
 
     t0 = time.perf_counter()
-    model, task = load_quantized(folder, device=device)
+    model, _, task = load(resolve(folder), device=device, tokenizer=tokenizer)
     load_s = round(time.perf_counter() - t0, 2)
     entry = {"name": name, "size_mb": round((weights_size(folder) or 0) / MB, 2), "load_s": load_s}
     entry.update(measure(model, tokenizer, task, rows, batch_size=batch_size))
@@ -159,24 +156,24 @@ def _measure_saved(
 
 
 def _load_reference(
-    source: str, name: str, dev: Any, data: str | None, data_opts: dict[str, Any] | None, batch_size: int
+    artifact: Artifact, name: str, dev: Any, data: str | None, data_opts: dict[str, Any] | None, batch_size: int
 ) -> tuple[Any, Any, str, list, dict[str, Any]]:
-    """Load ``source`` as it is (adapter on its base, no quantization), read the rows, and measure it."""
-    from bittune.model import load_for_inference
+    """Load the source as trained (adapter on its base as in training), read the rows, and measure it."""
+    from bittune.artifacts import load
     from bittune.quant.report import measure, warm_imports
 
-    warm_imports(source)
+    warm_imports(artifact)
     t0 = time.perf_counter()
-    model, tokenizer, task = load_for_inference(source, device=str(dev))
+    model, tokenizer, task = load(artifact, as_="trained", device=dev)
     load_s = round(time.perf_counter() - t0, 2)
-    rows = _rows(source, tokenizer, task, model, data, data_opts or {})
-    reference = {"name": name, "size_mb": _source_size(source), "load_s": load_s}
+    rows = _rows(artifact, tokenizer, task, model, data, data_opts or {})
+    reference = {"name": name, "size_mb": source_size_mb(artifact), "load_s": load_s}
     reference.update(measure(model, tokenizer, task, rows, batch_size=batch_size))
     return model, tokenizer, task, rows, reference
 
 
 def quantize_path(
-    source: str,
+    source: str | Path | Artifact,
     spec: Spec,
     out: Path,
     *,
@@ -190,7 +187,8 @@ def quantize_path(
     """Quantize a model folder or run directory into ``out`` and write its quality report there.
 
     Args:
-        source: Model folder, hub id, adapter folder or run directory (adapters are merged in float32 first).
+        source: Model folder, hub id, adapter folder or run directory, as resolved by
+            :func:`bittune.artifacts.resolve` (or its path). Adapters are merged first, by the merge policy.
         spec: What to do (see :mod:`bittune.quant.spec`).
         out: New folder (must not exist, or be empty).
         data: Data to measure quality on; default: the run's eval file, else quality is not measured.
@@ -200,33 +198,35 @@ def quantize_path(
     Returns:
         The report (also in ``out/quant_report.json`` and ``.md``).
     """
+    from bittune.artifacts import as_artifact, load
     from bittune.model import resolve_device
     from bittune.quant import quantize
     from bittune.quant.io import save_quantized
-    from bittune.quant.merge import load_merged
     from bittune.quant.report import write_report
     from bittune.quant.select import quantizable_linears
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.storage import atomic_dir
 
     out = Path(out)
     check_out_dir(out)
-    data, data_note = _eval_data(source, data, train_fallback=False)
-    calib = calibration_data(source, spec, calib)
-    preflight(source, spec, data, calib)
+    artifact = as_artifact(source)
+    source = artifact.path
+    data, data_note = _eval_data(artifact, data, train_fallback=False)
+    calib = calibration_data(artifact, spec, calib)
+    preflight(artifact, spec, data, calib)
     dev = resolve_device(device)
     log(f"loading {source} ...")
     log("measuring the unquantized model" + (f" on {data}" if data else "") + " ...")
     ref_model, tokenizer, task, rows, reference = _load_reference(
-        source, "reference (unquantized)", dev, data, data_opts, batch_size
+        artifact, "reference (unquantized)", dev, data, data_opts, batch_size
     )
-    if _has_adapter_or_bnb(ref_model):
+    if _has_adapter_or_bnb(ref_model):  # one float model to quantize, by the merge policy
         del ref_model
         gc.collect()
-        model, tokenizer, task, _ = load_merged(source, device=str(dev))
+        model = load(artifact, as_="merged", device=dev, tokenizer=tokenizer).model
     else:
         model = ref_model
     layers = [n for n, _ in quantizable_linears(model)]
-    batches = _calibration_batches(source, spec, calib, tokenizer, task, model, data_opts or {})
+    batches = _calibration_batches(artifact, spec, calib, tokenizer, task, model, data_opts or {})
     log(f"quantizing {len(layers)} linear layers: {spec.label()} ...")
     t0 = time.perf_counter()
     quantize(model, spec, calibration=batches, log=log)
@@ -287,7 +287,7 @@ def _notes(data: str | None, data_note: str | None, dev: Any, spec: Spec | None)
 
 
 def merge_spec(
-    adapter: str,
+    artifact: Artifact,
     bits: int,
     method: str | None,
     group_size: int | None,
@@ -295,22 +295,36 @@ def merge_spec(
     calib_tokens: int | None = None,
 ) -> Spec:
     """The spec for ``merge --into-quantized BITS``: by default the run's own training quantization at those bits."""
-    from bittune.model import QUANT_FILE
-
-    qfile = Path(adapter) / QUANT_FILE
-    if method is None and qfile.is_file():
-        q = json.loads(qfile.read_text())
-        if q.get("bits") == bits:
-            if bits == 8:
-                return BnbSpec(method="llm-int8")
-            return BnbSpec(method=q["type"], double_quant=q["double_quant"])
+    trained = artifact.training_quant
+    if method is None and trained is not None and trained.bits == bits:
+        return trained
     return spec_from_cli(
         bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
     )
 
 
+def require_adapter(artifact: Artifact) -> str:
+    """The adapter folder of a run directory (or adapter folder) to merge; a clear error for anything else."""
+    from bittune.artifacts import HubId, ModelDir, RunDir
+
+    path = artifact.path
+    if isinstance(artifact, HubId) or not Path(path).is_dir():
+        raise ModelLoadError(f"{path} is not a directory", hint="pass a bittune run directory (or an adapter folder)")
+    if isinstance(artifact, RunDir) and isinstance(artifact.final, ModelDir):
+        raise ModelLoadError(
+            f"{path} is a full fine-tuning run: its model/ has no adapter to merge",
+            hint=f"use it as it is, or shrink it with `bittune quantize {path} --bits 4`",
+        )
+    if artifact.adapter is None:
+        raise ModelLoadError(
+            f"{path} has no LoRA adapter to merge",
+            hint="pass a LoRA/QLoRA run directory (with adapter/) or an adapter folder",
+        )
+    return artifact.adapter
+
+
 def merge_run(
-    run_dir: str,
+    run_dir: str | Path | Artifact,
     out: Path,
     *,
     into_bits: int | None = None,
@@ -325,42 +339,74 @@ def merge_run(
     device: str = "auto",
     log: Log = _quiet,
 ) -> dict[str, Any]:
-    """Merge a run's LoRA adapter into its base: full precision, or (``into_bits``) re-quantized and measured.
+    """Merge a run's LoRA adapter into its base by the merge policy: full precision, or (``into_bits``)
+    re-quantized and measured.
 
-    The reference is the adapter on its base as trained (a QLoRA adapter on its NF4 base). The merged model is
-    measured against it on the run's eval data (or ``data``; else the run's train data), and the change goes into
+    The reference is the adapter on its base as trained (a QLoRA adapter on its NF4 base); the merged model is
+    :func:`bittune.artifacts.load` ``as_="merged"`` (the same weights ``bittune export`` writes). It is measured
+    against the reference on the run's eval data (or ``data``; else the run's train data), and the change goes into
     ``out/merge_report.json``; ``report["warnings"]`` is non-empty when the change is large.
     """
-    from bittune.model import resolve_device
-    from bittune.quant import quantize
-    from bittune.quant.io import save_quantized
-    from bittune.quant.merge import load_merged, require_adapter_run
-    from bittune.quant.report import measure, quality_delta, write_report
-    from bittune.training.checkpoint import atomic_dir
+    from bittune.artifacts import as_artifact, load
 
     out = Path(out)
-    adapter = require_adapter_run(run_dir)
+    artifact = as_artifact(run_dir)
+    adapter = require_adapter(artifact)
     check_out_dir(out)
-    spec = None if into_bits is None else merge_spec(adapter, into_bits, method, group_size, symmetric, calib_tokens)
+    spec = None if into_bits is None else merge_spec(artifact, into_bits, method, group_size, symmetric, calib_tokens)
     if spec is None and (method or group_size is not None or symmetric or calib_tokens is not None):
         raise ConfigError(
             "--method/--group-size/--symmetric/--calib-tokens need --into-quantized BITS",
             hint="add --into-quantized 4",
         )
-    data, data_note = _eval_data(run_dir, data, train_fallback=True)
-    calib = calibration_data(run_dir, spec, calib)
-    preflight(run_dir, spec, data, calib)
+    data, data_note = _eval_data(artifact, data, train_fallback=True)
+    calib = calibration_data(artifact, spec, calib)
+    preflight(artifact, spec, data, calib)
+    from bittune.model import resolve_device
+
     dev = resolve_device(device)
-    log(f"loading {run_dir} (adapter on its base, as trained) ...")
+    log(f"loading {artifact.path} (adapter on its base, as trained) ...")
     ref_model, tokenizer, task, rows, reference = _load_reference(
-        run_dir, "adapter on base (as trained)", dev, data, data_opts, batch_size
+        artifact, "adapter on base (as trained)", dev, data, data_opts, batch_size
     )
     del ref_model
     gc.collect()
-    log("merging the adapter in float32 ...")
-    merged, tokenizer, task, info = load_merged(run_dir, device=str(dev))
-    base_q = info["base_quantization"]
-    fp_name = "merged fp32" + (" (dequantized NF4 base)" if base_q and base_q.get("bits") == 4 else "")
+    base_q = artifact.training_quant
+    log("merging the adapter in float32" + (f" into its dequantized {base_q.label()} base" if base_q else "") + " ...")
+    merged = load(artifact, as_="merged", device=dev, tokenizer=tokenizer).model
+    return _write_merge(artifact, adapter, merged, tokenizer, task, rows, reference, out, spec=spec, data=data,
+                        data_note=data_note, calib=calib, data_opts=data_opts, batch_size=batch_size, dev=dev,
+                        log=log)  # fmt: skip
+
+
+def _write_merge(
+    artifact: Artifact,
+    adapter: str,
+    merged: Any,
+    tokenizer: Any,
+    task: str,
+    rows: Any,
+    reference: dict[str, Any],
+    out: Path,
+    *,
+    spec: Spec | None,
+    data: str | None,
+    data_note: str | None,
+    calib: str | None,
+    data_opts: dict[str, Any] | None,
+    batch_size: int,
+    dev: Any,
+    log: Log,
+) -> dict[str, Any]:
+    """Measure the float merge, write it (or its re-quantization) into ``out`` atomically with the report."""
+    from bittune.quant import quantize
+    from bittune.quant.io import save_quantized
+    from bittune.quant.report import measure, quality_delta, write_report
+    from bittune.sidecars import write_labels
+    from bittune.storage import atomic_dir
+
+    base_q, run_dir = artifact.training_quant, artifact.path
+    fp_name = "merged fp32" + (f" (dequantized {base_q.method.upper()} base)" if base_q else "")
     fp_entry = {"name": fp_name, **measure(merged, tokenizer, task, rows, batch_size=batch_size)}
     fp_entry["delta"] = quality_delta(reference, fp_entry, task)
     label_names = _label_names(merged, task)
@@ -373,11 +419,11 @@ def merge_run(
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if label_names:
-                (tmp / "labels.json").write_text(json.dumps(label_names), encoding="utf-8")
+                write_labels(tmp, label_names)
             fp_entry["size_mb"] = round(sum(p.stat().st_size for p in tmp.glob("*.safetensors")) / MB, 2)
         else:
             log(f"re-quantizing the merged model: {spec.label()} ...")
-            batches = _calibration_batches(run_dir, spec, calib, tokenizer, task, merged, data_opts or {})
+            batches = _calibration_batches(artifact, spec, calib, tokenizer, task, merged, data_opts or {})
             quantize(merged, spec, calibration=batches, log=log)
             save_quantized(
                 merged, tmp, spec=spec, task=task, tokenizer=tokenizer, source=run_dir, label_names=label_names
@@ -395,7 +441,7 @@ def merge_run(
             task=task,
             source=run_dir,
             adapter=adapter,
-            base_quantization=base_q,
+            base_quantization=base_q.model_dump() if base_q else None,
             spec=spec.model_dump() if spec else None,
             data=data,
             device=str(dev),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from bittune.quant.intq import _grouped, _round_storage, quantize_codes
+from bittune.quant.intq import grouped, quantize_codes, round_storage
 
 _TINY = 1e-8
 # Candidate ranges, as fractions of the group's full min..max span, tried when fitting the scale.
@@ -91,9 +91,9 @@ def hqq_qparams(
         ``(scale, zero)``, each ``[out, n_groups, 1]``; codes follow from :func:`bittune.quant.intq.quantize_codes`.
     """
     qmax = 2**bits - 1
-    grouped = _grouped(weight, group_size)
+    groups = grouped(weight, group_size)
     scales, zeros = [], []
-    for w in grouped.split(_ROWS_PER_CHUNK):
+    for w in groups.split(_ROWS_PER_CHUNK):
         lo = w.amin(dim=-1, keepdim=True)
         hi = w.amax(dim=-1, keepdim=True)
         mid = (hi + lo) / 2
@@ -102,7 +102,7 @@ def hqq_qparams(
         best_err = best_scale = best_zero = None
         for shrink in shrink_grid:
             half = (hi - lo) / 2 * shrink
-            scale = _round_storage((2 * half / qmax).clamp(min=torch.finfo(torch.float16).tiny))
+            scale = round_storage((2 * half / qmax).clamp(min=torch.finfo(torch.float16).tiny))
             zero = -(mid - half) / scale
             q = torch.clamp(torch.round(w / scale + zero), 0, qmax)
             err = ((q - zero) * scale - w).pow(2).mean(dim=-1, keepdim=True)
@@ -115,7 +115,7 @@ def hqq_qparams(
                 best_zero = torch.where(better, zero, best_zero)
         # 2. The zero point: half-quadratic iterations for that scale.
         scales.append(best_scale)
-        zeros.append(_round_storage(_fit_zero(w, best_scale, best_zero, qmax, iters, p, beta, kappa)))
+        zeros.append(round_storage(_fit_zero(w, best_scale, best_zero, qmax, iters, p, beta, kappa)))
     return torch.cat(scales), torch.cat(zeros)
 
 

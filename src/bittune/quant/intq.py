@@ -20,7 +20,7 @@ STORAGE_DTYPE = torch.float16  # scales/zeros are stored (and therefore computed
 _TINY = torch.finfo(torch.float16).tiny
 
 
-def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """Reshape ``[out, in]`` into ``[out, n_groups, g]`` in float32, zero-padding the last group."""
     out_features, in_features = weight.shape
     g = in_features if group_size <= 0 else group_size
@@ -31,7 +31,8 @@ def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_features, -1, g)
 
 
-def _round_storage(x: torch.Tensor) -> torch.Tensor:
+def round_storage(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the storage dtype of scales and zeros (float16), back in float32."""
     return x.to(STORAGE_DTYPE).float()
 
 
@@ -48,19 +49,19 @@ def int_qparams(weight: torch.Tensor, bits: int, group_size: int, symmetric: boo
         ``(scale, zero)``, each of shape ``[out, n_groups, 1]``.
     """
     _check_bits(bits)
-    w = _grouped(weight, group_size)
+    w = grouped(weight, group_size)
     qmax = 2**bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
         absmax = w.abs().amax(dim=-1, keepdim=True)
         # Codes span [-half, half-1] around zero; scale so that +absmax maps to half-1 (the smaller side).
-        scale = _round_storage((absmax / max(half - 1, 1)).clamp(min=_TINY))
+        scale = round_storage((absmax / max(half - 1, 1)).clamp(min=_TINY))
         zero = torch.full_like(scale, float(half))
     else:
         lo = w.amin(dim=-1, keepdim=True).clamp(max=0)
         hi = w.amax(dim=-1, keepdim=True).clamp(min=0)
-        scale = _round_storage(((hi - lo) / qmax).clamp(min=_TINY))
-        zero = _round_storage(torch.round(-lo / scale).clamp(0, qmax))
+        scale = round_storage(((hi - lo) / qmax).clamp(min=_TINY))
+        zero = round_storage(torch.round(-lo / scale).clamp(0, qmax))
     return scale, zero
 
 
@@ -68,7 +69,7 @@ def quantize_codes(
     weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
 ) -> torch.Tensor:
     """Integer codes of ``weight`` for given per-group ``scale``/``zero``: ``clamp(round(w / scale + zero))``."""
-    w = _grouped(weight, group_size)
+    w = grouped(weight, group_size)
     return torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1).to(torch.uint8)
 
 

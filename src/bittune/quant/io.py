@@ -15,38 +15,15 @@ on the method:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from bittune.errors import ModelLoadError
-from bittune.model import QUANTIZED_FILE, pin_bnb_cpu_kernels
-from bittune.quant.spec import GridSpec, Spec, spec_from_dict
+from bittune.model import auto_class, pin_bnb_cpu_kernels, set_module
+from bittune.quant.spec import GridSpec, Spec
+from bittune.sidecars import QUANTIZED_FORMAT_VERSION, QuantizedManifest, write_labels, write_manifest
 
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
-
-
-def is_quantized_dir(path: str | Path) -> bool:
-    return (Path(path) / QUANTIZED_FILE).is_file()
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The folder's ``bittune_quantized.json``, with ``spec`` rebuilt as a spec object."""
-    f = Path(path) / QUANTIZED_FILE
-    try:
-        raw = json.loads(f.read_text(encoding="utf-8"))
-        raw["spec"] = spec_from_dict(raw["spec"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(
-            f"{f} is unreadable ({type(exc).__name__}: {exc})", hint="quantize the model again into a new folder"
-        ) from None
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{f} has format version {raw.get('format_version')}, this bittune reads {FORMAT_VERSION}",
-            hint="quantize the model again with this version of bittune",
-        )
-    return raw
 
 
 def save_quantized(
@@ -61,7 +38,7 @@ def save_quantized(
 ) -> None:
     """Write a quantized ``model`` (from :func:`bittune.quant.quantize`) into an existing, empty ``folder``.
 
-    Callers write into a temporary folder and rename it into place (see ``training.checkpoint.atomic_dir``).
+    Callers write into a temporary folder and rename it into place (see ``bittune.storage.atomic_dir``).
     """
     folder = Path(folder)
     if isinstance(spec, GridSpec):
@@ -71,15 +48,11 @@ def save_quantized(
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if label_names:
-        (folder / "labels.json").write_text(json.dumps(label_names), encoding="utf-8")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "spec": spec.model_dump(),
-        "task": task,
-        "layers": quantized_layers(model),
-        "source": source,
-    }
-    (folder / QUANTIZED_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_labels(folder, label_names)
+    manifest = QuantizedManifest(
+        format_version=QUANTIZED_FORMAT_VERSION, spec=spec, task=task, layers=quantized_layers(model), source=source
+    )
+    write_manifest(folder, manifest)
 
 
 def quantized_layers(model: Any) -> list[str]:
@@ -105,35 +78,27 @@ def _save_grid(model: Any, folder: Path) -> None:
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "bittune_quantized": "1"})
 
 
-def load_quantized(path: str | Path, *, device: Any = None) -> tuple[Any, str]:
-    """Reload a quantized folder for inference.
+def build_quantized_model(path: str | Path, manifest: QuantizedManifest, *, device: Any = None) -> Any:
+    """The model stored in quantized folder ``path`` (described by its ``manifest``), in eval mode on ``device``.
 
-    Returns:
-        ``(model in eval mode, task)``.
+    The low-level builder behind :func:`bittune.artifacts.load` (which reads the manifest once, in ``resolve``).
     """
     import torch
 
     path = Path(path)
-    manifest = read_manifest(path)
-    spec, task = manifest["spec"], manifest["task"]
+    spec, task = manifest.spec, manifest.task
     device = torch.device(device or "cpu")
     if isinstance(spec, GridSpec):
-        model = _load_grid(path, spec, task, manifest["layers"], device)
+        model = _load_grid(path, spec, task, manifest.layers, device)
     else:
-        model = _auto_class(task).from_pretrained(
+        model = auto_class(task).from_pretrained(
             str(path),
             dtype=torch.float32 if device.type == "cpu" else "auto",
             # bitsandbytes layers quantize/unpack on placement: let transformers place them.
             device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
         )
         pin_bnb_cpu_kernels(model)
-    return model.eval(), task
-
-
-def _auto_class(task: str) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    return model.eval()
 
 
 def _load_grid(path: Path, spec: GridSpec, task: str, layers: list[str], device: Any) -> Any:
@@ -143,13 +108,12 @@ def _load_grid(path: Path, spec: GridSpec, task: str, layers: list[str], device:
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from bittune.quant.api import _set_module
     from bittune.quant.linear import QuantizedLinear
 
     config = AutoConfig.from_pretrained(str(path))
     # Parameters on the meta device (no memory, no init); buffers such as rotary frequencies are computed for real.
     with init_empty_weights(include_buffers=False):
-        model = _auto_class(task).from_config(config, dtype=torch.float32)
+        model = auto_class(task).from_config(config, dtype=torch.float32)
     for name in layers:
         meta = model.get_submodule(name)
         q = QuantizedLinear(
@@ -160,7 +124,7 @@ def _load_grid(path: Path, spec: GridSpec, task: str, layers: list[str], device:
             bias=meta.bias is not None,
             device="cpu",
         )
-        _set_module(model, name, q)
+        set_module(model, name, q)
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (OSError, SafetensorError) as exc:

@@ -1,20 +1,16 @@
-"""Merging a LoRA adapter into its base in full precision, whatever the base was stored in during training.
+"""Quantized layers back to float ``nn.Linear``: the tools of the merge policy and of float-only writers.
 
-A QLoRA adapter was trained against the *dequantized NF4* weights, not the original ones. Merging it into the
-original fp16/fp32 checkpoint (the common mistake) changes what the adapter corrects; merging into the 4-bit base
-and re-quantizing the sum without measuring hides the rounding of the merged weights. Here the base is loaded
-exactly as in training, its bitsandbytes layers are dequantized to float32 (so the merged model starts from what
-the adapter saw), and PEFT's ``merge_and_unload`` adds the LoRA delta in float32. Re-quantizing, and measuring what
-that costs, is the caller's next step (:mod:`bittune.quant.flows`).
+:func:`bittune.artifacts.load` with ``as_="merged"`` uses them: a QLoRA base is loaded as trained and
+:func:`dequantize_bnb_linears` turns its 4/8-bit layers into the float32 weights the adapter was trained against,
+before PEFT merges the adapter in (the merge policy, ARCHITECTURE.md); :func:`dequantize_grid_linears` lets a
+``bittune quantize`` folder be exported as the float values it computes with.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from bittune.errors import ModelLoadError
+from bittune.model import set_module
 
 
 def dequantize_bnb_linears(model: Any) -> int:
@@ -25,8 +21,6 @@ def dequantize_bnb_linears(model: Any) -> int:
     """
     import torch
     from peft.utils.integrations import dequantize_bnb_weight
-
-    from bittune.quant.api import _set_module
 
     try:
         import bitsandbytes as bnb
@@ -41,7 +35,7 @@ def dequantize_bnb_linears(model: Any) -> int:
             linear.weight.copy_(weight.to(linear.weight.device))
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias.float())
-        _set_module(model, name, linear.to(weight.device))
+        set_module(model, name, linear.to(weight.device))
     if targets:
         # The model is no longer a bitsandbytes model: saving it must not claim it is.
         if hasattr(model.config, "quantization_config"):
@@ -74,7 +68,6 @@ def dequantize_grid_linears(model: Any) -> int:
     """
     import torch
 
-    from bittune.quant.api import _set_module
     from bittune.quant.linear import QuantizedLinear
 
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
@@ -84,58 +77,5 @@ def dequantize_grid_linears(model: Any) -> int:
             linear.weight.copy_(layer.dequantized_weight())
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias.float())
-        _set_module(model, name, linear.to(layer.qweight.device))
+        set_module(model, name, linear.to(layer.qweight.device))
     return len(targets)
-
-
-def load_merged(path: str, *, device: str = "cpu") -> tuple[Any, Any, str, dict[str, Any]]:
-    """Load a model folder or run directory as one full-precision model, with any adapter merged in.
-
-    A bitsandbytes base (QLoRA, or a bnb-quantized folder) is dequantized first, so the result equals the model as
-    trained (up to float32 rounding).
-
-    Returns:
-        ``(model in eval mode, tokenizer, task, info)``; ``info`` says whether an adapter was merged and how the
-        base was quantized in training (``base_quantization``).
-    """
-    from bittune.model import QUANT_FILE, load_for_inference, resolve_inference_source
-
-    _, adapter, _ = resolve_inference_source(path)
-    qlora = None
-    if adapter is not None and (Path(adapter) / QUANT_FILE).is_file():
-        qlora = json.loads((Path(adapter) / QUANT_FILE).read_text())
-    if adapter is None:
-        model, tokenizer, task = load_for_inference(path, device=device)
-        dequantize_bnb_linears(model)
-        return model.eval(), tokenizer, task, {"adapter": None, "base_quantization": None}
-    from peft import PeftModel
-
-    # Load the base exactly as in training, dequantize it, then attach the adapter to the float32 layers.
-    peft_model, tokenizer, task = load_for_inference(path, device=device)
-    if qlora is None:
-        return peft_model.merge_and_unload().eval(), tokenizer, task, {"adapter": adapter, "base_quantization": None}
-    base_model = peft_model.unload()
-    dequantize_bnb_linears(base_model)
-    merged = PeftModel.from_pretrained(base_model, adapter).merge_and_unload()
-    return merged.eval(), tokenizer, task, {"adapter": adapter, "base_quantization": qlora}
-
-
-def require_adapter_run(path: str) -> str:
-    """The adapter folder of a run directory (or adapter folder) to merge; a clear error for anything else."""
-    from bittune.model import resolve_inference_source
-
-    root = Path(path)
-    if not root.is_dir():
-        raise ModelLoadError(f"{path} is not a directory", hint="pass a bittune run directory (or an adapter folder)")
-    if (root / "run_config.yaml").is_file() and (root / "model" / "config.json").is_file():
-        raise ModelLoadError(
-            f"{path} is a full fine-tuning run: its model/ has no adapter to merge",
-            hint=f"use it as it is, or shrink it with `bittune quantize {path} --bits 4`",
-        )
-    _, adapter, _ = resolve_inference_source(path)
-    if adapter is None:
-        raise ModelLoadError(
-            f"{path} has no LoRA adapter to merge",
-            hint="pass a LoRA/QLoRA run directory (with adapter/) or an adapter folder",
-        )
-    return adapter

@@ -17,9 +17,7 @@ cannot reproduce: at 4 bits most of a small LoRA delta rounds away when it is fo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,9 +25,7 @@ from torch.nn.utils import parametrize
 
 from bittune.quant.intq import fake_quantize, quantize_dequantize
 from bittune.quant.select import quantizable_linears
-
-# Written into a QAT run's final model/ or adapter/ folder: how to quantize it so it matches training.
-QAT_FILE = "qat.json"
+from bittune.sidecars import QatSettings
 
 
 class FakeQuant(torch.nn.Module):
@@ -208,22 +204,14 @@ class BitSchedule:
         return self.ends.index(step) if step in self.ends else None
 
 
-def qat_settings(*, bits: int, group_size: int, symmetric: bool, method: str, schedule: BitSchedule) -> dict:
-    """What ``qat.json`` records: the final quantization to apply, and the schedule that led there."""
-    return {
-        "bits": bits,
-        "group_size": group_size,
-        "symmetric": symmetric,
-        "method": method,
-        "schedule": list(schedule.bits),
-        "stage_ends": list(schedule.ends),
-    }
-
-
-def read_qat_settings(folder: str | Path) -> dict | None:
-    """The ``qat.json`` of a model/adapter folder or run directory, or None when it was not QAT-trained."""
-    folder = Path(folder)
-    for candidate in (folder / QAT_FILE, folder / "model" / QAT_FILE, folder / "adapter" / QAT_FILE):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return None
+def qat_settings(*, bits: int, group_size: int, symmetric: bool, method: str, schedule: BitSchedule) -> QatSettings:
+    """What ``qat.json`` records (:func:`bittune.sidecars.write_qat_settings`): the final quantization to apply,
+    and the schedule that led there."""
+    return QatSettings(
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+        method=method,
+        schedule=list(schedule.bits),
+        stage_ends=list(schedule.ends),
+    )

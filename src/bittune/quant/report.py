@@ -27,16 +27,15 @@ def weights_size(folder: str | Path | None) -> int | None:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def warm_imports(path: str) -> None:
-    """Import what loading ``path`` needs (transformers, its model class, PEFT, bitsandbytes) before timing a load.
+def warm_imports(artifact: Any) -> None:
+    """Import what loading ``artifact`` (:func:`bittune.artifacts.resolve`) needs -- transformers, its model class,
+    PEFT, bitsandbytes -- before timing a load.
 
     Otherwise the first model measured in a process pays seconds of one-off imports in its load time.
     """
     import contextlib
 
-    from bittune.model import resolve_inference_source
-
-    base, _, task = resolve_inference_source(path)
+    base, task = artifact.base, artifact.task
     with contextlib.suppress(Exception):  # only a warm-up: the timed load reports any real problem
         from transformers import AutoConfig
         from transformers.models.auto import modeling_auto
@@ -62,8 +61,7 @@ def measure(
     """
     import torch
 
-    from bittune.inference import eval_batches
-    from bittune.training.evaluate import evaluate
+    from bittune.evaluation.core import token_metrics
     from bittune.training.memory import weights_footprint
 
     device = next(model.parameters()).device
@@ -84,7 +82,7 @@ def measure(
     if rows:
         _sync(device)
         t0 = time.perf_counter()
-        metrics = evaluate(model, eval_batches(rows, task, tokenizer, batch_size), task=task, device=device)
+        metrics = token_metrics(model, tokenizer, task, rows, batch_size=batch_size)
         _sync(device)
         elapsed = time.perf_counter() - t0
         tokens = sum(len(r["input_ids"]) for r in rows)

@@ -1,4 +1,11 @@
-"""What a post-training quantization does: one typed spec per method, and the CLI's (method, bits) -> spec mapping.
+"""The one quantization vocabulary: a typed spec per method, used by PTQ, by a QLoRA base and by QAT's grid.
+
+* ``bittune quantize`` / ``merge --into-quantized``: the CLI flags become a spec through :func:`spec_from_cli`;
+  the spec models validate them, and errors are named by flag (``--group-size 0: ...``).
+* ``quant:`` of a QLoRA config is a :class:`BnbSpec` (``{method: nf4, double_quant: true}``; ``llm-int8`` is the
+  8-bit base; ``compute_dtype`` picks the matmul dtype). The old spelling ``{bits: 4, type: nf4}`` is translated.
+* ``qat:`` trains on the ``int`` grid: its ``group_size``/``symmetric`` and the last stage's bits make the
+  :class:`IntSpec` that ``bittune quantize RUN`` applies (see :class:`bittune.sidecars.QatSettings`).
 
 Methods:
 
@@ -14,9 +21,9 @@ Methods:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from bittune.errors import ConfigError
 
@@ -26,6 +33,7 @@ GRID_METHODS = ("int", "hqq", "gptq")  # integer codes at 2..8 bits with group s
 # 3 and 2 bits: hqq, clearly ahead of round-to-nearest on MiniLM's genuine float32 weights (BENCHMARKS.md; on the
 # bundled SmolLM2, whose weights come from a 4-bit GGUF, round-to-nearest beats hqq and gptq beats both).
 DEFAULT_METHOD = {16: "fp16", 8: "llm-int8", 4: "nf4", 3: "hqq", 2: "hqq"}
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class _Spec(BaseModel):
@@ -36,10 +44,32 @@ class _Spec(BaseModel):
         raise NotImplementedError
 
 
-class CastSpec(_Spec):
+class _FixedBits(_Spec):
+    """A method whose bit-width follows from the method; ``bits`` is accepted on input when it agrees."""
+
+    @classmethod
+    def _bits_of(cls, method: str) -> int:
+        raise NotImplementedError
+
+    @model_validator(mode="before")
+    @classmethod
+    def _given_bits(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "bits" in raw and "method" in raw:
+            raw = dict(raw)
+            bits, fixed = raw.pop("bits"), cls._bits_of(raw["method"])
+            if bits != fixed:
+                raise ValueError(f"stores {fixed} bits, not {bits}")
+        return raw
+
+
+class CastSpec(_FixedBits):
     """Cast all weights to a 16-bit float type."""
 
     method: Literal["fp16", "bf16"] = "fp16"
+
+    @classmethod
+    def _bits_of(cls, method: str) -> int:
+        return 16
 
     @property
     def bits(self) -> int:
@@ -49,15 +79,39 @@ class CastSpec(_Spec):
         return self.method
 
 
-class BnbSpec(_Spec):
-    """bitsandbytes 4-bit (NF4/FP4) or 8-bit (LLM.int8) linear layers."""
+class BnbSpec(_FixedBits):
+    """bitsandbytes 4-bit (NF4/FP4) or 8-bit (LLM.int8) linear layers: a PTQ method and the QLoRA base alike."""
 
     method: Literal["nf4", "fp4", "llm-int8"] = "nf4"
-    double_quant: bool = Field(True, description="Quantize the 4-bit block scales too (4-bit only).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit block scales too (~0.37 bit/param; 4-bit only).")
+    compute_dtype: ComputeDtype = Field(
+        "auto", description="auto: float32 on CPU (bf16 is ~50x slower there), bf16 on a GPU that supports it."
+    )
+
+    @classmethod
+    def _bits_of(cls, method: str) -> int:
+        return 8 if method == "llm-int8" else 4
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_spelling(cls, raw: Any) -> Any:
+        """``{bits: 4|8, type: nf4|fp4, ...}`` (configs and ``bittune_quantization.json`` before the one vocabulary)."""
+        if not isinstance(raw, dict) or "method" in raw or not {"bits", "type"} & set(raw):
+            return raw
+        raw = dict(raw)
+        bits = raw.pop("bits", 4)
+        if bits == 8:
+            # The old files recorded every key, 4-bit defaults included ({bits: 8, type: nf4, double_quant: true}).
+            if raw.pop("type", "nf4") != "nf4" or raw.pop("double_quant", True) is not True:
+                raise ValueError("quant.type and quant.double_quant apply to 4-bit only; remove them for bits: 8")
+            return {"method": "llm-int8", **raw}
+        if bits != 4:
+            raise ValueError(f"bits {bits!r}: a bitsandbytes base has 4 or 8 bits (write method: nf4, fp4 or llm-int8)")
+        return {"method": raw.pop("type", "nf4"), **raw}
 
     @property
     def bits(self) -> int:
-        return 8 if self.method == "llm-int8" else 4
+        return self._bits_of(self.method)
 
     def label(self) -> str:
         if self.method == "llm-int8":
@@ -66,14 +120,22 @@ class BnbSpec(_Spec):
 
 
 class _GroupSpec(_Spec):
-    bits: int = Field(4, ge=2, le=8)
+    bits: int = Field(4, description="2..8 bits per weight.")
     group_size: int = Field(64, description="Columns per group; -1 = one group per row.")
 
-    @model_validator(mode="after")
-    def _group(self) -> _GroupSpec:
-        if self.group_size == 0 or self.group_size < -1:
-            raise ValueError(f"group_size must be a positive number of columns or -1 (per row), got {self.group_size}")
-        return self
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError("the integer grid (int, hqq, gptq) stores 2..8 bits")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("not a number of columns (a positive group size, or -1 for one group per row)")
+        return v
 
 
 class IntSpec(_GroupSpec):
@@ -102,7 +164,14 @@ class GptqSpec(_GroupSpec):
     method: Literal["gptq"] = "gptq"
     symmetric: bool = False
     act_order: bool = Field(True, description="Quantize input columns in decreasing order of their energy.")
-    calibration_tokens: int = Field(8192, ge=64, description="Tokens of calibration text to collect Hessians on.")
+    calibration_tokens: int = Field(8192, description="Tokens of calibration text to collect Hessians on (>= 64).")
+
+    @field_validator("calibration_tokens")
+    @classmethod
+    def _enough(cls, v: int) -> int:
+        if v < 64:
+            raise ValueError("too few to calibrate on (at least 64)")
+        return v
 
     def label(self) -> str:
         return f"gptq{self.bits}-g{self.group_size}{'-sym' if self.symmetric else ''}"
@@ -112,6 +181,22 @@ GridSpec = IntSpec | HqqSpec | GptqSpec  # stored as QuantizedLinear codes + flo
 Spec = CastSpec | BnbSpec | GridSpec
 QuantSpec = Annotated[Spec, Field(discriminator="method")]
 _ADAPTER: TypeAdapter[Spec] = TypeAdapter(QuantSpec)
+_MODEL_OF = {"fp16": CastSpec, "bf16": CastSpec, "nf4": BnbSpec, "fp4": BnbSpec, "llm-int8": BnbSpec,
+             "int": IntSpec, "hqq": HqqSpec, "gptq": GptqSpec}  # fmt: skip
+
+# The CLI flag of each spec field, and how to fix a bad value of it.
+FLAGS = {
+    "bits": "--bits",
+    "method": "--method",
+    "group_size": "--group-size",
+    "symmetric": "--symmetric",
+    "calibration_tokens": "--calib-tokens",
+}
+_FLAG_HINTS = {
+    "bits": "use --bits 2, 3, 4 or 8 (or --method fp16 for 16 bits)",
+    "group_size": "use a positive group size such as 32, 64 or 128 (or -1 for one group per row)",
+    "calibration_tokens": "use 2048 or more (default 8192)",
+}
 
 
 def spec_from_dict(raw: dict) -> Spec:
@@ -127,10 +212,13 @@ def spec_from_cli(
     symmetric: bool = False,
     calibration_tokens: int | None = None,
 ) -> Spec:
-    """The spec for ``bittune quantize --bits B [--method M] [--group-size G] [--symmetric]``.
+    """The spec for ``bittune quantize --bits B [--method M] [--group-size G] [--symmetric] [--calib-tokens N]``.
+
+    The flags given are validated by the spec models themselves; a problem is reported under its flag.
 
     Raises:
-        ConfigError: an unknown method, bits the method does not support, or a bad group size.
+        ConfigError: an unknown method, bits the method does not store, a flag the method does not take, or a
+            bad value.
     """
     if method is None:
         if bits not in DEFAULT_METHOD:
@@ -138,54 +226,43 @@ def spec_from_cli(
                 f"--bits {bits} is not supported", hint=f"use one of {', '.join(map(str, DEFAULT_METHOD))}"
             )
         method = DEFAULT_METHOD[bits]
-    if method not in METHODS:
-        raise ConfigError(f"unknown --method '{method}'", hint=f"use one of: {', '.join(METHODS)}")
-    fixed_bits = {"fp16": 16, "bf16": 16, "nf4": 4, "fp4": 4, "llm-int8": 8}
-    if method in fixed_bits and bits != fixed_bits[method]:
-        raise ConfigError(
-            f"--method {method} stores {fixed_bits[method]} bits, not --bits {bits}",
-            hint=f"use --bits {fixed_bits[method]} with {method}, or --method int|hqq|gptq for {bits} bits",
-        )
-    if method in GRID_METHODS and not 2 <= bits <= 8:
-        raise ConfigError(
-            f"--method {method} supports 2..8 bits, not --bits {bits}",
-            hint="use --bits 2, 3, 4 or 8 (or --method fp16 for 16 bits)",
-        )
-    if group_size is not None and method not in GRID_METHODS:
-        raise ConfigError(
-            f"--group-size applies to --method int|hqq|gptq, not {method}",
-            hint="drop --group-size (bitsandbytes uses 64)",
-        )
-    if symmetric and method not in ("int", "gptq"):
-        raise ConfigError(f"--symmetric applies to --method int|gptq, not {method}", hint="drop --symmetric")
-    if calibration_tokens is not None and method != "gptq":
-        raise ConfigError(
-            f"--calib-tokens applies to --method gptq, not {method}", hint="drop --calib-tokens, or use --method gptq"
-        )
-    if calibration_tokens is not None and calibration_tokens < 64:
-        raise ConfigError(
-            f"--calib-tokens {calibration_tokens} is too few to calibrate on", hint="use 2048 or more (default 8192)"
-        )
-    if group_size is not None and (group_size == 0 or group_size < -1):
-        raise ConfigError(
-            f"--group-size {group_size} is not a number of columns",
-            hint="use a positive group size such as 32, 64 or 128 (or -1 for one group per row)",
-        )
-    if method in ("fp16", "bf16"):
-        return CastSpec(method=method)
-    if method in ("nf4", "fp4", "llm-int8"):
-        return BnbSpec(method=method)
-    g = 64 if group_size is None else group_size
-    if method == "int":
-        return IntSpec(bits=bits, group_size=g, symmetric=symmetric)
-    if method == "gptq":
-        extra = {} if calibration_tokens is None else {"calibration_tokens": calibration_tokens}
-        return GptqSpec(bits=bits, group_size=g, symmetric=symmetric, **extra)
-    return HqqSpec(bits=bits, group_size=g)
+    raw: dict[str, Any] = {"method": method, "bits": bits}
+    if group_size is not None:
+        raw["group_size"] = group_size
+    if symmetric:
+        raw["symmetric"] = True
+    if calibration_tokens is not None:
+        raw["calibration_tokens"] = calibration_tokens
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise _flag_error(exc, raw) from None
+
+
+def _flag_error(exc: ValidationError, raw: dict[str, Any]) -> ConfigError:
+    """The first problem of ``exc`` in the words of the command line."""
+    err, method = exc.errors()[0], raw["method"]
+    if err["type"] == "union_tag_invalid":
+        return ConfigError(f"unknown --method '{method}'", hint=f"use one of: {', '.join(METHODS)}")
+    field = next((str(p) for p in reversed(err["loc"]) if p in FLAGS), None)
+    if err["type"] == "extra_forbidden" and field is not None:
+        takes = "|".join(m for m in METHODS if field in _MODEL_OF[m].model_fields)
+        hint = f"drop {FLAGS[field]}" + (" (bitsandbytes uses 64)" if field == "group_size" else "")
+        if field == "calibration_tokens":
+            hint += ", or use --method gptq"
+        return ConfigError(f"{FLAGS[field]} applies to --method {takes}, not {method}", hint=hint)
+    msg = err["msg"].removeprefix("Value error, ")
+    if field is not None:
+        return ConfigError(f"{FLAGS[field]} {raw[field]}: {msg}", hint=_FLAG_HINTS.get(field))
+    fixed = _MODEL_OF[method]._bits_of(method)  # a fixed-bit method given other --bits
+    return ConfigError(
+        f"--method {method} {msg}",
+        hint=f"use --bits {fixed} with {method}, or --method int|hqq|gptq for {raw['bits']} bits",
+    )
 
 
 def spec_for_source(
-    source: str,
+    source: Any,
     *,
     bits: int | None,
     method: str | None,
@@ -198,16 +275,16 @@ def spec_for_source(
     A run trained with ``qat:`` records in ``qat.json`` the bit-width, group size and zero-point mode its last
     stage trained at; quantizing with exactly those settings reproduces the numbers it evaluated, so that is
     what ``bittune quantize RUN_DIR`` does unless ``--bits/--method/--group-size/--symmetric`` say otherwise.
-    """
-    from bittune.quant.qat import read_qat_settings
 
-    qat = (
-        read_qat_settings(source)
-        if bits is None and method is None and group_size is None and not symmetric and calibration_tokens is None
-        else None
-    )
+    Args:
+        source: The resolved artifact (:func:`bittune.artifacts.resolve`) or its path.
+    """
+    from bittune.artifacts import as_artifact
+
+    asked = bits is not None or method is not None or group_size is not None or symmetric
+    qat = None if asked or calibration_tokens is not None else as_artifact(source).qat
     if qat is not None:
-        return IntSpec(bits=qat["bits"], group_size=qat["group_size"], symmetric=qat["symmetric"])
+        return qat.spec
     return spec_from_cli(
         bits=4 if bits is None else bits,
         method=method,

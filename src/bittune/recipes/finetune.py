@@ -1,33 +1,64 @@
 """The fine-tuning recipe: full or LoRA, causal-LM SFT or sequence classification.
 
-This file is the whole training loop, on purpose: read it top to bottom to know what a run does. It wires the
-components (config, data, model, optimizer, checkpoints, metrics) and owns no clever abstraction of its own.
+Read :func:`train` top to bottom: it is the whole run, as a list of named steps. One optimizer step is
+:func:`train_step`; the loop around it is :func:`train_loop`. Everything else is set up once before the loop:
 
-Flow: set seeds -> tokenize data -> [load the distillation teacher] -> load model (+ LoRA) [+ fake quantization]
--> [shard] -> AdamW + schedule -> [resume] -> loop over optimizer steps (each = ``grad_accum`` micro-batches whose
-losses are normalised by the step's total target tokens; QAT sets the stage's bit-width first) -> eval / checkpoint
-/ log [per-QAT-stage eval and checkpoint] -> save the adapter or model atomically.
+    preflight (bittune.preflight: every check, all problems at once; tokenizer and tokenized data)
+    -> setup_runtime (accelerator, seeds) -> setup_loss (plain loss, or distillation from a teacher)
+    -> setup_model (weights [k-bit], LoRA, [fake quantization]) -> setup_optimizer ([FSDP2], AdamW, schedule)
+    -> open_run_dir (lock) -> resume_state -> open_logs (metrics.jsonl, trackers, progress)
+    -> train_loop (train_step, eval, checkpoints) -> save_final (adapter/ or model/, summary.json)
 
-With N processes (``bittune train --nproc N`` or ``accelerate launch``) each global micro-batch of
-``batch_size * N`` rows is split across the processes, the target count is summed over all of them, and gradients
-are averaged by DDP / FSDP2 / DeepSpeed: N processes x batch b follow the loss curve of 1 process x batch N*b.
-Only rank 0 writes into the run directory.
+Three capabilities hook in as small named pieces, so that a reader of plain LoRA training can skip them:
+
+- QAT: :class:`bittune.training.qat_hook.QatHook` sets each step's bit-width and marks where a stage ends;
+- distillation: the step's loss function is a :class:`bittune.training.distill.DistillLoss` instead of a
+  :class:`bittune.training.loss.TaskLoss`;
+- several processes: :class:`bittune.training.distributed.Processes` sums targets and losses over processes,
+  synchronises gradients on a step's last micro-batch only and scales the loss against gradient averaging, so N
+  processes x batch b follow the loss curve of 1 process x batch N*b. Only rank 0 writes into the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bittune.config import RunConfig, dump_config
-from bittune.errors import BittuneError, ConfigError, NonFiniteError
+from bittune.errors import NonFiniteError
+from bittune.preflight import Checked, preflight
+from bittune.training.schedule import StepPlan, step_plan
 
-FINAL_DIRS = ("adapter", "model")
+if TYPE_CHECKING:
+    from bittune.training.checkpoint import CheckpointState, QatStageRecord
+
+__all__ = ["StepStats", "TrainResult", "stop_after", "train", "train_step"]
+
 MAX_SKIPS_IN_A_ROW = 10  # with on_nonfinite: skip, this many bad steps in a row means the run has diverged
+
+# Test seam (see stop_after): the optimizer step after which train() stops as if the process had been killed.
+_STOP_AFTER: ContextVar[int | None] = ContextVar("bittune_stop_after", default=None)
+
+
+@contextlib.contextmanager
+def stop_after(step: int) -> Iterator[None]:
+    """Inside this block, :func:`train` stops after optimizer step ``step`` as if the process were killed there.
+
+    Checkpoints written so far stay; nothing final is saved; the result has ``stopped_early``. For tests of
+    resume (an interrupted run resumed must equal an uninterrupted one bit for bit); not part of ``train()``.
+    """
+    token = _STOP_AFTER.set(step)
+    try:
+        yield
+    finally:
+        _STOP_AFTER.reset(token)
 
 
 @dataclass
@@ -41,217 +72,296 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def epoch_batches(
-    n_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
-) -> list[list[int]]:
-    """Row indices of this process's share of each micro-batch in ``epoch``.
+@dataclass
+class StepStats:
+    """What one optimizer step measured (summed over all processes).
 
-    The order is a fresh permutation per epoch derived from (seed, epoch) alone, which lets a resumed run rebuild
-    the exact remaining batches from the position stored in the checkpoint. It is cut into global micro-batches
-    of ``batch_size * world`` rows, and each process takes its own contiguous part (possibly empty in a short
-    last batch), so no row is seen twice and none is skipped.
+    Attributes:
+        loss: The step's loss: its summed loss over its target count (tokens or rows).
+        grad_norm: The gradient norm before clipping.
+        lr: The learning rate the update used.
+        tokens: Input tokens (not padding) the step processed.
+        task_loss: Distillation only: the task-loss part of ``loss``.
+        nonfinite: ``"loss"`` or ``"grad_norm"`` when that was NaN/inf: the update was not applied.
     """
-    import torch
 
-    from bittune.training.distributed import shard_of_batch
-
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    step = batch_size * world
-    return [shard_of_batch(order[i : i + step], rank, world) for i in range(0, n_rows, step)]
-
-
-def prepare_run_data(cfg: RunConfig, tokenizer: Any) -> Any:
-    """Read and tokenize the data a run config names (``bittune.data.prepare_data`` with its settings)."""
-    from bittune.data import prepare_data
-
-    d = cfg.data
-    return prepare_data(
-        train=d.train,
-        eval=d.eval,
-        eval_fraction=d.eval_fraction,
-        fmt=d.format,
-        template=d.template,
-        max_length=d.max_length,
-        packing=d.packing,
-        train_on_prompt=d.train_on_prompt,
-        system_prompt=d.system_prompt,
-        columns=d.columns,
-        split=d.split,
-        max_rows=d.max_rows,
-        tokenizer=tokenizer,
-        task=cfg.model.task,
-        seed=cfg.train.seed,
-    )
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: float
+    task_loss: float | None = None
+    nonfinite: str | None = None
 
 
-def _check_output_dir(run_dir: Path, resume: bool) -> None:
-    if not run_dir.exists():
-        return
-    from bittune.training.runlock import RunLock
+def train_step(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    batches: list[dict[str, Any]],
+    *,
+    loss_fn: Any,
+    device: Any,
+    max_grad_norm: float | None,
+    params: list[Any] | None = None,
+    procs: Any = None,
+    weights: list[float] | None = None,
+) -> StepStats:
+    """One optimizer step over ``batches`` (``grad_accum`` micro-batches): forward, backward, clip, update.
 
-    RunLock(run_dir).check()  # another live job: refuse now, before loading anything
-    if resume:
-        return
-    held = [n for n in ("checkpoints", *FINAL_DIRS, "metrics.jsonl") if (run_dir / n).exists()]
-    if held:
-        raise ConfigError(
-            f"output_dir {run_dir} already holds a run ({', '.join(held)})",
-            hint="pass --resume to continue it, or choose a new output_dir (bittune never overwrites a run)",
-        )
+    Each micro-batch's loss is its *sum* over targets divided by the targets of the whole step, so that
+    accumulating k micro-batches gives exactly the gradient of one k times larger batch. A NaN/inf loss or
+    gradient would poison the weights: the update is skipped and :attr:`StepStats.nonfinite` says why (the caller
+    decides whether to stop).
+
+    Args:
+        batches: Collated micro-batches (``bittune.data.make_collator``).
+        loss_fn: :class:`bittune.training.loss.TaskLoss` (or ``DistillLoss``): ``loss_fn(logits, labels, inputs)``
+            returns the summed loss and its task part; ``loss_fn.targets(labels)`` counts the loss terms.
+        params: The trainable parameters (default: those of ``model``).
+        procs: :class:`bittune.training.distributed.Processes`; default plain PyTorch in one process.
+        weights: Several processes only: 0.0 marks a placeholder micro-batch (this process has no rows of a short
+            last batch but must run the collectives); default all 1.0.
+    """
+    from bittune.training.distributed import OneProcess
+    from bittune.training.evaluate import model_inputs
+
+    procs = procs or OneProcess()
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    weights = weights or [1.0] * len(batches)
+    targets = procs.total(sum(w * loss_fn.targets(b["labels"]) for w, b in zip(weights, batches)))
+    tokens = procs.total(sum(w * count_tokens(b) for w, b in zip(weights, batches)))
+    step_loss, task_loss = 0.0, None  # task_loss: the task part of a loss with other parts (distillation)
+    for i, (weight, batch) in enumerate(zip(weights, batches)):
+        with procs.accumulating(model, last=i == len(batches) - 1):
+            inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
+            with procs.autocast():
+                logits = model(**inputs).logits
+            total, task = loss_fn(logits, labels, inputs)
+            loss = total / targets
+            if weight != 1.0:
+                loss = loss * weight
+            procs.backward(loss)
+        step_loss += loss.item()
+        if task is not None:
+            task_loss = (task_loss or 0.0) + weight * task.item() / targets
+    step_loss = procs.total(step_loss)
+    grad_norm = procs.grad_norm(params, max_grad_norm, model)
+    lr = scheduler.get_last_lr()[0]
+    nonfinite = "loss" if not math.isfinite(step_loss) else "grad_norm" if not math.isfinite(grad_norm) else None
+    if nonfinite is None:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    task_loss = procs.total(task_loss) if task_loss is not None else None
+    return StepStats(step_loss, grad_norm, lr, tokens, task_loss, nonfinite)
 
 
-def train(
-    cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None = None, progress: bool = True
-) -> TrainResult:
+def count_tokens(batch: dict[str, Any]) -> int:
+    """Input tokens of a collated batch that are not padding."""
+    return int(batch.get("attention_mask", batch["input_ids"]).ne(0).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Run the fine-tuning recipe described by ``cfg``.
 
     Args:
         cfg: A validated run config.
         resume: Continue from the latest complete checkpoint in ``cfg.output_dir``.
-        stop_after_step: Stop after this optimizer step as if the process had been killed (no final save).
-            Used to test that resuming reproduces an uninterrupted run bit for bit.
         progress: Show a progress bar / progress lines.
 
     Returns:
         Where the run's outputs are and its final metrics.
+
+    Raises:
+        BittuneError: every problem preflight finds (all at once), or a failure while training.
     """
-    from bittune.training.runlock import RunLock
-
-    lock = RunLock(Path(cfg.output_dir))
-    try:
-        return _train(cfg, lock, resume=resume, stop_after_step=stop_after_step, progress=progress)
-    finally:
-        lock.release()  # on errors too; a killed process leaves a lock that the next job finds stale
-
-
-def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | None, progress: bool) -> TrainResult:
-    """The body of :func:`train`; ``lock`` is taken once the run directory is created."""
     from transformers import set_seed
 
-    from bittune.data import make_collator
-    from bittune.model import (
-        QUANT_FILE,
-        attach_lora,
-        bnb_config,
-        check_lora_targets,
-        count_parameters,
-        load_model,
-        load_tokenizer,
-        prepare_kbit_base,
-        resolve_compute_dtype,
-        resolve_device,
-        resolve_dtype,
-        resolve_mixed_precision,
-    )
-    from bittune.quant.qat import QAT_FILE, BitSchedule, attach_fake_quant, qat_settings, remove_fake_quant
-    from bittune.tracking import Trackers, redact
+    # The run's random stream starts here, before preflight (whose meta-device LoRA check draws from it), so a
+    # seed gives the same LoRA initialisation and dropout masks as it always did.
+    set_seed(cfg.train.seed)
+    checked = preflight(cfg, resume=resume)  # every check, all problems at once; tokenizes the data once
+    checked.raise_problems()
+    with contextlib.ExitStack() as stack:  # lock, logs, trackers and progress bar: released on every way out
+        rt = setup_runtime(cfg, checked)
+        data, collate = setup_data(cfg, checked)
+        plan = step_plan(cfg, len(data.train), rt.world)  # how many steps; QAT: the bits of each
+        loss_fn = setup_loss(cfg, rt)  # the teacher (distillation) loads before the student: same RNG draws
+        model, qat, sizes = setup_model(cfg, checked, rt, plan)
+        if cfg.distill is not None:
+            loss_fn.check_student(model, cfg.distill.teacher)
+        model, optimizer, scheduler, params = setup_optimizer(cfg, model, plan, rt)
+        run_dir = open_run_dir(cfg, rt, stack)
+        state = resume_state(cfg, checked, rt, plan, model, optimizer, scheduler)
+        log = open_logs(cfg, rt, stack, state, plan, resume=resume, label_names=data.label_names, progress=progress)
+        run = Run(cfg, rt, data, collate, checked.tokenizer, plan, model, optimizer, scheduler, params, loss_fn,
+                  qat, sizes, log, run_dir)  # fmt: skip
+        log.note(_start_note(run))
+        if train_loop(run, state):  # stopped by the test seam
+            return TrainResult(run_dir=run_dir, final_dir=None, steps=state.step, stopped_early=True)
+        return save_final(run, state)
+
+
+@dataclass
+class Runtime:
+    """Where and how the run computes: the accelerator (device, autocast, processes) and its settings."""
+
+    accelerator: Any
+    mixed_precision: str
+    strategy: str
+    ds_config: dict[str, Any] | None
+    procs: Any  # bittune.training.distributed.Processes
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class RunState:
+    """Where the run stands. What a checkpoint keeps of it is ``state.json`` (:class:`CheckpointState`)."""
+
+    global_batch: int
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in ``epoch``
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    qat_stages: list[QatStageRecord] = field(default_factory=list)
+    last_eval: dict[str, float] = field(default_factory=dict)  # not saved: the latest eval's metrics
+    skipped_in_a_row: int = 0  # not saved: updates skipped for a NaN/inf (train.on_nonfinite: skip)
+
+    def advance(self, index: int, steps_in_epoch: int) -> None:
+        """Step ``index`` of the epoch is done."""
+        self.step, self.step_in_epoch = self.step + 1, index + 1
+        if index + 1 == steps_in_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def record_eval(self, result: dict[str, float]) -> None:
+        if self.best_eval_loss is None or result["eval_loss"] < self.best_eval_loss:
+            self.best_eval_loss, self.best_step = result["eval_loss"], self.step
+
+    def checkpoint(self) -> CheckpointState:
+        from bittune.training.checkpoint import CheckpointState
+
+        keys = ("step", "epoch", "step_in_epoch", "best_eval_loss", "best_step", "global_batch")
+        return CheckpointState(**{k: getattr(self, k) for k in keys}, qat_stages=list(self.qat_stages))
+
+    @classmethod
+    def from_checkpoint(cls, saved: CheckpointState, global_batch: int) -> RunState:
+        """The state a checkpoint restores (preflight checked that its global batch is this run's)."""
+        keys = ("step", "epoch", "step_in_epoch", "best_eval_loss", "best_step")
+        return cls(global_batch, **{k: getattr(saved, k) for k in keys}, qat_stages=list(saved.qat_stages))
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, set up once by :func:`train`."""
+
+    cfg: RunConfig
+    rt: Runtime
+    data: Any  # bittune.data.PreparedData
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    tokenizer: Any
+    plan: StepPlan
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    params: list[Any]
+    loss_fn: Any
+    qat: Any  # bittune.training.qat_hook.QatHook | None
+    sizes: dict[str, Any]  # trainable / total parameters, weights footprint by dtype
+    log: RunLog
+    run_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def setup_runtime(cfg: RunConfig, checked: Checked) -> Runtime:
+    """The accelerator on the device preflight chose (DDP/DeepSpeed processes when launched with several)."""
     from bittune.training import distributed as dist
-    from bittune.training.checkpoint import (
-        atomic_dir,
-        atomic_write_text,
-        capture_rng,
-        list_checkpoints,
-        load_checkpoint,
-        prune_checkpoints,
-        save_checkpoint,
-        sweep_stale_temp,
-        verify_checkpoint_files,
-    )
-    from bittune.training.distill import check_output_size, distillation_loss_sum, load_teacher, teacher_logits
-    from bittune.training.evaluate import count_targets, evaluate, model_inputs
-    from bittune.training.loss import loss_sum
-    from bittune.training.memory import peak_memory_mb, reset_peak, weights_footprint
-    from bittune.training.metrics import MetricsLog, truncate_after
-    from bittune.training.optim import build_optimizer, build_scheduler, check_optimizer_device
-    from bittune.training.progress import ProgressReporter
 
-    tcfg, task, full = cfg.train, cfg.model.task, cfg.method in ("full", "qat")
-    run_dir = Path(cfg.output_dir)
-    _check_output_dir(run_dir, resume)
-    if resume and any((run_dir / d).is_dir() for d in FINAL_DIRS):
-        raise BittuneError(f"the run in {run_dir} has already finished", hint="start a new run with another output_dir")
-
-    # --- device, precision, processes, seeds ----------------------------------------------------------------
-    device = resolve_device(tcfg.device)
-    check_optimizer_device(tcfg.optimizer, device)  # refuse before minutes of loading
-    mixed_precision = resolve_mixed_precision(tcfg.mixed_precision, device)
-    strategy = cfg.distributed.strategy
+    t, strategy = cfg.train, cfg.distributed.strategy
     ds_config = None
     if strategy == "deepspeed":
         ds_config = dist.deepspeed_config(
             zero_stage=cfg.distributed.zero_stage,
-            grad_accum=tcfg.grad_accum,
-            micro_batch=tcfg.batch_size,
-            max_grad_norm=tcfg.max_grad_norm,
-            mixed_precision=mixed_precision,
+            grad_accum=t.grad_accum,
+            micro_batch=t.batch_size,
+            max_grad_norm=t.max_grad_norm,
+            mixed_precision=checked.mixed_precision,
             offload=cfg.distributed.offload,
         )
     accelerator = dist.make_accelerator(
-        strategy=strategy, device=device, mixed_precision=mixed_precision, ds_config=ds_config
+        strategy=strategy, device=checked.device, mixed_precision=checked.mixed_precision, ds_config=ds_config
     )
-    device = accelerator.device
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    set_seed(tcfg.seed)
+    procs = dist.Processes(accelerator, strategy, t.grad_accum)
+    return Runtime(accelerator, checked.mixed_precision, strategy, ds_config, procs)
 
-    # --- data ---------------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    data = prepare_run_data(cfg, tokenizer)
-    if not data.train:
-        raise BittuneError(f"no training rows left in {cfg.data.train} after tokenization")
-    label_names = data.label_names
-    if task == "classification" and cfg.model.num_labels and cfg.model.num_labels != len(label_names or []):
-        raise ConfigError(
-            f"model.num_labels is {cfg.model.num_labels} but the data has {len(label_names or [])} labels "
-            f"({', '.join(label_names or [])})",
-            hint="remove model.num_labels (it is read from the data) or fix the labels",
-        )
-    collate = make_collator(task, tokenizer.pad_token_id, data.packed)
 
-    # --- cheap checks, before minutes of loading weights -----------------------------------------------------
-    if not full:
-        check_lora_targets(
-            cfg.model.path,
-            task=task,
-            target_modules=cfg.lora.target_modules,
-            num_labels=len(label_names or []) or 2,
-            trust_remote_code=cfg.model.trust_remote_code,
-            revision=cfg.model.revision,
-        )
-    if resume and (ckpts := list_checkpoints(run_dir / "checkpoints")):
-        verify_checkpoint_files(ckpts[-1])
+def setup_data(cfg: RunConfig, checked: Checked) -> tuple[Any, Callable]:
+    """The rows preflight tokenized, and the function that batches them."""
+    from bittune.data import make_collator
 
-    # --- distillation teacher (frozen, eval mode; its tokenizer is checked before its weights are read) -----
-    dcfg, teacher = cfg.distill, None
-    if dcfg is not None:
-        teacher = load_teacher(
-            dcfg.teacher,
-            student_tokenizer=tokenizer,
-            task=task,
-            label_names=label_names,
-            device=device,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+    return checked.data, make_collator(cfg.model.task, checked.tokenizer.pad_token_id, checked.data.packed)
 
-    # --- model --------------------------------------------------------------------------------------------
-    quantization, qcfg = None, cfg.quant
-    if qcfg is not None:  # method: qlora -- the frozen base is stored in 4 or 8 bits by bitsandbytes
-        quantization = bnb_config(
-            bits=qcfg.bits,
-            quant_type=qcfg.type,
-            double_quant=qcfg.double_quant,
-            compute_dtype=resolve_compute_dtype(qcfg.compute_dtype, device),
-        )
+
+def setup_loss(cfg: RunConfig, rt: Runtime) -> Any:
+    """The step's loss: the task's own, or with ``distill:`` a frozen teacher's outputs as a second target."""
+    from bittune.training.loss import TaskLoss
+
+    task, d = cfg.model.task, cfg.distill
+    if d is None:
+        return TaskLoss(task)
+    from bittune.training.distill import DistillLoss, load_teacher
+
+    # Its tokenizer, task and labels were checked by preflight; here only its weights load (frozen, eval mode).
+    teacher = load_teacher(d.teacher, device=rt.device, trust_remote_code=cfg.model.trust_remote_code)
+    return DistillLoss(task, teacher, temperature=d.temperature, alpha=d.alpha, autocast=rt.accelerator.autocast)
+
+
+def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the model to train: weights (k-bit for QLoRA), LoRA adapters, fake quantization for QAT.
+
+    Returns:
+        (model, QatHook or None, sizes: trainable/total parameters and the weights' bytes by dtype)
+    """
+    from bittune.model import attach_lora, count_parameters, load_model, prepare_kbit_base, resolve_dtype
+    from bittune.quant.api import bnb_config
+    from bittune.training.memory import weights_footprint
+
+    t, m, lora, q = cfg.train, cfg.model, cfg.lora, cfg.quant
+    # method: qlora -- the frozen base is stored in 4 or 8 bits by bitsandbytes
+    quantization = bnb_config(q, rt.device) if q is not None else None
     model = load_model(
-        cfg.model.path,
-        task=task,
-        dtype=resolve_dtype(cfg.model.dtype, device, trainable_base=full),
-        label_names=label_names,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-        attn_implementation=cfg.model.attn_implementation,
-        pad_token_id=tokenizer.pad_token_id,
+        m.path,
+        task=m.task,
+        dtype=resolve_dtype(m.dtype, rt.device, trainable_base=lora is None),
+        label_names=checked.data.label_names,
+        trust_remote_code=m.trust_remote_code,
+        revision=m.revision,
+        attn_implementation=m.attn_implementation,
+        pad_token_id=checked.tokenizer.pad_token_id,
         quantization=quantization,
-        device=device,
+        device=rt.device,
     )
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     if quantization is not None:
@@ -259,379 +369,408 @@ def _train(cfg: RunConfig, lock: Any, *, resume: bool, stop_after_step: int | No
 
         # bitsandbytes warns on every 8-bit matmul that it casts its input; once per run says nothing new.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        model = prepare_kbit_base(model, gradient_checkpointing=tcfg.gradient_checkpointing)
-    elif tcfg.gradient_checkpointing:
+        model = prepare_kbit_base(model, gradient_checkpointing=t.gradient_checkpointing)
+    elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not full:
+    if lora is not None:
         model = attach_lora(
-            model,
-            task=task,
-            r=cfg.lora.r,
-            alpha=cfg.lora.alpha,
-            dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            bias=cfg.lora.bias,
-            modules_to_save=cfg.lora.modules_to_save,
-        )
-    qat, fake_quant = cfg.qat, None
-    if qat is not None:
-        # After LoRA, so that the merged weight W + BA is what gets fake-quantized (see quant/qat.py).
-        fake_quant = attach_fake_quant(model, bits=qat.schedule[0], group_size=qat.group_size, symmetric=qat.symmetric)
-    if teacher is not None and task == "causal-lm":
-        check_output_size(model, teacher, dcfg.teacher)
-    trainable, total = count_parameters(model)
-    footprint = weights_footprint(model)
-    if dist.sharded(strategy, accelerator):  # FSDP2 shards in place, before the optimizer takes the parameters
-        model = dist.shard_model(model, reshard_after_forward=cfg.distributed.reshard_after_forward)
+            model, task=m.task, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+            bias=lora.bias, modules_to_save=lora.modules_to_save,
+        )  # fmt: skip
+    qat = None
+    if cfg.qat is not None:
+        from bittune.training.qat_hook import QatHook
 
-    # --- schedule -----------------------------------------------------------------------------------------
-    global_batch = tcfg.batch_size * world  # rows per micro-batch over all processes
-    micro_per_epoch = math.ceil(len(data.train) / global_batch)
-    steps_per_epoch = math.ceil(micro_per_epoch / tcfg.grad_accum)
-    stage_steps = qat.explicit_steps() if qat is not None else None
-    total_steps = tcfg.max_steps or (sum(stage_steps) if stage_steps else tcfg.epochs * steps_per_epoch)
-    stages = None
-    if qat is not None:  # which bit-width each step trains at; the loop sets it from the global step
-        try:
-            stages = BitSchedule.build(qat.schedule, stage_steps, total_steps)
-        except ValueError as exc:
-            raise ConfigError(f"qat.schedule: {exc}", hint="use fewer stages or more steps") from None
-    warmup = tcfg.warmup_steps or int(tcfg.warmup_ratio * total_steps)
+        qat = QatHook.attach(model, cfg.qat, plan.stages)  # after LoRA: W + BA is what gets fake-quantized
+    trainable, total = count_parameters(model)
+    return model, qat, {"trainable": trainable, "total": total, "footprint": weights_footprint(model)}
+
+
+def setup_optimizer(cfg: RunConfig, model: Any, plan: StepPlan, rt: Runtime) -> tuple[Any, Any, Any, list[Any]]:
+    """AdamW (or a bitsandbytes variant) and the learning-rate schedule; the model wrapped for its processes.
+
+    Returns:
+        (model, optimizer, scheduler, trainable parameters)
+    """
+    from bittune.training import distributed as dist
+    from bittune.training.optim import build_optimizer, build_scheduler
+
+    t = cfg.train
+    if dist.sharded(rt.strategy, rt.accelerator):  # FSDP2 shards in place, before the optimizer takes the parameters
+        model = dist.shard_model(model, reshard_after_forward=cfg.distributed.reshard_after_forward)
     optimizer = build_optimizer(
         model,
-        lr=tcfg.lr,
-        weight_decay=tcfg.weight_decay,
-        betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-        eps=tcfg.adam_eps,
-        name=tcfg.optimizer,
-        device=device,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        name=t.optimizer,
+        device=rt.device,
     )
-    scheduler = build_scheduler(optimizer, kind=tcfg.scheduler, warmup_steps=warmup, total_steps=total_steps)
-    if not dist.sharded(strategy, accelerator):  # DDP / DeepSpeed wrap here; one process: device placement only
-        model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    warmup = t.warmup_steps or int(t.warmup_ratio * plan.total_steps)
+    scheduler = build_scheduler(optimizer, kind=t.scheduler, warmup_steps=warmup, total_steps=plan.total_steps)
+    if not dist.sharded(rt.strategy, rt.accelerator):  # DDP / DeepSpeed wrap here; one process: device placement
+        model, optimizer = rt.accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler, [p for p in model.parameters() if p.requires_grad]
 
-    # --- run directory and resume (rank 0 writes; the others wait for it) ---------------------------------
-    ckpt_root = run_dir / "checkpoints"
-    if main:
+
+def open_run_dir(cfg: RunConfig, rt: Runtime, stack: contextlib.ExitStack) -> Path:
+    """Take the run directory (rank 0): created, locked for this job, cleared of what killed jobs left behind."""
+    from bittune.storage import sweep_stale_temp
+    from bittune.training.runlock import RunLock
+
+    run_dir = Path(cfg.output_dir)
+    lock = RunLock(run_dir)
+    stack.callback(lock.release)  # on errors too; a killed process leaves a lock that the next job finds stale
+    if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-        for folder in (run_dir, ckpt_root):  # half-written folders of a killed job: never trusted, now removed
+        for folder in (run_dir, run_dir / "checkpoints"):  # half-written folders are never trusted: removed now
             sweep_stale_temp(folder)
-    accelerator.wait_for_everyone()
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "step_in_epoch": 0,
-        "best_eval_loss": None,
-        "best_step": None,
-        "global_batch": global_batch,
-        "qat_stages": [],  # per finished QAT stage: its bits, last step and eval metrics
-    }
-    if resume and (ckpts := list_checkpoints(ckpt_root)):
-        state = load_checkpoint(
-            ckpts[-1], model=model, full=full, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator
-        )
-        # The data position counts global micro-batches: it means the same rows only for the same global batch.
-        saved = state.setdefault("global_batch", tcfg.batch_size)
-        if saved != global_batch:
-            raise ConfigError(
-                f"{ckpts[-1]} was written with {saved} rows per micro-batch over all processes, and this run has "
-                f"{tcfg.batch_size} x {world} process(es) = {global_batch}",
-                hint=f"resume with train.batch_size x processes = {saved} (e.g. --set train.batch_size="
-                f"{max(1, saved // world)} with {world} process(es), if it divides)",
-            )
-        state.setdefault("qat_stages", [])
-    if main:
-        if resume:
-            truncate_after(run_dir / "metrics.jsonl", state["step"])
+    rt.accelerator.wait_for_everyone()
+    return run_dir
+
+
+def resume_state(
+    cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan, model: Any, optimizer: Any, scheduler: Any
+) -> RunState:
+    """Step 0, or (``--resume``) the latest complete checkpoint: weights, optimizer, schedule, RNG, data position."""
+    if checked.resume_from is None:
+        return RunState(plan.global_batch)
+    from bittune.training import checkpoint
+
+    saved = checkpoint.load_checkpoint(
+        checked.resume_from,
+        model=model,
+        full=cfg.lora is None,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        accelerator=rt.accelerator,
+    )
+    return RunState.from_checkpoint(saved, plan.global_batch)
+
+
+class RunLog:
+    """Where the run reports: ``metrics.jsonl`` and the trackers (rank 0 only), and the progress bar."""
+
+    def __init__(self, metrics: Any, trackers: Any, bar: Any) -> None:
+        self.metrics, self.trackers, self.bar = metrics, trackers, bar
+
+    def log(self, record: dict[str, Any]) -> None:
+        """A metrics record: metrics.jsonl always, the trackers when configured."""
+        if self.metrics is not None:
+            self.metrics.log(record)
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def note(self, text: str) -> None:
+        self.bar.note(text)
+
+
+def open_logs(
+    cfg: RunConfig,
+    rt: Runtime,
+    stack: contextlib.ExitStack,
+    state: RunState,
+    plan: StepPlan,
+    *,
+    resume: bool,
+    label_names: list[str] | None,
+    progress: bool,
+) -> RunLog:
+    """Write the run's description (run_config.yaml, labels) and open metrics.jsonl, trackers and progress."""
+    from bittune.storage import atomic_write_text
+    from bittune.tracking import Trackers, redact
+    from bittune.training.metrics import MetricsLog, truncate_after
+    from bittune.training.progress import ProgressReporter
+
+    run_dir, metrics, trackers = Path(cfg.output_dir), None, None
+    logged_through = 0  # steps the trackers already received before an interruption
+    if rt.main:
+        if resume:  # records an interrupted run logged after its checkpoint are dropped
+            logged_through = truncate_after(run_dir / "metrics.jsonl", state.step)
         atomic_write_text(run_dir / "run_config.yaml", redact(dump_config(cfg)))
-        if ds_config is not None:
-            atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=2))
+        if rt.ds_config is not None:
+            atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(rt.ds_config, indent=2))
         if label_names:
             atomic_write_text(run_dir / "labels.json", json.dumps(label_names))
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if main else None
-    trackers = None
-    if main and cfg.tracking.backends:
-        trk = cfg.tracking
-        trackers = Trackers(
-            trk.backends,
-            project=trk.project,
-            run_name=trk.run_name or run_dir.resolve().name,
-            run_dir=run_dir,
-            tracking_dir=Path(trk.dir) if trk.dir else run_dir / "tracking",
-            wandb_mode=trk.wandb_mode,
-            mlflow_tracking_uri=trk.mlflow_tracking_uri,
-            resume=resume,
-        )
-        trackers.start(cfg.model_dump(mode="json"))
+        metrics = MetricsLog(run_dir / "metrics.jsonl")
+        stack.callback(metrics.close)
+        if cfg.tracking.backends:
+            trk = cfg.tracking
+            trackers = Trackers(
+                trk.backends,
+                project=trk.project,
+                run_name=trk.run_name or run_dir.resolve().name,
+                run_dir=run_dir,
+                tracking_dir=Path(trk.dir) if trk.dir else run_dir / "tracking",
+                wandb_mode=trk.wandb_mode,
+                mlflow_tracking_uri=trk.mlflow_tracking_uri,
+                resume=resume,
+                logged_through=logged_through,
+            )
+            trackers.start(cfg.model_dump(mode="json"))
+            stack.callback(trackers.finish)
+    bar = ProgressReporter(plan.total_steps, state.step, progress and rt.main)
+    stack.callback(bar.close)
+    return RunLog(metrics, trackers, bar)
 
-    def log(record: dict[str, Any]) -> None:
-        """A metrics record: metrics.jsonl always, the trackers when configured; rank 0 only."""
-        if metrics is not None:
-            metrics.log(record)
-        if trackers is not None:
-            trackers.log(record)
 
-    def close_logs() -> None:
-        if metrics is not None:
-            metrics.close()
-        if trackers is not None:
-            trackers.finish()
-
-    eval_bs = tcfg.eval_batch_size or tcfg.batch_size
-
-    def eval_batches():
-        for i in range(0, len(data.eval), eval_bs):
-            yield collate(data.eval[i : i + eval_bs])
-
-    def run_eval(step: int, **extra: Any) -> dict[str, float]:
-        if not data.eval:
-            return {}
-        # Every process evaluates all rows (FSDP2 needs all of them in each forward); the results are identical.
-        result = evaluate(model, eval_batches(), task=task, device=device, autocast=accelerator.autocast)
-        log({"step": step, **extra, **result})
-        if state["best_eval_loss"] is None or result["eval_loss"] < state["best_eval_loss"]:
-            state["best_eval_loss"], state["best_step"] = result["eval_loss"], step
-        return result
-
-    bar = ProgressReporter(total_steps, state["step"], progress and main)
-    procs = f"{world} processes ({strategy}) x " if world > 1 else ""
-    bar.note(
-        f"bittune: {cfg.method} {task} on {device.type} ({mixed_precision} mixed precision), "
-        f"{trainable:,} of {total:,} parameters trainable; {len(data.train)} train / {len(data.eval)} eval rows; "
-        f"{total_steps} steps of {procs}{tcfg.batch_size}x{tcfg.grad_accum}"
-        + (f"; QAT {stages.bits} bits, stages ending at steps {stages.ends}" if stages else "")
-        + (f"; distilling from {dcfg.teacher}" if dcfg else "")
+def _start_note(run: Run) -> str:
+    cfg, rt, t, data = run.cfg, run.rt, run.cfg.train, run.data
+    procs = f"{rt.world} processes ({rt.strategy}) x " if rt.world > 1 else ""
+    text = (
+        f"bittune: {cfg.method} {cfg.model.task} on {rt.device.type} ({rt.mixed_precision} mixed precision), "
+        f"{run.sizes['trainable']:,} of {run.sizes['total']:,} parameters trainable; {len(data.train)} train / "
+        f"{len(data.eval)} eval rows; {run.plan.total_steps} steps of {procs}{t.batch_size}x{t.grad_accum}"
+        + (run.qat.note() if run.qat is not None else "")
+        + (f"; distilling from {cfg.distill.teacher}" if cfg.distill else "")
     )
     for split, st in data.stats.items():
         if st.truncated or st.dropped:
-            bar.note(f"  {split}: {st.truncated} rows truncated to {cfg.data.max_length} tokens, {st.dropped} dropped")
+            text += f"\n  {split}: {st.truncated} rows truncated to {cfg.data.max_length} tokens, {st.dropped} dropped"
+    return text
 
-    # --- the loop -----------------------------------------------------------------------------------------
-    reset_peak(device)
-    model.train()
-    step, epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-    last_eval: dict[str, float] = {}
-    stopped = False
-    skipped_in_a_row = 0
-    t_start = time.perf_counter()
-    steps_this_session = 0
-    while step < total_steps and not stopped:
-        micro = epoch_batches(len(data.train), tcfg.batch_size, tcfg.seed, epoch, rank, world)
-        groups = [micro[i : i + tcfg.grad_accum] for i in range(0, len(micro), tcfg.grad_accum)]
-        for group_index in range(start_in_epoch, len(groups)):
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop(run: Run, state: RunState) -> bool:
+    """Optimizer steps from ``state`` to the plan's last one, with evals and checkpoints on the way.
+
+    The rows of an epoch come in an order derived from (seed, epoch) alone, so a resumed run rebuilds exactly the
+    batches it had left (see :func:`bittune.training.schedule.epoch_batches`).
+
+    Returns:
+        False when the run reached its last step; True when the test seam :func:`stop_after` stopped it.
+    """
+    from bittune.training.memory import peak_memory_mb, reset_peak
+    from bittune.training.schedule import epoch_steps
+
+    t, rt, total = run.cfg.train, run.rt, run.plan.total_steps
+    stop_at = _STOP_AFTER.get()
+    reset_peak(rt.device)
+    run.model.train()
+    t_start, steps_this_session = time.perf_counter(), 0
+    while state.step < total:
+        epoch = state.epoch
+        steps = epoch_steps(len(run.data.train), t.batch_size, t.grad_accum, t.seed, epoch, rt.rank, rt.world)
+        for index in range(state.step_in_epoch, len(steps)):
             t0 = time.perf_counter()
-            if stages is not None:  # from the global step alone, so a resumed run lands in the right stage
-                fake_quant.set_bits(stages.bits_at(step))
-            # A process without rows in a short last batch still runs a forward/backward (the collectives need
-            # every process), on row 0 with weight 0.
-            weights = [1.0 if idx else 0.0 for idx in groups[group_index]]
-            batches = [collate([data.train[i] for i in idx or [0]]) for idx in groups[group_index]]
-            # Normalise by the targets of the whole step over all processes, so accumulation and N processes
-            # equal one big batch. DDP/FSDP2 average gradients over processes: multiply by N to get the sum back.
-            n_targets = dist.all_sum(
-                accelerator, sum(w * count_targets(task, b["labels"]) for w, b in zip(weights, batches))
-            )
-            mask = [b.get("attention_mask", b["input_ids"]) for b in batches]
-            n_tokens = dist.all_sum(accelerator, sum(w * int(m.ne(0).sum()) for w, m in zip(weights, mask)))
-            scale = world * (tcfg.grad_accum if strategy == "deepspeed" else 1)  # DeepSpeed also divides by grad_accum
-            step_loss = step_task_loss = 0.0
-            for i, (w, batch) in enumerate(zip(weights, batches)):
-                with dist.gradient_sync(model, accelerator, strategy, sync=i == len(batches) - 1):
-                    inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
-                    with accelerator.autocast():
-                        logits = model(**inputs).logits
-                        t_logits = teacher_logits(teacher, inputs) if teacher is not None else None
-                    if teacher is None:
-                        loss = loss_sum(task, logits, labels) / n_targets
-                    else:
-                        total_sum, task_sum = distillation_loss_sum(
-                            task, logits, t_logits, labels, temperature=dcfg.temperature, alpha=dcfg.alpha
-                        )
-                        loss = total_sum / n_targets
-                        step_task_loss += w * task_sum.item() / n_targets
-                    if not w:
-                        loss = loss * 0.0
-                    accelerator.backward(loss * scale if scale != 1 else loss)
-                step_loss += loss.item()
-            step_loss = dist.all_sum(accelerator, step_loss)
-            if teacher is not None:
-                step_task_loss = dist.all_sum(accelerator, step_task_loss)
-            grad_norm = dist.grad_norm(params, tcfg.max_grad_norm, accelerator, model)
-            lr = scheduler.get_last_lr()[0]
-            # A NaN/inf loss or gradient would poison the weights and every later checkpoint: stop with the last
-            # good checkpoint on disk, or (train.on_nonfinite: skip) drop this step's update and go on.
-            bad = "loss" if not math.isfinite(step_loss) else "grad_norm" if not math.isfinite(grad_norm) else None
-            if bad is None:
-                optimizer.step()
-                skipped_in_a_row = 0
-            else:
-                skipped_in_a_row += 1
-                where = f"step {step + 1} (epoch {epoch}, batch group {group_index})"
-                kept = list_checkpoints(ckpt_root)
-                last_good = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
-                # DeepSpeed has already stepped inside backward: it can only stop.
-                if tcfg.on_nonfinite == "stop" or skipped_in_a_row >= MAX_SKIPS_IN_A_ROW or strategy == "deepspeed":
-                    log({"step": step + 1, "nonfinite": bad, "action": "stop"})
-                    close_logs()
-                    bar.close()
-                    lock.release()
-                    raise NonFiniteError(
-                        f"non-finite {bad} ({step_loss if bad == 'loss' else grad_norm}) at {where}; {last_good}",
-                        hint="lower train.lr, set train.max_grad_norm, check the data rows of that step, "
-                        "or set train.on_nonfinite: skip",
-                    )
-                log({"step": step + 1, "nonfinite": bad, "action": "skipped"})
-                bar.note(f"skipped the update of {where}: non-finite {bad}")
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_this_session += 1
-            state.update(step=step, epoch=epoch, step_in_epoch=group_index + 1)
-            if group_index + 1 == len(groups):
-                state.update(epoch=epoch + 1, step_in_epoch=0)
-
-            dt = time.perf_counter() - t0
-            elapsed = time.perf_counter() - t_start
-            eta = elapsed / steps_this_session * (total_steps - step)
-            if step % tcfg.log_every == 0 or step == total_steps:
-                log(
-                    {
-                        "step": step,
-                        "epoch": epoch + (group_index + 1) / len(groups),
-                        "loss": step_loss,
-                        **({"task_loss": step_task_loss} if teacher is not None else {}),
-                        **({"qat_bits": fake_quant.bits} if fake_quant is not None else {}),
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": n_tokens / dt,
-                        "elapsed_s": round(elapsed, 3),
-                        **peak_memory_mb(device),
-                    }
-                )
-            bar.update(step, f"loss {step_loss:.4f}  {n_tokens / dt:,.0f} tok/s", eta)
-            # The end of a QAT stage (not the last) gets an eval at the stage's own bits and a checkpoint pruning keeps.
-            stage_done = stages.ends_stage(step) if stages is not None and step < total_steps else None
-            if stage_done is not None or (tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps):
-                tags = {"qat_stage": stage_done, "qat_bits": fake_quant.bits} if stage_done is not None else {}
-                last_eval = run_eval(step, **tags)
-                if last_eval:
-                    bar.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            if stage_done is not None:
-                record = {"stage": stage_done, "bits": fake_quant.bits, "end_step": step, "loss": step_loss}
-                state["qat_stages"].append({**record, **last_eval})
-            periodic = bool(tcfg.save_every) and step % tcfg.save_every == 0
-            if (periodic or stage_done is not None) and step < total_steps:
-                # Gathering full tensors is a collective: every process takes part, rank 0 writes.
-                tensors = dist.full_weights(model, trainable_only=not full, accelerator=accelerator)
-                opt_state = dist.full_optimizer_state(model, optimizer, accelerator)
-                rngs = dist.gather_rng_states(accelerator, capture_rng())
-                if main:
-                    save_checkpoint(
-                        ckpt_root / f"step-{step}",
-                        tensors=tensors,
-                        optimizer_state=opt_state,
-                        scheduler=scheduler,
-                        state=dict(state),
-                        rng_states=rngs,
-                    )
-                    keep = {f"step-{state['best_step']}"} if state["best_step"] else set()
-                    keep |= {f"step-{s['end_step']}" for s in state["qat_stages"]}
-                    prune_checkpoints(ckpt_root, tcfg.keep_last, keep=keep)
-                accelerator.wait_for_everyone()
-            if stop_after_step is not None and step >= stop_after_step and step < total_steps:
-                stopped = True
-                break
-            if step >= total_steps:
-                break
-        epoch, start_in_epoch = state["epoch"], state["step_in_epoch"]
-    bar.close()
-
-    if stopped:
-        close_logs()
-        lock.release()
-        return TrainResult(run_dir=run_dir, final_dir=None, steps=step, stopped_early=True)
-
-    # --- final eval and save ------------------------------------------------------------------------------
-    qat_final: dict[str, Any] = {}
-    if stages is not None:  # the last stage ends with the run; its eval is the final eval
-        fake_quant.set_bits(stages.bits[-1])
-        qat_final = {"qat_stage": len(stages.bits) - 1, "qat_bits": stages.bits[-1]}
-    last_eval = run_eval(step, **qat_final) or last_eval
-    if stages is not None:
-        state["qat_stages"].append({"stage": qat_final["qat_stage"], "bits": stages.bits[-1], "end_step": step,
-                                    **last_eval})  # fmt: skip
-    unwrapped = accelerator.unwrap_model(model)
-    final_dir = run_dir / ("model" if full else "adapter")
-    if fake_quant is not None:
-        # Save the latent float weights (and adapter) under their usual names: quantizing them to the final
-        # bit-width (qat.json) reproduces exactly what the last stage trained and evaluated.
-        remove_fake_quant(unwrapped)
-    # Sharded weights are gathered into full tensors first (a collective); one process saves the model's own.
-    full_state = dist.final_state_dict(model, accelerator, strategy) if world > 1 else None
-
-    def write_final(tmp: Path) -> None:
-        unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if label_names:
-            (tmp / "labels.json").write_text(json.dumps(label_names))
-        if qcfg is not None:
-            (tmp / QUANT_FILE).write_text(json.dumps(qcfg.model_dump()))
-        if stages is not None:
-            settings = qat_settings(
-                bits=stages.bits[-1], group_size=qat.group_size, symmetric=qat.symmetric, method=qat.method,
-                schedule=stages,
+            if run.qat is not None:
+                run.qat.before_step(state.step)
+            # A process without rows in a short last batch still runs forward/backward (the collectives need every
+            # process), on row 0 with weight 0.
+            weights = [1.0 if rows else 0.0 for rows in steps[index]]
+            batches = [run.collate([run.data.train[i] for i in rows or [0]]) for rows in steps[index]]
+            stats = train_step(
+                run.model, run.optimizer, run.scheduler, batches, loss_fn=run.loss_fn, device=rt.device,
+                max_grad_norm=t.max_grad_norm, params=run.params, procs=rt.procs, weights=weights,
             )  # fmt: skip
-            (tmp / QAT_FILE).write_text(json.dumps(settings, indent=2))
+            if stats.nonfinite is not None:
+                _on_nonfinite(run, state, stats, f"step {state.step + 1} (epoch {epoch}, batch group {index})")
+            else:
+                state.skipped_in_a_row = 0
+            state.advance(index, len(steps))
+            steps_this_session += 1
+            dt, elapsed = time.perf_counter() - t0, time.perf_counter() - t_start
+            if state.step % t.log_every == 0 or state.step == total:
+                record: dict[str, Any] = {"step": state.step, "epoch": epoch + (index + 1) / len(steps)}
+                record["loss"] = stats.loss
+                if stats.task_loss is not None:
+                    record["task_loss"] = stats.task_loss
+                if run.qat is not None:
+                    record["qat_bits"] = run.qat.bits
+                record.update(lr=stats.lr, grad_norm=stats.grad_norm, tokens_per_s=stats.tokens / dt)
+                run.log.log({**record, "elapsed_s": round(elapsed, 3), **peak_memory_mb(rt.device)})
+            eta = elapsed / steps_this_session * (total - state.step)
+            run.log.bar.update(state.step, f"loss {stats.loss:.4f}  {stats.tokens / dt:,.0f} tok/s", eta)
+            stage_done = run.qat.stage_ended(state.step, total) if run.qat is not None else None
+            maybe_evaluate(run, state, stage_done, stats.loss)
+            maybe_checkpoint(run, state, stage_done)
+            if stop_at is not None and stop_at <= state.step < total:
+                return True
+            if state.step >= total:
+                break
+    run.log.bar.close()
+    return False
 
-    if not full and Path(cfg.model.path).exists():
+
+def _on_nonfinite(run: Run, state: RunState, stats: StepStats, where: str) -> None:
+    """A NaN/inf loss or gradient: stop with the last good checkpoint on disk, or (on_nonfinite: skip) go on."""
+    from bittune.training.checkpoint import list_checkpoints
+
+    t, bad = run.cfg.train, stats.nonfinite
+    state.skipped_in_a_row += 1
+    kept = list_checkpoints(run.run_dir / "checkpoints")
+    last_good = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+    # DeepSpeed has already stepped inside backward: it can only stop.
+    if t.on_nonfinite == "stop" or state.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW or run.rt.strategy == "deepspeed":
+        run.log.log({"step": state.step + 1, "nonfinite": bad, "action": "stop"})
+        raise NonFiniteError(
+            f"non-finite {bad} ({stats.loss if bad == 'loss' else stats.grad_norm}) at {where}; {last_good}",
+            hint="lower train.lr, set train.max_grad_norm, check the data rows of that step, "
+            "or set train.on_nonfinite: skip",
+        )
+    run.log.log({"step": state.step + 1, "nonfinite": bad, "action": "skipped"})
+    run.log.note(f"skipped the update of {where}: non-finite {bad}")
+
+
+def run_eval(run: Run, state: RunState, **tags: Any) -> dict[str, float]:
+    """Evaluate on the eval rows (logged with ``tags``), keeping the best eval loss; {} without eval data."""
+    from bittune.training.evaluate import evaluate
+
+    data, rt = run.data, run.rt
+    if not data.eval:
+        return {}
+    bs = run.cfg.train.eval_batch_size or run.cfg.train.batch_size
+    batches = (run.collate(data.eval[i : i + bs]) for i in range(0, len(data.eval), bs))
+    # Every process evaluates all rows (FSDP2 needs all of them in each forward); the results are identical.
+    result = evaluate(run.model, batches, task=run.cfg.model.task, device=rt.device, autocast=rt.accelerator.autocast)
+    run.log.log({"step": state.step, **tags, **result})
+    state.record_eval(result)
+    return result
+
+
+def maybe_evaluate(run: Run, state: RunState, stage_done: int | None, loss: float) -> None:
+    """Eval every ``train.eval_every`` steps, and (QAT) at the end of a stage, at that stage's bits."""
+    t, step = run.cfg.train, state.step
+    periodic = bool(t.eval_every) and step % t.eval_every == 0 and step < run.plan.total_steps
+    if stage_done is None and not periodic:
+        return
+    state.last_eval = run_eval(run, state, **(run.qat.eval_tags(stage_done) if stage_done is not None else {}))
+    if state.last_eval:
+        run.log.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in state.last_eval.items()))
+    if stage_done is not None:
+        state.qat_stages.append(run.qat.record(stage_done, step, loss, state.last_eval))
+
+
+def maybe_checkpoint(run: Run, state: RunState, stage_done: int | None) -> None:
+    """A checkpoint every ``train.save_every`` steps and (QAT) at a stage's end; pruned to ``train.keep_last``.
+
+    The best eval's checkpoint and the QAT stages' are kept beyond ``keep_last``. Gathering full tensors is a
+    collective: every process takes part, rank 0 writes.
+    """
+    from bittune.training import distributed as dist
+    from bittune.training.checkpoint import capture_rng, prune_checkpoints, save_checkpoint
+
+    t, rt, step = run.cfg.train, run.rt, state.step
+    periodic = bool(t.save_every) and step % t.save_every == 0
+    if not (periodic or stage_done is not None) or step >= run.plan.total_steps:
+        return
+    tensors = dist.full_weights(run.model, trainable_only=run.cfg.lora is not None, accelerator=rt.accelerator)
+    opt_state = dist.full_optimizer_state(run.model, run.optimizer, rt.accelerator)
+    rngs = dist.gather_rng_states(rt.accelerator, capture_rng())
+    if rt.main:
+        ckpt_root = run.run_dir / "checkpoints"
+        save_checkpoint(
+            ckpt_root / f"step-{step}",
+            tensors=tensors,
+            optimizer_state=opt_state,
+            scheduler=run.scheduler,
+            state=state.checkpoint(),
+            rng_states=rngs,
+        )
+        keep = {f"step-{state.best_step}"} if state.best_step else set()
+        keep |= {f"step-{s.end_step}" for s in state.qat_stages}
+        prune_checkpoints(ckpt_root, t.keep_last, keep=keep)
+    rt.accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The end
+
+
+def save_final(run: Run, state: RunState) -> TrainResult:
+    """Final eval; ``summary.json``, then ``adapter/`` (PEFT layout) or ``model/`` with the tokenizer, atomically."""
+    from bittune.storage import atomic_dir, atomic_write_text
+
+    cfg, rt = run.cfg, run.rt
+    tags = run.qat.finish() if run.qat is not None else {}  # QAT: the last stage ends with the run
+    state.last_eval = run_eval(run, state, **tags) or state.last_eval
+    if run.qat is not None:
+        state.qat_stages.append(run.qat.record(tags["qat_stage"], state.step, None, state.last_eval))
+    unwrapped = rt.accelerator.unwrap_model(run.model)
+    final_dir = run.run_dir / ("model" if cfg.lora is None else "adapter")
+    if run.qat is not None:
+        # The latent float weights (and adapter) under their usual names: quantizing them to the final bit-width
+        # (qat.json) reproduces exactly what the last stage trained and evaluated.
+        run.qat.detach(unwrapped)
+    # Sharded weights are gathered into full tensors first (a collective); one process saves the model's own.
+    full_state = None
+    if rt.world > 1:
+        from bittune.training.distributed import final_state_dict
+
+        full_state = final_state_dict(run.model, rt.accelerator, rt.strategy)
+    if cfg.lora is not None and Path(cfg.model.path).exists():
         # An absolute base path keeps the adapter loadable from any working directory.
         unwrapped.peft_config["default"].base_model_name_or_path = str(Path(cfg.model.path).resolve())
-    summary = {
-        "steps": step,
+    summary = _summary(run, state, final_dir)
+    if not rt.main:
+        rt.accelerator.wait_for_everyone()
+        return TrainResult(run_dir=run.run_dir, final_dir=final_dir, final_metrics=summary, steps=state.step)
+    # summary.json first: a kill between the two leaves no adapter/, so --resume finishes the run again.
+    atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_dir(final_dir, lambda tmp: _write_final(run, unwrapped, full_state, tmp))
+    run.log.note(_done_note(summary, state))
+    rt.accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run.run_dir, final_dir=final_dir, final_metrics=summary, steps=state.step)
+
+
+def _write_final(run: Run, unwrapped: Any, full_state: dict[str, Any] | None, tmp: Path) -> None:
+    from bittune.sidecars import write_labels, write_qat_settings, write_training_quant
+
+    unwrapped.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
+    run.tokenizer.save_pretrained(tmp)
+    if run.data.label_names:
+        write_labels(tmp, run.data.label_names)
+    if run.cfg.quant is not None:  # how the QLoRA base was quantized: loading must do the same
+        write_training_quant(tmp, run.cfg.quant)
+    if run.qat is not None:
+        write_qat_settings(tmp, run.qat.settings())
+
+
+def _summary(run: Run, state: RunState, final_dir: Path) -> dict[str, Any]:
+    """``summary.json``: steps, sizes, memory, data statistics, best and final eval."""
+    from bittune.training.memory import peak_memory_mb
+
+    cfg, data, footprint = run.cfg, run.data, run.sizes["footprint"]
+    summary: dict[str, Any] = {
+        "steps": state.step,
         "method": cfg.method,
-        "task": task,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        "task": cfg.model.task,
+        "trainable_parameters": run.sizes["trainable"],
+        "total_parameters": run.sizes["total"],
         "memory": {
-            **peak_memory_mb(device),
+            **peak_memory_mb(run.rt.device),
             "weights_mb_by_dtype": {k: round(v / 2**20, 2) for k, v in footprint.items()},
             "weights_mb": round(sum(footprint.values()) / 2**20, 2),
         },
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
         "data": {k: vars(v) for k, v in data.stats.items()},
-        "best_eval_loss": state["best_eval_loss"],
-        "best_step": state["best_step"],
-        **(
-            {"qat": {"schedule": list(stages.bits), "stage_ends": list(stages.ends), "stages": state["qat_stages"]}}
-            if stages is not None
-            else {}
-        ),
-        **({"distill": dcfg.model_dump()} if dcfg is not None else {}),
-        "final_dir": str(final_dir),
-        **last_eval,
+        "best_eval_loss": state.best_eval_loss,
+        "best_step": state.best_step,
     }
-    if world > 1:
-        summary["processes"] = {"count": world, "strategy": strategy}
-    if not main:
-        accelerator.wait_for_everyone()
-        return TrainResult(run_dir=run_dir, final_dir=final_dir, final_metrics=summary, steps=step)
-    # summary.json first: a kill between the two leaves no adapter/, so --resume finishes the run again.
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    atomic_dir(final_dir, write_final)
-    close_logs()
+    if run.qat is not None:
+        summary["qat"] = run.qat.summary(state.qat_stages)
+    if cfg.distill is not None:
+        summary["distill"] = cfg.distill.model_dump()
+    summary.update(final_dir=str(final_dir), **state.last_eval)
+    if run.rt.world > 1:
+        summary["processes"] = {"count": run.rt.world, "strategy": run.rt.strategy}
+    return summary
+
+
+def _done_note(summary: dict[str, Any], state: RunState) -> str:
     mem = summary["memory"]
     peak = mem.get("peak_cuda_allocated_mb", mem["peak_rss_mb"])
-    bar.note(
-        f"done: {step} steps; outputs in {final_dir}"
-        + ("".join(f", {k} {v:.4f}" for k, v in last_eval.items()) if last_eval else "")
+    return (
+        f"done: {state.step} steps; outputs in {summary['final_dir']}"
+        + ("".join(f", {k} {v:.4f}" for k, v in state.last_eval.items()) if state.last_eval else "")
         + f"\n  memory: peak {'CUDA allocated' if 'peak_cuda_allocated_mb' in mem else 'RSS'} {peak:,.0f} MB; "
         + f"weights {mem['weights_mb']:,.1f} MB ("
         + ", ".join(f"{k} {v:,.1f}" for k, v in mem["weights_mb_by_dtype"].items())
-        + f"); {trainable:,} trainable parameters"
+        + f"); {summary['trainable_parameters']:,} trainable parameters"
     )
-    lock.release()
-    accelerator.wait_for_everyone()
-    return TrainResult(run_dir=run_dir, final_dir=final_dir, final_metrics=summary, steps=step)

@@ -18,88 +18,84 @@ Layout of ``checkpoints/step-N/``::
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bittune.errors import CheckpointError, StorageError
+from bittune.errors import CheckpointError
+from bittune.storage import atomic_dir, is_complete, remove_dir
 
-COMPLETE = "COMPLETE"
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (the rename itself) to disk where the OS allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+STATE_FILE = "state.json"
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+class QatStageRecord(BaseModel):
+    """One finished QAT stage: its bits, its last step, the loss of that step and the eval at its bits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: int
+    bits: int
+    end_step: int
+    loss: float | None = None  # the last stage ends with the run: its record has the final eval only
+    eval_loss: float | None = None
+    eval_perplexity: float | None = None
+    eval_accuracy: float | None = None
+    eval_f1_macro: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as written to ``state.json`` and ``summary.json`` (metrics that were not measured left out)."""
+        return self.model_dump(exclude_none=True)
 
 
-def atomic_dir(final: Path, write: Callable[[Path], None], *, marker: bool = True) -> Path:
-    """Create directory ``final`` atomically: ``write(tmp)`` fills a temp dir that is then renamed into place.
+class CheckpointState(BaseModel):
+    """``state.json``: where the loop stands, so a resumed run rebuilds the exact remaining batches.
 
-    An existing ``final`` is replaced only after the new one is complete. ``marker=False`` leaves out the
-    ``COMPLETE`` file, for folders handed to other tools (an HF export uploaded to the Hub).
+    Files written by earlier versions load as they are: ``global_batch`` (added with multi-process support) and
+    ``qat_stages`` (added with QAT) may be missing.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps (groups of grad_accum global micro-batches) done in ``epoch``
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    # Rows per micro-batch over all processes; the data position means the same rows only for the same value.
+    # None: written before multi-process support, by one process, so train.batch_size rows.
+    global_batch: int | None = None
+    qat_stages: list[QatStageRecord] = []
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {**self.model_dump(exclude={"qat_stages"}), "qat_stages": [s.as_dict() for s in self.qat_stages]},
+            indent=2,
+        )
+
+
+def read_state(path: Path) -> CheckpointState:
+    """A checkpoint's ``state.json``, checked against :class:`CheckpointState`.
+
+    Raises:
+        CheckpointError: when it is unreadable or holds unknown or mistyped fields.
+    """
+    file = Path(path) / STATE_FILE
     try:
-        write(tmp)
-        if marker:
-            (tmp / COMPLETE).write_text("ok\n")
-        _fsync_tree(tmp)
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)  # a kill here leaves only a hidden .old-* folder
+        # json.loads, not pydantic's parser: a diverged run may have logged NaN, which only Python's JSON reads.
+        return CheckpointState.model_validate(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:  # ValidationError and JSONDecodeError are ValueErrors
+        if isinstance(exc, ValidationError):
+            what = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in exc.errors()[:3])
         else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StorageError(
-            f"could not write {final}: {exc.strerror or exc}",
-            hint="free disk space (or fix permissions) and run again; the previous complete state is untouched",
+            what = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({STATE_FILE}: {what})",
+            hint="delete that step folder and resume again: the previous checkpoint is used",
         ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so readers see the old or the new content, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -139,7 +135,7 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     scheduler: Any,
-    state: dict[str, Any],
+    state: CheckpointState,
     rng_states: list[dict[str, Any]],
 ) -> Path:
     """Write a complete checkpoint to ``path`` atomically (see module docstring).
@@ -159,13 +155,9 @@ def save_checkpoint(
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         for rank, rng in enumerate(rng_states):
             torch.save(rng, tmp / ("rng.pt" if rank == 0 else f"rng-rank{rank}.pt"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        (tmp / STATE_FILE).write_text(state.to_json())
 
     return atomic_dir(path, write)
-
-
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file() and (path / "state.json").is_file()
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -174,7 +166,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
         return []
     found = []
     for p in ckpt_root.iterdir():
-        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and is_complete(p):
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and is_complete(p, STATE_FILE):
             found.append(p)
     return sorted(found, key=lambda p: int(p.name[5:]))
 
@@ -189,7 +181,7 @@ def verify_checkpoint_files(path: Path) -> None:
 
     from safetensors import SafetensorError, safe_open
 
-    if not is_complete(path):
+    if not is_complete(path, STATE_FILE):
         raise CheckpointError(f"checkpoint {path} is incomplete", hint="delete it; resume uses the previous one")
     try:
         with safe_open(path / "weights.safetensors", framework="pt") as f:
@@ -197,13 +189,13 @@ def verify_checkpoint_files(path: Path) -> None:
         for archive in [path / "optimizer.pt", *sorted(path.glob("rng*.pt"))]:
             with zipfile.ZipFile(archive) as z:  # torch.save writes a zip whose index sits at the end
                 z.infolist()
-        for name in ("scheduler.json", "state.json"):
-            json.loads((path / name).read_text())
+        json.loads((path / "scheduler.json").read_text())
     except (OSError, SafetensorError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc})",
             hint="delete that step folder and resume again: the previous checkpoint is used",
         ) from None
+    read_state(path)
 
 
 def load_checkpoint(
@@ -214,7 +206,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     accelerator: Any,
-) -> dict[str, Any]:
+) -> CheckpointState:
     """Restore weights, optimizer, scheduler and RNG from ``path``; returns its ``state.json``.
 
     Works for a plain, DDP or FSDP2 model, whatever number of processes wrote the checkpoint: each process reads
@@ -226,8 +218,9 @@ def load_checkpoint(
 
     from bittune.training.distributed import load_full_state
 
-    if not is_complete(path):
+    if not is_complete(path, STATE_FILE):
         raise CheckpointError(f"checkpoint {path} is incomplete", hint="delete it; resume uses the previous one")
+    state = read_state(path)
     rank = accelerator.process_index
     rng_file = path / f"rng-rank{rank}.pt"
     try:
@@ -235,7 +228,6 @@ def load_checkpoint(
         opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         rng = torch.load(rng_file if rank and rng_file.is_file() else path / "rng.pt", weights_only=True)
         sched_state = json.loads((path / "scheduler.json").read_text())
-        state = json.loads((path / "state.json").read_text())
     except (OSError, SafetensorError, RuntimeError, ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc})",
@@ -254,26 +246,6 @@ def load_checkpoint(
     scheduler.load_state_dict(sched_state)
     restore_rng(rng)
     return state
-
-
-def remove_dir(path: Path) -> None:
-    """Delete a directory so that a kill midway never leaves a half-deleted folder under its real name.
-
-    The folder is first renamed to a hidden ``.del-*`` name (one atomic step), then deleted; leftovers of a kill
-    are swept by :func:`sweep_stale_temp` on the next start.
-    """
-    doomed = path.parent / f".del-{path.name}-{os.getpid()}"
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def sweep_stale_temp(folder: Path) -> None:
-    """Remove ``.tmp-*``/``.old-*``/``.del-*`` folders left by killed jobs. Call only while holding the run lock."""
-    if not folder.is_dir():
-        return
-    for p in folder.iterdir():
-        if p.is_dir() and p.name.startswith((".tmp-", ".old-", ".del-")):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int, keep: set[str] = frozenset()) -> None:

@@ -16,7 +16,6 @@ student step (no backward), which is cheaper than that disk.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,46 +99,101 @@ def check_same_tokenizer(student: Any, teacher: Any, teacher_path: str) -> None:
             )
 
 
+def check_teacher(
+    path: str, *, student_tokenizer: Any, task: str, label_names: list[str] | None, trust_remote_code: bool = False
+) -> None:
+    """Refuse a teacher that cannot teach this student, reading no weights.
+
+    Its task must be the student's; its tokenizer must map tokens to the same ids (see
+    :func:`check_same_tokenizer`); a classifier's label names must be the student's, in order.
+
+    Raises:
+        ConfigError: on a task, tokenizer or label mismatch.
+        ModelLoadError: when ``path`` is no model (or an unfinished run).
+    """
+    from bittune.artifacts import label_names_of, load_tokenizer_of, resolve
+
+    artifact = resolve(path)
+    if artifact.task != task:
+        raise ConfigError(
+            f"distill.teacher {path} is a {artifact.task} model but the student is trained for {task}",
+            hint="use a teacher trained for the same task (for a classifier: a run or folder with its head)",
+        )
+    teacher_tokenizer = load_tokenizer_of(artifact, trust_remote_code=trust_remote_code)
+    check_same_tokenizer(student_tokenizer, teacher_tokenizer, path)
+    if task == "classification" and label_names is not None:
+        names = label_names_of(artifact, trust_remote_code=trust_remote_code)
+        if names != list(label_names):
+            raise ConfigError(
+                f"distill.teacher {path} predicts the labels {names}, the student's data has {list(label_names)}",
+                hint="distill from a classifier trained on the same label set",
+            )
+
+
 def load_teacher(
     path: str,
     *,
-    student_tokenizer: Any,
-    task: str,
-    label_names: list[str] | None,
     device: torch.device,
     trust_remote_code: bool = False,
+    student_tokenizer: Any = None,
+    task: str | None = None,
+    label_names: list[str] | None = None,
 ) -> torch.nn.Module:
     """Load a frozen teacher (model folder, adapter folder, run directory or hub id) in eval mode on ``device``.
 
-    The tokenizer is checked before any weights are read; the task and, for classifiers, the label names (in
-    order) must match the student's too.
+    With ``student_tokenizer`` and ``task``, :func:`check_teacher` runs first (training runs it in preflight).
 
     Raises:
         ConfigError: on a tokenizer, task or label mismatch.
         ModelLoadError: when the teacher cannot be loaded.
     """
-    from bittune.model import load_for_inference, load_tokenizer, resolve_inference_source
+    from bittune.artifacts import load
 
-    base, adapter, teacher_task = resolve_inference_source(path)
-    if teacher_task != task:
-        raise ConfigError(
-            f"distill.teacher {path} is a {teacher_task} model but the student is trained for {task}",
-            hint="use a teacher trained for the same task (for a classifier: a run or folder with its head)",
-        )
-    tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
-    check_same_tokenizer(student_tokenizer, load_tokenizer(tok_source, trust_remote_code=trust_remote_code), path)
-    teacher, _, _ = load_for_inference(path, device=device.type, trust_remote_code=trust_remote_code)
-    if task == "classification":
-        cfg = teacher.config
-        names = [cfg.id2label[i] for i in range(cfg.num_labels)]
-        if label_names is not None and names != list(label_names):
-            raise ConfigError(
-                f"distill.teacher {path} predicts the labels {names}, the student's data has {list(label_names)}",
-                hint="distill from a classifier trained on the same label set",
-            )
+    if student_tokenizer is not None and task is not None:
+        check_teacher(
+            path, student_tokenizer=student_tokenizer, task=task, label_names=label_names,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    teacher = load(path, device=device.type, trust_remote_code=trust_remote_code).model
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
+
+
+class DistillLoss:
+    """The step's loss with a teacher: :func:`distillation_loss_sum` of the student's and the teacher's logits.
+
+    Called like :class:`bittune.training.loss.TaskLoss`; returns ``(total_sum, task_sum)``. The teacher's forward
+    runs under the same autocast as the student's, without gradients.
+    """
+
+    def __init__(
+        self, task: str, teacher: torch.nn.Module, *, temperature: float, alpha: float, autocast: Any = None
+    ) -> None:
+        import contextlib
+
+        self.task, self.teacher = task, teacher
+        self.temperature, self.alpha = temperature, alpha
+        self.autocast = autocast or contextlib.nullcontext
+
+    def targets(self, labels: torch.Tensor) -> int:
+        from bittune.data.collate import count_targets
+
+        return count_targets(self.task, labels)
+
+    def check_student(self, student: torch.nn.Module, teacher_path: str) -> None:
+        """Refuse a causal-LM student whose logits cover another vocabulary than the teacher's."""
+        if self.task == "causal-lm":
+            check_output_size(student, self.teacher, teacher_path)
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            t_logits = teacher_logits(self.teacher, inputs)
+        return distillation_loss_sum(
+            self.task, logits, t_logits, labels, temperature=self.temperature, alpha=self.alpha
+        )
 
 
 def check_output_size(student: torch.nn.Module, teacher: torch.nn.Module, teacher_path: str) -> None:

@@ -62,6 +62,22 @@ def deepspeed_config(
     }
 
 
+def check_deepspeed(device: torch.device) -> None:
+    """Refuse DeepSpeed where it cannot run: off CUDA, or without the deepspeed package."""
+    if device.type != "cuda":
+        raise ConfigError(
+            "distributed.strategy deepspeed needs CUDA GPUs, and this run is on the CPU",
+            hint="use distributed.strategy fsdp (sharded, runs on CPU with gloo) or ddp",
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "distributed.strategy deepspeed needs the deepspeed package, which is not installed",
+            hint="pip install deepspeed (on the CUDA machine), or use distributed.strategy fsdp",
+        )
+
+
 def make_accelerator(
     *,
     strategy: str,
@@ -74,18 +90,7 @@ def make_accelerator(
 
     kwargs: dict[str, Any] = {"cpu": device.type == "cpu", "mixed_precision": mixed_precision}
     if strategy == "deepspeed":
-        if device.type != "cuda":
-            raise ConfigError(
-                "distributed.strategy deepspeed needs CUDA GPUs, and this run is on the CPU",
-                hint="use distributed.strategy fsdp (sharded, runs on CPU with gloo) or ddp",
-            )
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                "distributed.strategy deepspeed needs the deepspeed package, which is not installed",
-                hint="pip install deepspeed (on the CUDA machine), or use distributed.strategy fsdp",
-            )
+        check_deepspeed(device)
         from accelerate.utils import DeepSpeedPlugin
 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
@@ -163,6 +168,63 @@ def grad_norm(params: list[torch.Tensor], max_norm: float | None, accelerator: A
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the norm over all shards
         norm = norm.full_tensor()
     return float(norm)
+
+
+class Processes:
+    """What one training step does differently when several processes share it; with one, nearly nothing.
+
+    The step calls these by name, so a reader of the one-process step can skip them: targets and losses summed
+    over processes (:meth:`total`), gradients synchronised only on a step's last micro-batch
+    (:meth:`accumulating`), the loss scaled back up against DDP/FSDP2's gradient averaging (:meth:`backward`),
+    and the gradient norm over all shards (:meth:`grad_norm`). ``accelerator`` also brings autocast and fp16 loss
+    scaling, which one process on a GPU needs too.
+    """
+
+    def __init__(self, accelerator: Any, strategy: str = "ddp", grad_accum: int = 1) -> None:
+        self.accelerator, self.strategy = accelerator, strategy
+        world = accelerator.num_processes
+        # DDP / FSDP2 average gradients over processes: multiply by N to get the sum back. DeepSpeed also divides
+        # by its gradient_accumulation_steps.
+        self.scale = world * (grad_accum if strategy == "deepspeed" else 1)
+
+    def total(self, value: float) -> float:
+        """``value`` summed over all processes (a collective; the value itself in one process)."""
+        return all_sum(self.accelerator, value)
+
+    def accumulating(self, model: Any, *, last: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-batch: skip the gradient all-reduce unless it is the step's ``last``."""
+        return gradient_sync(model, self.accelerator, self.strategy, sync=last)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss * self.scale if self.scale != 1 else loss)
+
+    def grad_norm(self, params: list[torch.Tensor], max_norm: float | None, model: Any) -> float:
+        """The gradient norm over all processes and shards, clipped to ``max_norm`` when given."""
+        return grad_norm(params, max_norm, self.accelerator, model)
+
+
+class OneProcess:
+    """:class:`Processes` for plain PyTorch in one process: float32, no autocast, ``loss.backward()``."""
+
+    def total(self, value: float) -> float:
+        return value
+
+    def accumulating(self, model: Any, *, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def grad_norm(self, params: list[torch.Tensor], max_norm: float | None, model: Any) -> float:
+        if max_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def full_weights(model: torch.nn.Module, *, trainable_only: bool, accelerator: Any) -> dict[str, torch.Tensor]:

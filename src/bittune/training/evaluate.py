@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
+from bittune.data.collate import count_targets
 from bittune.training.loss import loss_sum
+
+__all__ = ["count_targets", "evaluate", "macro_f1", "model_inputs"]
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
@@ -18,24 +21,11 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_kwargs(batch).items()}
 
 
-def count_targets(task: str, labels: torch.Tensor) -> int:
-    """Loss terms in a batch: shifted non-ignored tokens (causal) or rows (classification)."""
-    if task == "classification":
-        return int(labels.numel())
-    return int((labels[:, 1:] != -100).sum())
-
-
 def macro_f1(preds: list[int], golds: list[int], num_classes: int) -> float:
     """Unweighted mean of per-class F1 over classes that occur in gold or predictions."""
-    scores = []
-    for c in range(num_classes):
-        tp = sum(1 for p, g in zip(preds, golds) if p == c and g == c)
-        fp = sum(1 for p, g in zip(preds, golds) if p == c and g != c)
-        fn = sum(1 for p, g in zip(preds, golds) if p != c and g == c)
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
+    from bittune.evaluation.metrics import macro_f1 as f1
+
+    return f1(preds, golds, range(num_classes))
 
 
 @torch.inference_mode()
@@ -46,8 +36,14 @@ def evaluate(
     task: str,
     device: torch.device,
     autocast: Callable[[], Any] | None = None,
+    predictions: list[tuple[int, int]] | None = None,
 ) -> dict[str, float]:
-    """Run ``model`` over ``batches`` and return metrics (prefixed ``eval_``)."""
+    """Run ``model`` over ``batches`` and return metrics (prefixed ``eval_``).
+
+    Args:
+        predictions: A classifier's ``(predicted, gold)`` class ids are appended here, row by row (for a confusion
+            matrix).
+    """
     was_training = model.training
     model.eval()
     total_loss, total_targets = 0.0, 0
@@ -68,6 +64,8 @@ def evaluate(
             preds.extend(logits.argmax(-1).tolist())
             golds.extend(labels.tolist())
     model.train(was_training)
+    if predictions is not None:
+        predictions.extend(zip(preds, golds))
     if total_targets == 0:
         return {}
     loss = total_loss / total_targets

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bittune.data.collate import count_targets  # the one count of loss terms
+
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not -100 (computed in float32)."""
@@ -152,3 +154,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
         return (*grads, None, None)
+
+
+class TaskLoss:
+    """The loss of plain training: the task's own loss summed over a batch's targets (see :func:`loss_sum`).
+
+    A loss function of the training step is called as ``loss_fn(logits, labels, inputs)`` and returns
+    ``(loss_sum, task_part)``: the sum to divide by the step's target count, and the task-loss part of it when the
+    loss has other parts (distillation, :class:`bittune.training.distill.DistillLoss`), else None.
+    """
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def targets(self, labels: torch.Tensor) -> int:
+        """How many loss terms ``labels`` holds (the normaliser of the step's loss)."""
+        return count_targets(self.task, labels)
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return loss_sum(self.task, logits, labels), None

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bittune.training.checkpoint import atomic_write_text
+from bittune.storage import atomic_write_text
 
 
 def _clean(value: Any) -> Any:
@@ -33,20 +33,29 @@ class MetricsLog:
         self._file.close()
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """On resume, drop records an interrupted run logged after the checkpoint it resumes from."""
+def truncate_after(path: Path, step: int) -> int:
+    """On resume, drop records an interrupted run logged after the checkpoint it resumes from.
+
+    Returns:
+        The highest step of a record with a numeric value before the cut (0 if none): the trackers were sent those
+        records (a record without numbers, such as a non-finite stop, never reaches them), so a resumed run does
+        not send those steps again.
+    """
     path = Path(path)
     if not path.is_file():
-        return
-    kept = []
+        return 0
+    kept, highest = [], 0
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
+        if any(isinstance(v, int | float) for k, v in rec.items() if k != "step"):
+            highest = max(highest, rec.get("step", 0))
         if rec.get("step", 0) <= step:
             kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return highest
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,104 @@
+"""``bittune report``: collect, plot, render, and write ``RUN_DIR/report/`` atomically."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPORT_DIR = "report"
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _panels(data: dict[str, Any]) -> list[tuple[str, list[str], list[float | None]]]:
+    models = data["models"]
+    names = [m["name"] for m in models]
+
+    def col(*keys: str) -> list[float | None]:
+        out = []
+        for m in models:
+            cur: Any = m.get("metrics") or {}
+            for k in keys:
+                cur = cur.get(k) if isinstance(cur, dict) else None
+            out.append(cur)
+        return out
+
+    if data["task"] == "classification":
+        return [("accuracy", names, col("eval_accuracy")), ("macro-F1", names, col("eval_f1_macro"))]
+    return [
+        ("accuracy, label ranking", names, col("ranking", "accuracy")),
+        ("accuracy, generation", names, col("generation", "accuracy")),
+        ("token-level perplexity", names, col("eval_perplexity")),
+    ]
+
+
+def _confusion(data: dict[str, Any]) -> tuple[list[str], list[list[int]], str] | None:
+    tuned = next((m for m in data["models"] if m["name"] == "tuned"), None)
+    metrics = (tuned or {}).get("metrics") or {}
+    if "confusion" in metrics:
+        c = metrics["confusion"]
+        return c["labels"], c["matrix"], "tuned model (classifier head)"
+    if "generation" in metrics:
+        c = metrics["generation"]["confusion"]
+        return c["labels"], c["matrix"], "tuned model, greedy generation"
+    return None
+
+
+def render_report(data: dict[str, Any], folder: Path) -> None:
+    """Write the PNGs, ``report.md``, ``report.html`` and ``report.json`` of collected ``data`` into ``folder``."""
+    from bittune.report import plots
+    from bittune.report.html import to_html
+    from bittune.report.render import build_sections, to_markdown
+
+    images: dict[str, str] = {}
+    if plots.training_curves(data["metrics"], folder / "curves.png"):
+        images["curves"] = "curves.png"
+    if plots.quality_bars(_panels(data), folder / "quality.png"):
+        images["quality"] = "quality.png"
+    conf = _confusion(data)
+    if conf is not None:
+        plots.confusion(conf[0], conf[1], conf[2], folder / "confusion.png")
+        images["confusion"] = "confusion.png"
+    sections = build_sections(data, images)
+    cfg = data["config"]
+    title = f"bittune report: {Path(data['run_dir']).name}"
+    subtitle = f"{cfg.get('method')} fine-tuning of `{Path(str((cfg.get('model') or {}).get('path'))).name}`"
+    (folder / "report.md").write_text(to_markdown(title, sections), encoding="utf-8")
+    (folder / "report.html").write_text(to_html(title, subtitle, sections, folder), encoding="utf-8")
+    (folder / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_report(
+    run_dir: Path,
+    *,
+    compare: list[str] | None = None,
+    data: str | None = None,
+    gguf: Path | None = None,
+    base: bool = True,
+    device: str = "auto",
+    log: Log = _quiet,
+) -> Path:
+    """Measure and write ``RUN_DIR/report/`` (replacing an earlier report only once the new one is complete).
+
+    Args:
+        compare: More models to put beside base and tuned (quantized or merged folders, other runs).
+        data: Data to measure on (default: the run's eval file; without either, no quality table).
+        gguf: A GGUF export whose replies (in llama.cpp, when installed) join the side-by-side generations.
+        base: Also measure the base model (causal LMs).
+
+    Returns:
+        The report folder.
+    """
+    from bittune.report.collect import collect
+    from bittune.storage import atomic_dir
+
+    collected = collect(Path(run_dir), compare=compare, data=data, gguf=gguf, base=base, device=device, log=log)
+    out = Path(run_dir) / REPORT_DIR
+    atomic_dir(out, lambda tmp: render_report(collected, tmp))
+    log(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return out

@@ -1,0 +1,138 @@
+"""``train_step`` on its own: one optimizer step of a tiny LoRA model against a step written out by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bittune.recipes.finetune import StepStats, train_step
+from bittune.training.loss import TaskLoss
+from tiny import color_chat_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def batches(tokenizer, tmp_path_factory):
+    """Two collated micro-batches of different lengths and target counts (gradient accumulation 2)."""
+    from bittune.data import make_collator, prepare_data
+
+    path = write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", color_chat_rows(5, seed=3))
+    data = prepare_data(
+        train=str(path), eval=None, eval_fraction=0.0, fmt="chat", template="auto", max_length=64, packing=False,
+        train_on_prompt=False, system_prompt=None, columns={}, split="train", max_rows=None, tokenizer=tokenizer,
+        task="causal-lm", seed=0,
+    )  # fmt: skip
+    collate = make_collator("causal-lm", tokenizer.pad_token_id, False)
+    return [collate(data.train[:3]), collate(data.train[3:])]
+
+
+def lora_model(path, seed: int = 0):
+    from bittune.model import attach_lora, load_model
+
+    torch.manual_seed(seed)
+    model = load_model(str(path), task="causal-lm", dtype=torch.float32)
+    model = attach_lora(model, task="causal-lm", r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():  # B starts at zero; give it values so that A gets a gradient too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model.train()
+
+
+def optimizer_and_schedule(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** (step + 1))
+
+
+def hand_written_step(model, batches, max_grad_norm: float) -> tuple[float, float]:
+    """The reference: token-summed cross-entropy of both micro-batches over their total targets, one backward."""
+    total, targets = 0.0, 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"][:, 1:]
+        total = total + F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        targets += int((labels != -100).sum())
+    loss = total / targets
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return loss.item(), norm.item()
+
+
+def test_one_step_equals_the_hand_written_step(tiny_llama_dir, batches):
+    model = lora_model(tiny_llama_dir)
+    reference = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt, sched = optimizer_and_schedule(model)
+    ref_opt, _ = optimizer_and_schedule(reference)
+
+    stats = train_step(
+        model, opt, sched, batches, loss_fn=TaskLoss("causal-lm"), device=torch.device("cpu"), max_grad_norm=0.5
+    )
+    ref_loss, ref_norm = hand_written_step(reference, batches, max_grad_norm=0.5)
+    ref_opt.param_groups[0]["lr"] = 0.5 * 1e-2  # the schedule's first multiplier
+    ref_opt.step()
+
+    assert isinstance(stats, StepStats) and stats.nonfinite is None and stats.task_loss is None
+    assert stats.loss == pytest.approx(ref_loss, rel=1e-6)
+    assert stats.grad_norm == pytest.approx(ref_norm, rel=1e-5)
+    assert stats.grad_norm > 0.5  # the clip really clipped
+    assert stats.lr == pytest.approx(0.5e-2) and sched.get_last_lr()[0] == pytest.approx(0.25e-2)
+    assert stats.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(p, before[name]) != p.requires_grad, name  # exactly the trainable weights moved
+    assert all(p.grad is None for p in model.parameters())  # gradients cleared for the next step
+
+
+def test_the_accelerator_path_of_one_process_is_the_plain_step(tiny_llama_dir, batches):
+    """The recipe always steps through ``Processes`` (autocast, fp16 scaling): in one CPU process it changes nothing."""
+    from accelerate import Accelerator
+
+    from bittune.training.distributed import Processes
+
+    plain, accelerated = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    a = train_step(plain, *optimizer_and_schedule(plain), batches, loss_fn=TaskLoss("causal-lm"),
+                   device=torch.device("cpu"), max_grad_norm=1.0)  # fmt: skip
+    procs = Processes(Accelerator(cpu=True, mixed_precision="no"), "ddp", grad_accum=2)
+    b = train_step(accelerated, *optimizer_and_schedule(accelerated), batches, loss_fn=TaskLoss("causal-lm"),
+                   device=torch.device("cpu"), max_grad_norm=1.0, procs=procs)  # fmt: skip
+    assert (a.loss, a.grad_norm, a.lr, a.tokens) == (b.loss, b.grad_norm, b.lr, b.tokens)
+    for p, q in zip(plain.parameters(), accelerated.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_placeholder_micro_batch_adds_nothing(tiny_llama_dir, batches):
+    """Weight 0 (several processes, none of this one's rows): it runs, but changes neither loss nor gradient."""
+    one, two = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    a = train_step(one, *optimizer_and_schedule(one), batches[:1], loss_fn=TaskLoss("causal-lm"),
+                   device=torch.device("cpu"), max_grad_norm=None)  # fmt: skip
+    b = train_step(two, *optimizer_and_schedule(two), [batches[0], batches[1]], loss_fn=TaskLoss("causal-lm"),
+                   device=torch.device("cpu"), max_grad_norm=None, weights=[1.0, 0.0])  # fmt: skip
+    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    assert b.tokens == a.tokens
+    for p, q in zip(one.parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_a_non_finite_loss_skips_the_update_and_says_so(tiny_llama_dir, batches):
+    class Poisoned(TaskLoss):
+        def __call__(self, logits, labels, inputs):
+            total, part = super().__call__(logits, labels, inputs)
+            return total * float("nan"), part
+
+    model = lora_model(tiny_llama_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt, sched = optimizer_and_schedule(model)
+    stats = train_step(model, opt, sched, batches, loss_fn=Poisoned("causal-lm"), device=torch.device("cpu"),
+                       max_grad_norm=1.0)  # fmt: skip
+    assert stats.nonfinite == "loss"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert not opt.state  # AdamW never stepped: no moments were created
+    assert sched.last_epoch == 1  # the schedule still moves on, as the loop counts the step
