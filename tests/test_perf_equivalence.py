@@ -313,12 +313,28 @@ def test_fused_lora_with_fast_masks_trains_every_adapter():
 def test_fastest_cpu_dtype_follows_the_measurement(monkeypatch):
     from bittune.plan import device
 
+    monkeypatch.delenv(device.FORCE_CPU_DTYPE_ENV, raising=False)
     monkeypatch.setattr(device, "cpu_matmul_rates", lambda: {"float32": 60e9, "bfloat16": 200e9})
     assert device.fastest_cpu_dtype() == torch.bfloat16
     monkeypatch.setattr(device, "cpu_matmul_rates", lambda: {"float32": 60e9, "bfloat16": 1e9})  # emulated bf16
     assert device.fastest_cpu_dtype() == torch.float32
     monkeypatch.setattr(device, "cpu_matmul_rates", lambda: {"float32": 60e9, "bfloat16": 70e9})  # marginal
     assert device.fastest_cpu_dtype() == torch.float32
+    monkeypatch.setenv(device.FORCE_CPU_DTYPE_ENV, "bfloat16")  # the test seam replaces the answer
+    assert device.fastest_cpu_dtype() == torch.bfloat16
+
+
+def test_auto_mixed_precision_on_cpu_is_bf16_only_where_measured_and_asked(monkeypatch):
+    from bittune.model import resolve_mixed_precision
+    from bittune.plan import device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(device.FORCE_CPU_DTYPE_ENV, "float32")  # e.g. AMD EPYC Zen 1: bf16 ~60x slower
+    assert resolve_mixed_precision("auto", cpu, cpu_bf16_candidate=True) == "no"
+    monkeypatch.setenv(device.FORCE_CPU_DTYPE_ENV, "bfloat16")  # AMX / AVX512-BF16 Xeon
+    assert resolve_mixed_precision("auto", cpu, cpu_bf16_candidate=True) == "bf16"
+    assert resolve_mixed_precision("auto", cpu) == "no"  # full fine-tuning, k-bit, QAT: float32
+    assert resolve_mixed_precision("no", cpu, cpu_bf16_candidate=True) == "no"  # the config's override
 
 
 def test_cpu_matmul_rates_are_measured():

@@ -6,6 +6,7 @@ Each probe takes well under a second and is cached, so ``estimate`` can be calle
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -146,6 +147,9 @@ def kbit_seconds_per_weight(kind: str, bits: int) -> float:
     return max(extra, 0.0) / (4 * k * n)
 
 
+# Seam: "float32" or "bfloat16" replaces the measurement's answer (tests run as on a CPU without fast bf16, and
+# force bf16 where they test that path; also a diagnostic). Not a setting: train.mixed_precision is the user's.
+FORCE_CPU_DTYPE_ENV = "BITTUNE_FORCE_CPU_DTYPE"
 # bf16 must beat float32 by this much to be chosen: below it, bf16's rounding is not worth a marginal gain.
 BF16_MIN_SPEEDUP = 1.3
 
@@ -173,10 +177,14 @@ def fastest_cpu_dtype(min_speedup: float = BF16_MIN_SPEEDUP) -> torch.dtype:
     """``torch.bfloat16`` where this CPU runs a bf16 matmul at least ``min_speedup`` x float32's rate, else float32.
 
     Measured, never assumed from CPU flags: the flags say what the CPU can decode, not what torch's kernels make
-    of it. Cached per process. Use the result as the autocast dtype of training on CPU (weights, optimizer state
+    of it. Cached per process; the environment variable ``BITTUNE_FORCE_CPU_DTYPE`` (``float32`` / ``bfloat16``)
+    replaces the answer (a test seam). Use the result as the autocast dtype of training on CPU (weights, optimizer state
     and the loss stay float32) and as the storage dtype of a frozen base.
     """
     import torch
 
+    forced = os.environ.get(FORCE_CPU_DTYPE_ENV)
+    if forced in ("float32", "bfloat16"):
+        return getattr(torch, forced)
     rates = cpu_matmul_rates()
     return torch.bfloat16 if rates["bfloat16"] >= min_speedup * rates["float32"] else torch.float32

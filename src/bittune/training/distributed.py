@@ -89,12 +89,35 @@ def make_accelerator(
     from accelerate import Accelerator
 
     kwargs: dict[str, Any] = {"cpu": device.type == "cpu", "mixed_precision": mixed_precision}
+    _forget_other_precision(mixed_precision)
     if strategy == "deepspeed":
         check_deepspeed(device)
         from accelerate.utils import DeepSpeedPlugin
 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
     return Accelerator(**kwargs)
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Let a later run in the same process use another autocast setting (one process only).
+
+    accelerate keeps one ``AcceleratorState`` per process and refuses a second ``Accelerator`` with another
+    ``mixed_precision``; a process that trains twice (tests, notebooks, the demo's LoRA then QLoRA run: bf16 on a
+    CPU measured fast, then float32 for k-bit) must start the state afresh. Launched processes never get here twice.
+    """
+    from accelerate.state import AcceleratorState, DistributedType
+
+    state = AcceleratorState._shared_state
+    if (
+        state
+        and state.get("_mixed_precision") != mixed_precision
+        and state.get("distributed_type")
+        in (
+            DistributedType.NO,
+            None,
+        )
+    ):
+        AcceleratorState._reset_state()
 
 
 def shard_model(model: torch.nn.Module, *, reshard_after_forward: bool) -> torch.nn.Module:

@@ -164,8 +164,11 @@ class TaskLoss:
     loss has other parts (distillation, :class:`bittune.training.distill.DistillLoss`), else None.
     """
 
-    def __init__(self, task: str) -> None:
+    def __init__(self, task: str, *, head_at_targets: bool = False) -> None:
         self.task = task
+        # Causal LM: the step may compute this loss with the output head applied only at label positions
+        # (:func:`causal_lm_target_loss_sum`, same loss and gradients) instead of from the full logits.
+        self.head_at_targets = head_at_targets and task != "classification"
 
     def targets(self, labels: torch.Tensor) -> int:
         """How many loss terms ``labels`` holds (the normaliser of the step's loss)."""
@@ -175,3 +178,8 @@ class TaskLoss:
         self, logits: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return loss_sum(self.task, logits, labels), None
+
+
+def targets_only(loss_fn: Any, model: torch.nn.Module) -> bool:
+    """Whether the step computes ``loss_fn``'s loss with the head only at label positions for ``model``."""
+    return bool(getattr(loss_fn, "head_at_targets", False)) and supports_target_loss(model)
