@@ -20,15 +20,17 @@ Sides:
 
 * ``trl``: ``trl.SFTTrainer`` + ``SFTConfig`` as the tutorials write it (prompt-completion conversational rows,
   no packing, ``gradient_checkpointing=False``, ``use_cpu=True``); ``bf16=True`` for the bf16 dtype (autocast);
-* ``bittune``: ``bittune.recipes.finetune.train`` on the same rows (chat format, the tokenizer's template);
+* ``bittune``: ``bittune.recipes.finetune.train`` on the same rows (chat format, the tokenizer's template); dtype
+  ``auto`` is bittune's default (bf16 only where its start-up measurement says so), ``fp32`` sets
+  ``train.mixed_precision: no`` (the float32 levers only: what a CPU without fast bf16 gets);
 * ``proto``: the levers harness (``bench/step_levers.py``) with the levers that pay switched on: what bittune's
   step will do once they are wired in (compute dtype chosen by measurement, as bittune will: ``auto``).
 
 bittune and proto run with ``OMP_WAIT_POLICY=PASSIVE`` (``bittune.threads.configure_omp``, what bittune sets for
 itself before torch loads; ``--no-passive`` turns it off), TRL with the OpenMP defaults its users get.
 
-    python bench/vs_trl.py                          # full run: 2 repetitions x 2 data sets x sides, fp32
-    python bench/vs_trl.py --dtypes fp32 bf16       # also each side's bf16 (where it has one)
+    python bench/vs_trl.py                          # 2 repetitions x 2 data sets: TRL fp32, bittune fp32 + auto
+    python bench/vs_trl.py --dtypes fp32 auto bf16  # also TRL's bf16=True
     python bench/vs_trl.py --reps 2 --scale 0.25    # quick: a quarter of the rows
 
 Writes ``bench/results/vs_trl.json`` and ``vs_trl.md``. TRL is a bench-only dependency: ``pip install
@@ -235,8 +237,8 @@ def child_bittune(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssS
     from bittune.recipes.finetune import train
     from bittune.training.metrics import MetricsLog
 
-    if dtype != "fp32":
-        raise SystemExit(f"bittune train has no {dtype} compute on CPU yet")
+    if dtype not in ("fp32", "auto"):
+        raise SystemExit("bittune train chooses its CPU compute dtype itself: fp32 (mixed_precision no) or auto")
     # When each step record is written: the first one, less its elapsed_s, is when the loop started.
     stamps: list[tuple[float, dict[str, Any]]] = []
     log = MetricsLog.log
@@ -246,11 +248,14 @@ def child_bittune(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssS
         return log(self, record)
 
     MetricsLog.log = stamped_log
-    cfg = config_from_dict(bittune_config(data, out_dir))
-    result = train(cfg, progress=False)
+    raw = bittune_config(data, out_dir)
+    if dtype == "fp32":  # the explicit override: float32 whatever the CPU measured (what an AMD EPYC box gets)
+        raw["train"]["mixed_precision"] = "no"
+    result = train(config_from_dict(raw), progress=False)
     steps = [(t, r) for t, r in stamps if "elapsed_s" in r]
     summary = json.loads((result.run_dir / "summary.json").read_text())
     return {
+        "compute": summary["compute"],
         "tokens": summary["data"]["train"]["tokens"],
         "start": steps[0][0] - steps[0][1]["elapsed_s"],
         "end": steps[-1][0],
@@ -359,6 +364,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_train_mb": statistics.median(r["peak_rss_train_mb"] for r in ok),
         "peak_rss_load_mb": statistics.median(r["peak_rss_load_mb"] for r in ok),
         **({"levers": ok[0]["levers"]} if "levers" in ok[0] else {}),
+        **({"compute": ok[0]["compute"]} if "compute" in ok[0] else {}),
     }
 
 
@@ -397,6 +403,9 @@ def markdown(results: dict[str, Any], mach: dict[str, Any], args: argparse.Names
             speed = f"{t['median'] / base['tokens_per_s']['median']:.2f}x"
             mem = f"{m['median'] / base['peak_rss_mb']['median']:.2f}x"
         label = f"{side} ({agg['levers']})" if "levers" in agg else side
+        if "compute" in agg:
+            c = agg["compute"]
+            label += f" (mixed_precision {c['mixed_precision']}, {c['chosen_by']})"
         lines.append(
             f"| {ds} | {dtype} | {label} | {agg['tokens']:,} | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) "
             f"| {m['median']:,.0f} ({m['min']:,.0f}-{m['max']:,.0f}) | {agg['peak_rss_train_mb']:,.0f} "
@@ -417,7 +426,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--sides", nargs="*", default=["trl", "bittune"], choices=SIDES)
-    p.add_argument("--dtypes", nargs="*", default=["fp32"], choices=["fp32", "bf16"])
+    p.add_argument("--dtypes", nargs="*", default=["fp32", "auto"], choices=["fp32", "bf16", "auto"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-passive", action="store_true", help="bittune sides without OMP_WAIT_POLICY=PASSIVE")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of each data set's rows (quick runs)")
@@ -447,8 +456,8 @@ def main() -> None:
         for ds in args.datasets:
             for dtype in args.dtypes:
                 for side in order:
-                    if side == "bittune" and dtype != "fp32":
-                        continue  # bittune train computes in float32 on CPU (until the dtype lever is wired in)
+                    if (side == "bittune") != (dtype == "auto") and dtype != "fp32":
+                        continue  # TRL: fp32 or bf16=True; bittune: fp32 (mixed_precision no) or its auto choice
                     r = run_child(side, data[ds], dtype, args.threads, work, passive=not args.no_passive)
                     runs.setdefault(f"{ds}/{dtype}/{side}", []).append(r)
                     brief = r.get("error", "").splitlines()[-1:] or [

@@ -174,9 +174,7 @@ def test_the_cpu_speedups_keep_the_step(tiny_llama_dir, batches, mixed_precision
     autocast): within bf16's tolerance (8-bit mantissa, 2^-8 = 0.4% per rounding, accumulated through the layers):
     loss within 0.5%, gradient norm within 3%, all gradients together within 5% of their norm, and each gradient
     tensor pointing the same way (cosine >= 0.99)."""
-    from accelerate import Accelerator
-
-    from bittune.training.distributed import Processes
+    from bittune.training.distributed import Processes, make_accelerator
     from bittune.training.speedups import apply_cpu_speedups
 
     plain, fast = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
@@ -185,7 +183,8 @@ def test_the_cpu_speedups_keep_the_step(tiny_llama_dir, batches, mixed_precision
     frozen = {p.dtype for p in fast.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16 if mixed_precision == "bf16" else torch.float32}
     assert {p.dtype for p in fast.parameters() if p.requires_grad} == {torch.float32}  # adapters, AdamW: fp32
-    procs = Processes(Accelerator(cpu=True, mixed_precision=mixed_precision), "ddp", grad_accum=2)
+    accelerator = make_accelerator(strategy="ddp", device=torch.device("cpu"), mixed_precision=mixed_precision)
+    procs = Processes(accelerator, "ddp", grad_accum=2)
     a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
     b, grads_b = _step_and_grads(fast, batches, TaskLoss("causal-lm", head_at_targets=True), procs=procs)
     if mixed_precision == "no":
@@ -200,3 +199,22 @@ def test_the_cpu_speedups_keep_the_step(tiny_llama_dir, batches, mixed_precision
         assert (flat_b - flat_a).norm() <= 0.05 * flat_a.norm()
         for name, g in grads_a.items():
             assert F.cosine_similarity(grads_b[name].flatten(), g.flatten(), dim=0) >= 0.99, name
+
+
+def test_token_budgeted_passes_are_the_plain_step(tiny_llama_dir, batches):
+    """``max_tokens_per_pass``: each micro-batch as length-grouped passes; same loss, tokens and gradients."""
+    from bittune.data.collate import split_batch
+
+    widths = [b["input_ids"].shape[1] for b in batches]
+    budget = min(widths) * 2  # splits both micro-batches into several passes
+    passes = [p for b in batches for p in split_batch(b, budget)]
+    assert len(passes) > len(batches) and all(p["input_ids"].numel() <= budget or len(p["input_ids"]) == 1
+                                              for p in passes)  # fmt: skip
+    assert sum(int(p["attention_mask"].sum()) for p in passes) == sum(int(b["attention_mask"].sum()) for b in batches)
+    plain, split = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
+    b, grads_b = _step_and_grads(split, batches, TaskLoss("causal-lm"), max_tokens_per_pass=budget)
+    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    assert b.tokens == a.tokens
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)

@@ -109,3 +109,24 @@ def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
     if current:
         passes.append(current)
     return passes
+
+
+def split_batch(batch: dict[str, Any], max_tokens: int | None) -> list[dict[str, Any]]:
+    """A collated causal-LM micro-batch as forward passes of at most ``max_tokens`` padded tokens each.
+
+    Rows are grouped by length (:func:`split_by_tokens`) and each pass is cut to its own longest row (batches are
+    right-padded), so the passes together hold exactly the micro-batch's rows and targets. Packed batches (no
+    ``attention_mask``), classification batches and batches within the budget come back whole.
+    """
+    if max_tokens is None or "attention_mask" not in batch or batch["labels"].dim() != 2:
+        return [batch]
+    if batch["input_ids"].numel() <= max_tokens:
+        return [batch]
+    import torch
+
+    lengths = batch["attention_mask"].sum(1).tolist()
+    passes = []
+    for rows in split_by_tokens(lengths, max_tokens):
+        index, width = torch.tensor(rows), max(lengths[i] for i in rows)
+        passes.append({k: v[index, :width] for k, v in batch.items()})
+    return passes

@@ -105,6 +105,7 @@ def train_step(
     params: list[Any] | None = None,
     procs: Any = None,
     weights: list[float] | None = None,
+    max_tokens_per_pass: int | None = None,
 ) -> StepStats:
     """One optimizer step over ``batches`` (``grad_accum`` micro-batches): forward, backward, clip, update.
 
@@ -123,7 +124,10 @@ def train_step(
         procs: :class:`bittune.training.distributed.Processes`; default plain PyTorch in one process.
         weights: Several processes only: 0.0 marks a placeholder micro-batch (this process has no rows of a short
             last batch but must run the collectives); default all 1.0.
+        max_tokens_per_pass: Run each micro-batch as forward passes of at most this many padded tokens
+            (:func:`bittune.data.collate.split_batch`); the gradients are the micro-batch's own.
     """
+    from bittune.data.collate import split_batch
     from bittune.training.distributed import OneProcess
     from bittune.training.evaluate import model_inputs
     from bittune.training.loss import causal_lm_target_loss_sum, targets_only
@@ -132,6 +136,11 @@ def train_step(
     at_targets = targets_only(loss_fn, model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     weights = weights or [1.0] * len(batches)
+    # Length-grouped passes (same targets and gradients); one process only: collectives and DeepSpeed's step
+    # boundary count micro-batches.
+    if max_tokens_per_pass is not None and procs.world == 1 and procs.strategy != "deepspeed":
+        split = [(w, p) for w, b in zip(weights, batches) for p in split_batch(b, max_tokens_per_pass)]
+        weights, batches = [w for w, _ in split], [p for _, p in split]
     targets = procs.total(sum(w * loss_fn.targets(b["labels"]) for w, b in zip(weights, batches)))
     tokens = procs.total(sum(w * count_tokens(b) for w, b in zip(weights, batches)))
     step_loss, task_loss = 0.0, None  # task_loss: the task part of a loss with other parts (distillation)
@@ -588,6 +597,7 @@ def train_loop(run: Run, state: RunState) -> bool:
             stats = train_step(
                 run.model, run.optimizer, run.scheduler, batches, loss_fn=run.loss_fn, device=rt.device,
                 max_grad_norm=t.max_grad_norm, params=run.params, procs=rt.procs, weights=weights,
+                max_tokens_per_pass=t.max_tokens_per_pass,
             )  # fmt: skip
             if stats.nonfinite is not None:
                 _on_nonfinite(run, state, stats, f"step {state.step + 1} (epoch {epoch}, batch group {index})")

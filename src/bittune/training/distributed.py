@@ -205,7 +205,7 @@ class Processes:
 
     def __init__(self, accelerator: Any, strategy: str = "ddp", grad_accum: int = 1) -> None:
         self.accelerator, self.strategy = accelerator, strategy
-        world = accelerator.num_processes
+        world = self.world = accelerator.num_processes
         # DDP / FSDP2 average gradients over processes: multiply by N to get the sum back. DeepSpeed also divides
         # by its gradient_accumulation_steps.
         self.scale = world * (grad_accum if strategy == "deepspeed" else 1)
@@ -231,6 +231,8 @@ class Processes:
 
 class OneProcess:
     """:class:`Processes` for plain PyTorch in one process: float32, no autocast, ``loss.backward()``."""
+
+    world, strategy = 1, "none"
 
     def total(self, value: float) -> float:
         return value
