@@ -122,6 +122,10 @@ class _LoraLinear(torch.autograd.Function):
         ax = F.linear(x if mask is None else x * mask, lora_a)  # [..., r], without the 1 / (1 - p)
         s = scaling / (1.0 - p)
         y = F.linear(x, weight, bias)
+        if y.dtype.itemsize == 2:
+            # 16-bit compute: the sum is float32. Early in training the adapter's share of y (B starts at zero) is
+            # below bf16's resolution of y (2^-8 relative): rounded into a bf16 y, the update would not be seen.
+            y = y.float()
         y = y.add_(F.linear(ax, lora_b), alpha=s)
         ctx.save_for_backward(x, weight, lora_a, lora_b, ax, mask)
         ctx.s, ctx.has_bias = s, bias is not None
@@ -131,6 +135,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, lora_a, lora_b, ax, mask = ctx.saved_tensors
         s = ctx.s
+        grad = grad.to(x.dtype)  # a float32 output's gradient, back in the compute dtype (as autocast would)
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
