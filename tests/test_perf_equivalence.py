@@ -464,3 +464,27 @@ def test_release_mapped_weights_unmaps_the_checkpoint(tiny_llama_dir):
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied weights stay one tensor
     assert release_mapped_weights(model) == 0
+
+
+def test_fused_lora_under_bf16_keeps_a_small_adapter_update():
+    """Regression: under bf16 autocast the fused layer returned ``base + adapter`` rounded to bf16, so an adapter
+    share below bf16's resolution of the output (what B ~ lr after the first AdamW step gives) vanished and the
+    loss curve fell far more slowly than float32's. The sum is float32 now: the adapter's share survives."""
+    from bittune.training.fused_lora import fuse_lora
+
+    model = lora(tiny_llama(tied=False), targets=["q_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.constant_(p, 1e-4)  # an early-training adapter: output share ~1e-4 of ~1
+    fuse_lora(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        exact = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with model.disable_adapter():
+                base = layer(x).float()
+            fused = layer(x).float()
+    share = exact - layer.base_layer(x)
+    # The adapter's share comes through (bf16 rounds each product, not the sum): within 5% of its size.
+    assert ((fused - base) - share).norm() <= 0.05 * share.norm()
