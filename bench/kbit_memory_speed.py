@@ -37,6 +37,11 @@ from plan_vs_measured import (  # the sibling script, importable once its folder
 )
 
 KBIT = {name: CONFIGS[name] for name in ("full fp32", "LoRA fp32", "LoRA 8-bit base", "QLoRA NF4")}
+# On CPU, LoRA's default compute dtype is measured (bf16 on AMX / AVX512-BF16 CPUs): "LoRA fp32" pins float32
+# (train.mixed_precision: no) so it is what its name says, and "LoRA auto" is the default run.
+KBIT["LoRA fp32"] = {**CONFIGS["LoRA fp32"], "train": {"mixed_precision": "no"}}
+KBIT["LoRA auto"] = dict(CONFIGS["LoRA fp32"])
+KBIT["QLoRA NF4 + grad ckpt"] = CONFIGS["QLoRA NF4 + grad ckpt"]
 
 
 def main() -> None:

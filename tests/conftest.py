@@ -11,6 +11,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run as on a CPU without fast bf16 (float32, the same on every machine; subprocesses inherit it); the tests
+# of the bf16 path force bfloat16 (bittune.plan.device.FORCE_CPU_DTYPE_ENV).
+os.environ.setdefault("BITTUNE_FORCE_CPU_DTYPE", "float32")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from skip_guard import (  # noqa: F401  (hooks: a skip the README does not name fails the run)

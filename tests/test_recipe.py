@@ -164,3 +164,27 @@ def test_packing_trains(tiny_llama_dir, chat_file, tmp_path):
     result = train(config_from_dict(raw), progress=False)
     start, end = first_last(losses(result.run_dir))
     assert end < 0.6 * start
+
+
+@pytest.mark.parametrize("measured", ["float32", "bfloat16"])
+def test_cpu_compute_dtype_follows_the_measurement_and_says_so(tiny_llama_dir, chat_file, tmp_path, monkeypatch,
+                                                               measured):  # fmt: skip
+    """A CPU without fast bf16 trains in float32 as before; one with it (forced through the measurement's seam)
+    trains LoRA under bf16 autocast over a bf16 frozen base. The choice is in the first lines and summary.json, and
+    ``train.mixed_precision: no`` keeps float32 whatever was measured."""
+    from bittune.plan.device import FORCE_CPU_DTYPE_ENV
+
+    monkeypatch.setenv(FORCE_CPU_DTYPE_ENV, measured)
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 20})
+    result = train(config_from_dict(raw), progress=False)
+    start, end = first_last(losses(result.run_dir))
+    assert end < 0.6 * start, (start, end)
+    compute = json.loads((result.run_dir / "summary.json").read_text())["compute"]
+    expected = "bf16" if measured == "bfloat16" else "no"
+    assert compute["mixed_precision"] == expected and compute["chosen_by"] == "forced"
+    assert compute["speedups"]["fused_lora"] > 0
+    assert bool(compute["speedups"].get("frozen_bf16")) == (expected == "bf16")
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "no", train={"max_steps": 2, "mixed_precision": "no"})
+    compute = json.loads((train(config_from_dict(raw), progress=False).run_dir / "summary.json").read_text())["compute"]
+    assert compute["mixed_precision"] == "no" and compute["chosen_by"] == "config"
+    assert "frozen_bf16" not in compute["speedups"]

@@ -136,3 +136,85 @@ def test_a_non_finite_loss_skips_the_update_and_says_so(tiny_llama_dir, batches)
         assert torch.equal(p, before[n]), n
     assert not opt.state  # AdamW never stepped: no moments were created
     assert sched.last_epoch == 1  # the schedule still moves on, as the loop counts the step
+
+
+# --- the speed levers the recipe turns on (issue 14): same loss and gradients as the plain step ------------------
+
+
+def _step_and_grads(model, batches, loss_fn, **kwargs):
+    """One step with a zero learning rate (weights stay put) and the gradients it computed, clipped to nothing."""
+    grads = {}
+    hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, g.detach().float().clone()))
+             for n, p in model.named_parameters() if p.requires_grad]  # fmt: skip
+    opt, sched = optimizer_and_schedule(model)
+    stats = train_step(model, opt, sched, batches, loss_fn=loss_fn, device=torch.device("cpu"), max_grad_norm=None,
+                       **kwargs)  # fmt: skip
+    for h in hooks:
+        h.remove()
+    return stats, grads
+
+
+def test_head_only_at_targets_is_the_plain_step(tiny_llama_dir, batches):
+    from bittune.training.loss import targets_only
+
+    plain, fast = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    assert targets_only(TaskLoss("causal-lm", head_at_targets=True), fast)
+    assert not targets_only(TaskLoss("causal-lm"), plain)
+    a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
+    b, grads_b = _step_and_grads(fast, batches, TaskLoss("causal-lm", head_at_targets=True))
+    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    assert b.tokens == a.tokens and set(grads_a) == set(grads_b)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_the_cpu_speedups_keep_the_step(tiny_llama_dir, batches, mixed_precision):
+    """float32: fused LoRA computes the plain step (float rounding); bf16 (frozen base in bf16, fp32 attention,
+    autocast): within bf16's tolerance (8-bit mantissa, 2^-8 = 0.4% per rounding, accumulated through the layers):
+    loss within 0.5%, gradient norm within 3%, all gradients together within 5% of their norm, and each gradient
+    tensor pointing the same way (cosine >= 0.99)."""
+    from bittune.training.distributed import Processes, make_accelerator
+    from bittune.training.speedups import apply_cpu_speedups
+
+    plain, fast = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    done = apply_cpu_speedups(fast, device=torch.device("cpu"), mixed_precision=mixed_precision, lora=True)
+    assert done["fused_lora"] > 0 and (done.get("frozen_bf16", 0) > 0) == (mixed_precision == "bf16")
+    frozen = {p.dtype for p in fast.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16 if mixed_precision == "bf16" else torch.float32}
+    assert {p.dtype for p in fast.parameters() if p.requires_grad} == {torch.float32}  # adapters, AdamW: fp32
+    accelerator = make_accelerator(strategy="ddp", device=torch.device("cpu"), mixed_precision=mixed_precision)
+    procs = Processes(accelerator, "ddp", grad_accum=2)
+    a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
+    b, grads_b = _step_and_grads(fast, batches, TaskLoss("causal-lm", head_at_targets=True), procs=procs)
+    if mixed_precision == "no":
+        assert b.loss == pytest.approx(a.loss, rel=1e-6)
+        for name, g in grads_a.items():
+            torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    else:
+        assert b.loss == pytest.approx(a.loss, rel=5e-3)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=3e-2)
+        flat_a = torch.cat([grads_a[n].flatten() for n in sorted(grads_a)])
+        flat_b = torch.cat([grads_b[n].flatten() for n in sorted(grads_a)])
+        assert (flat_b - flat_a).norm() <= 0.05 * flat_a.norm()
+        for name, g in grads_a.items():
+            assert F.cosine_similarity(grads_b[name].flatten(), g.flatten(), dim=0) >= 0.99, name
+
+
+def test_token_budgeted_passes_are_the_plain_step(tiny_llama_dir, batches):
+    """``max_tokens_per_pass``: each micro-batch as length-grouped passes; same loss, tokens and gradients."""
+    from bittune.data.collate import split_batch
+
+    widths = [b["input_ids"].shape[1] for b in batches]
+    budget = min(widths) * 2  # splits both micro-batches into several passes
+    passes = [p for b in batches for p in split_batch(b, budget)]
+    assert len(passes) > len(batches) and all(p["input_ids"].numel() <= budget or len(p["input_ids"]) == 1
+                                              for p in passes)  # fmt: skip
+    assert sum(int(p["attention_mask"].sum()) for p in passes) == sum(int(b["attention_mask"].sum()) for b in batches)
+    plain, split = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
+    b, grads_b = _step_and_grads(split, batches, TaskLoss("causal-lm"), max_tokens_per_pass=budget)
+    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    assert b.tokens == a.tokens
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)

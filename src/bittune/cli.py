@@ -42,6 +42,9 @@ def _root(
     ] = False,
 ) -> None:
     _state["debug"] = debug
+    from bittune.threads import configure_omp
+
+    configure_omp()  # idle OpenMP threads sleep instead of spinning (before torch loads; the user's setting wins)
     if not debug:
         from bittune.quiet import quiet_by_default
 

@@ -211,6 +211,13 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
     gradient_checkpointing: bool = False
+    max_tokens_per_pass: int | None = Field(
+        None,
+        gt=0,
+        description="Run each micro-batch as forward passes of at most this many padded tokens (rows grouped by "
+        "length): same gradients, less padding and less activation memory at once (one process only; e.g. 512 on "
+        "CPU). None: one pass per micro-batch.",
+    )
     eval_every: int | None = Field(None, gt=0, description="Steps between evals; default: at the end only.")
     save_every: int | None = Field(None, gt=0, description="Steps between checkpoints; default: none.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk (the best one is kept too).")

@@ -49,19 +49,28 @@ def resolve_dtype(preference: str, device: torch.device, *, trainable_base: bool
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def resolve_mixed_precision(preference: str, device: torch.device) -> str:
-    """``auto`` = no autocast on CPU, bf16 (or fp16) on a GPU."""
+def resolve_mixed_precision(preference: str, device: torch.device, *, cpu_bf16_candidate: bool = False) -> str:
+    """The run's autocast setting: ``no``, ``bf16`` or ``fp16``.
+
+    ``auto`` on a GPU: bf16 (or fp16). ``auto`` on CPU: ``bf16`` only for a ``cpu_bf16_candidate`` run (LoRA over a
+    float base: frozen base stored in bf16, adapters and optimizer in float32) on a CPU where a bf16 matmul was
+    *measured* faster than float32 (:func:`bittune.plan.device.fastest_cpu_dtype`: AMX / AVX512-BF16 Xeons), else
+    ``no`` (float32; e.g. AMD EPYC Zen 1/2 run bf16 ~60x slower). ``no`` always means float32.
+    """
     import torch
 
     if preference != "auto":
         if preference != "no" and device.type != "cuda":
             raise ModelLoadError(
-                f"train.mixed_precision '{preference}' needs a GPU; on CPU bf16/fp16 compute is ~50x slower than fp32",
+                f"train.mixed_precision '{preference}' needs a GPU; on CPU bittune picks bf16 by itself (auto) "
+                "where a measurement says this CPU runs it faster than fp32",
                 hint="set train.mixed_precision to 'auto' or 'no'",
             )
         return preference
     if device.type != "cuda":
-        return "no"
+        from bittune.plan.device import fastest_cpu_dtype
+
+        return "bf16" if cpu_bf16_candidate and fastest_cpu_dtype() == torch.bfloat16 else "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -221,7 +230,14 @@ def load_model(
     if task == "classification" and pad_token_id is not None and model.config.pad_token_id is None:
         # Decoder classifiers find the last real token through pad_token_id.
         model.config.pad_token_id = pad_token_id
-    return pin_bnb_cpu_kernels(model) if quantization is not None else model
+    if quantization is None:
+        return model
+    from bittune.training.mapped import release_mapped_weights
+
+    # bitsandbytes read every float linear through the checkpoint's memory mapping; the weights it left unquantized
+    # (embeddings, norms) are views into it and would keep all those pages resident: copied out, the mapping goes.
+    release_mapped_weights(model)
+    return pin_bnb_cpu_kernels(model)
 
 
 def auto_class(task: str) -> Any:

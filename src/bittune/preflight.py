@@ -276,7 +276,11 @@ def _check_device(c: _Collector, cfg: RunConfig) -> None:
     if device is None:
         return
     c.run("train.optimizer", check_optimizer_device, t.optimizer, device)
-    c.checked.mixed_precision = c.run("train.mixed_precision", resolve_mixed_precision, t.mixed_precision, device)
+    # bf16 on CPU only where it was measured to pay: LoRA over a float base (not k-bit, QAT or distillation).
+    candidate = cfg.lora is not None and cfg.quant is None and cfg.qat is None and cfg.distill is None
+    c.checked.mixed_precision = c.run(
+        "train.mixed_precision", resolve_mixed_precision, t.mixed_precision, device, cpu_bf16_candidate=candidate
+    )
     if cfg.quant is not None:
         c.run("quant.compute_dtype", resolve_compute_dtype, cfg.quant.compute_dtype, device)
     if cfg.distributed.strategy == "deepspeed":

@@ -80,3 +80,53 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     if "position_ids" in batch and "attention_mask" not in batch:
         kwargs["use_cache"] = False
     return kwargs
+
+
+def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split one micro-batch's rows into forward passes of at most ``max_tokens`` padded tokens each.
+
+    Rows are taken shortest first (so rows of similar length share a pass and pad little) and a pass closes when
+    one more row would make ``rows x longest`` exceed ``max_tokens``; a row longer than the budget gets a pass of
+    its own. Every row lands in exactly one pass, so with losses normalised by the step's target count (see
+    ``training.loss``) the summed gradients are the micro-batch's own, while the activations held at once shrink
+    to one pass's and less padding is computed.
+
+    Args:
+        lengths: Token count of each row of the micro-batch.
+        max_tokens: Padded tokens per forward pass (rows x longest row).
+
+    Returns:
+        Row indices per pass, each list in ascending length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            passes.append(current)
+            current = []
+        current.append(i)
+    if current:
+        passes.append(current)
+    return passes
+
+
+def split_batch(batch: dict[str, Any], max_tokens: int | None) -> list[dict[str, Any]]:
+    """A collated causal-LM micro-batch as forward passes of at most ``max_tokens`` padded tokens each.
+
+    Rows are grouped by length (:func:`split_by_tokens`) and each pass is cut to its own longest row (batches are
+    right-padded), so the passes together hold exactly the micro-batch's rows and targets. Packed batches (no
+    ``attention_mask``), classification batches and batches within the budget come back whole.
+    """
+    if max_tokens is None or "attention_mask" not in batch or batch["labels"].dim() != 2:
+        return [batch]
+    if batch["input_ids"].numel() <= max_tokens:
+        return [batch]
+    import torch
+
+    lengths = batch["attention_mask"].sum(1).tolist()
+    passes = []
+    for rows in split_by_tokens(lengths, max_tokens):
+        index, width = torch.tensor(rows), max(lengths[i] for i in rows)
+        passes.append({k: v[index, :width] for k, v in batch.items()})
+    return passes

@@ -6,8 +6,13 @@ Each probe takes well under a second and is cached, so ``estimate`` can be calle
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -140,3 +145,46 @@ def kbit_seconds_per_weight(kind: str, bits: int) -> float:
 
     extra = _timed(lambda: run(qlayer), 5) - _timed(lambda: run(dense), 5)
     return max(extra, 0.0) / (4 * k * n)
+
+
+# Seam: "float32" or "bfloat16" replaces the measurement's answer (tests run as on a CPU without fast bf16, and
+# force bf16 where they test that path; also a diagnostic). Not a setting: train.mixed_precision is the user's.
+FORCE_CPU_DTYPE_ENV = "BITTUNE_FORCE_CPU_DTYPE"
+# bf16 must beat float32 by this much to be chosen: below it, bf16's rounding is not worth a marginal gain.
+BF16_MIN_SPEEDUP = 1.3
+
+
+@functools.cache
+def cpu_matmul_rates(m: int = 512, k: int = 576, n: int = 1536) -> dict[str, float]:
+    """Measured FLOP/s of an (m x k) @ (k x n) CPU matmul in float32 and in bfloat16, with the threads in use.
+
+    The default shape is a small model's MLP on a micro-batch (SmolLM2-135M: hidden 576, intermediate 1,536):
+    the rate a training step of such a model sees. CPUs with AMX or AVX512-BF16 run bf16 several times faster
+    than float32; CPUs without them (e.g. AMD Zen 1/2) emulate it and run it up to ~60x slower. ~0.1 s.
+    """
+    import torch
+
+    rates = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        c = torch.empty(m, n, dtype=dtype)
+        seconds = _timed(lambda a=a, b=b, c=c: torch.matmul(a, b, out=c), 5)
+        rates[name] = 2 * m * k * n / seconds
+    return rates
+
+
+def fastest_cpu_dtype(min_speedup: float = BF16_MIN_SPEEDUP) -> torch.dtype:
+    """``torch.bfloat16`` where this CPU runs a bf16 matmul at least ``min_speedup`` x float32's rate, else float32.
+
+    Measured, never assumed from CPU flags: the flags say what the CPU can decode, not what torch's kernels make
+    of it. Cached per process; the environment variable ``BITTUNE_FORCE_CPU_DTYPE`` (``float32`` / ``bfloat16``)
+    replaces the answer (a test seam). Use the result as the autocast dtype of training on CPU (weights, optimizer state
+    and the loss stay float32) and as the storage dtype of a frozen base.
+    """
+    import torch
+
+    forced = os.environ.get(FORCE_CPU_DTYPE_ENV)
+    if forced in ("float32", "bfloat16"):
+        return getattr(torch, forced)
+    rates = cpu_matmul_rates()
+    return torch.bfloat16 if rates["bfloat16"] >= min_speedup * rates["float32"] else torch.float32

@@ -105,6 +105,7 @@ def train_step(
     params: list[Any] | None = None,
     procs: Any = None,
     weights: list[float] | None = None,
+    max_tokens_per_pass: int | None = None,
 ) -> StepStats:
     """One optimizer step over ``batches`` (``grad_accum`` micro-batches): forward, backward, clip, update.
 
@@ -116,27 +117,43 @@ def train_step(
     Args:
         batches: Collated micro-batches (``bittune.data.make_collator``).
         loss_fn: :class:`bittune.training.loss.TaskLoss` (or ``DistillLoss``): ``loss_fn(logits, labels, inputs)``
-            returns the summed loss and its task part; ``loss_fn.targets(labels)`` counts the loss terms.
+            returns the summed loss and its task part; ``loss_fn.targets(labels)`` counts the loss terms. A causal
+            LM ``TaskLoss(..., head_at_targets=True)`` is computed from the hidden states at label positions
+            instead (:func:`bittune.training.loss.causal_lm_target_loss_sum`; plain PEFT/HF models only).
         params: The trainable parameters (default: those of ``model``).
         procs: :class:`bittune.training.distributed.Processes`; default plain PyTorch in one process.
         weights: Several processes only: 0.0 marks a placeholder micro-batch (this process has no rows of a short
             last batch but must run the collectives); default all 1.0.
+        max_tokens_per_pass: Run each micro-batch as forward passes of at most this many padded tokens
+            (:func:`bittune.data.collate.split_batch`); the gradients are the micro-batch's own.
     """
+    from bittune.data.collate import split_batch
     from bittune.training.distributed import OneProcess
     from bittune.training.evaluate import model_inputs
+    from bittune.training.loss import causal_lm_target_loss_sum, targets_only
 
     procs = procs or OneProcess()
+    at_targets = targets_only(loss_fn, model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     weights = weights or [1.0] * len(batches)
+    # Length-grouped passes (same targets and gradients); one process only: collectives and DeepSpeed's step
+    # boundary count micro-batches.
+    if max_tokens_per_pass is not None and procs.world == 1 and procs.strategy != "deepspeed":
+        split = [(w, p) for w, b in zip(weights, batches) for p in split_batch(b, max_tokens_per_pass)]
+        weights, batches = [w for w, _ in split], [p for _, p in split]
     targets = procs.total(sum(w * loss_fn.targets(b["labels"]) for w, b in zip(weights, batches)))
     tokens = procs.total(sum(w * count_tokens(b) for w, b in zip(weights, batches)))
     step_loss, task_loss = 0.0, None  # task_loss: the task part of a loss with other parts (distillation)
     for i, (weight, batch) in enumerate(zip(weights, batches)):
         with procs.accumulating(model, last=i == len(batches) - 1):
             inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
-            with procs.autocast():
-                logits = model(**inputs).logits
-            total, task = loss_fn(logits, labels, inputs)
+            if at_targets:  # causal LM: the output head only at label positions (same loss and gradients)
+                with procs.autocast():
+                    total, task = causal_lm_target_loss_sum(model, inputs, labels), None
+            else:
+                with procs.autocast():
+                    logits = model(**inputs).logits
+                total, task = loss_fn(logits, labels, inputs)
             loss = total / targets
             if weight != 1.0:
                 loss = loss * weight
@@ -330,7 +347,7 @@ def setup_loss(cfg: RunConfig, rt: Runtime) -> Any:
 
     task, d = cfg.model.task, cfg.distill
     if d is None:
-        return TaskLoss(task)
+        return TaskLoss(task, head_at_targets=True)
     from bittune.training.distill import DistillLoss, load_teacher
 
     # Its tokenizer, task and labels were checked by preflight; here only its weights load (frozen, eval mode).
@@ -342,11 +359,13 @@ def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -
     """Load the model to train: weights (k-bit for QLoRA), LoRA adapters, fake quantization for QAT.
 
     Returns:
-        (model, QatHook or None, sizes: trainable/total parameters and the weights' bytes by dtype)
+        (model, QatHook or None, sizes: trainable/total parameters, the weights' bytes by dtype, the compute
+        dtype choice and the speed levers applied)
     """
     from bittune.model import attach_lora, count_parameters, load_model, prepare_kbit_base, resolve_dtype
     from bittune.quant.api import bnb_config
-    from bittune.training.memory import weights_footprint
+    from bittune.training.memory import release_free_memory, weights_footprint
+    from bittune.training.speedups import apply_cpu_speedups, compute_choice
 
     t, m, lora, q = cfg.train, cfg.model, cfg.lora, cfg.quant
     # method: qlora -- the frozen base is stored in 4 or 8 bits by bitsandbytes
@@ -377,13 +396,21 @@ def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -
             model, task=m.task, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
             bias=lora.bias, modules_to_save=lora.modules_to_save,
         )  # fmt: skip
+    # CPU: bf16 frozen base + fp32 attention where bf16 was measured faster; fused LoRA linears (not under QAT,
+    # whose hook fake-quantizes W + BA inside PEFT's own forward)
+    plain_lora = lora is not None and cfg.qat is None
+    speedups = apply_cpu_speedups(model, device=rt.device, mixed_precision=rt.mixed_precision, lora=plain_lora)
+    compute = compute_choice(t.mixed_precision, rt.device, rt.mixed_precision)
     qat = None
     if cfg.qat is not None:
         from bittune.training.qat_hook import QatHook
 
         qat = QatHook.attach(model, cfg.qat, plan.stages)  # after LoRA: W + BA is what gets fake-quantized
     trainable, total = count_parameters(model)
-    return model, qat, {"trainable": trainable, "total": total, "footprint": weights_footprint(model)}
+    release_free_memory()  # what loading and converting the weights freed goes back before training starts
+    sizes = {"trainable": trainable, "total": total, "footprint": weights_footprint(model)}
+    sizes.update(compute=compute, speedups=speedups)
+    return model, qat, sizes
 
 
 def setup_optimizer(cfg: RunConfig, model: Any, plan: StepPlan, rt: Runtime) -> tuple[Any, Any, Any, list[Any]]:
@@ -520,9 +547,11 @@ def _start_note(run: Run) -> str:
     """The run's first line: how many processes (always), where, what trains, on how many rows, in how many steps.
 
     A launcher that asked for more processes than the run got (``accelerate launch --cpu --num_processes 2``
-    starts one) gets a warning line right below, with the command that starts them.
+    starts one) gets a warning line right below, with the command that starts them. The compute line says which
+    dtype the step runs in and why (measured), and which CPU speedups are on.
     """
     from bittune.training.distributed import launch_request
+    from bittune.training.speedups import describe
 
     cfg, rt, t, data = run.cfg, run.rt, run.cfg.train, run.data
     procs = f"{rt.world} processes ({rt.strategy})" if rt.world > 1 else "1 process"
@@ -535,6 +564,7 @@ def _start_note(run: Run) -> str:
         f"{run.plan.total_steps} steps of {t.batch_size}x{t.grad_accum}{' per process' if rt.world > 1 else ''}"
         + (run.qat.note() if run.qat is not None else "")
         + (f"; distilling from {cfg.distill.teacher}" if cfg.distill else "")
+        + f"\n  {describe(run.sizes['compute'], run.sizes['speedups'])}"
     )
     if short:
         n = request.count or "N"
@@ -589,6 +619,7 @@ def train_loop(run: Run, state: RunState) -> bool:
             stats = train_step(
                 run.model, run.optimizer, run.scheduler, batches, loss_fn=run.loss_fn, device=rt.device,
                 max_grad_norm=t.max_grad_norm, params=run.params, procs=rt.procs, weights=weights,
+                max_tokens_per_pass=t.max_tokens_per_pass,
             )  # fmt: skip
             if stats.nonfinite is not None:
                 _on_nonfinite(run, state, stats, f"step {state.step + 1} (epoch {epoch}, batch group {index})")
@@ -769,6 +800,7 @@ def _summary(run: Run, state: RunState, final_dir: Path) -> dict[str, Any]:
             "weights_mb_by_dtype": {k: round(v / 2**20, 2) for k, v in footprint.items()},
             "weights_mb": round(sum(footprint.values()) / 2**20, 2),
         },
+        "compute": {**run.sizes["compute"], "speedups": run.sizes["speedups"]},
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
         "data": {k: vars(v) for k, v in data.stats.items()},

@@ -91,12 +91,35 @@ def make_accelerator(
     from accelerate import Accelerator
 
     kwargs: dict[str, Any] = {"cpu": device.type == "cpu", "mixed_precision": mixed_precision}
+    _forget_other_precision(mixed_precision)
     if strategy == "deepspeed":
         check_deepspeed(device)
         from accelerate.utils import DeepSpeedPlugin
 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
     return Accelerator(**kwargs)
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Let a later run in the same process use another autocast setting (one process only).
+
+    accelerate keeps one ``AcceleratorState`` per process and refuses a second ``Accelerator`` with another
+    ``mixed_precision``; a process that trains twice (tests, notebooks, the demo's LoRA then QLoRA run: bf16 on a
+    CPU measured fast, then float32 for k-bit) must start the state afresh. Launched processes never get here twice.
+    """
+    from accelerate.state import AcceleratorState, DistributedType
+
+    state = AcceleratorState._shared_state
+    if (
+        state
+        and state.get("_mixed_precision") != mixed_precision
+        and state.get("distributed_type")
+        in (
+            DistributedType.NO,
+            None,
+        )
+    ):
+        AcceleratorState._reset_state()
 
 
 def shard_model(model: torch.nn.Module, *, reshard_after_forward: bool) -> torch.nn.Module:
@@ -184,7 +207,7 @@ class Processes:
 
     def __init__(self, accelerator: Any, strategy: str = "ddp", grad_accum: int = 1) -> None:
         self.accelerator, self.strategy = accelerator, strategy
-        world = accelerator.num_processes
+        world = self.world = accelerator.num_processes
         # DDP / FSDP2 average gradients over processes: multiply by N to get the sum back. DeepSpeed also divides
         # by its gradient_accumulation_steps.
         self.scale = world * (grad_accum if strategy == "deepspeed" else 1)
@@ -210,6 +233,8 @@ class Processes:
 
 class OneProcess:
     """:class:`Processes` for plain PyTorch in one process: float32, no autocast, ``loss.backward()``."""
+
+    world, strategy = 1, "none"
 
     def total(self, value: float) -> float:
         return value
