@@ -63,8 +63,8 @@ def test_quick_demo(smollm2_dir: Path, cache: Path, tmp_path: Path, monkeypatch:
         "export_gguf", "report",
     }  # fmt: skip
     names = [m["name"] for m in record["models"]]
-    assert names == ["base SmolLM2-135M", "QLoRA-tuned (= merged fp32)", "merged, 4-bit NF4", "merged, 3-bit GPTQ",
-                     "GGUF"]  # fmt: skip
+    assert names == ["base SmolLM2-135M", "QLoRA-tuned (= merged fp32)", "merged, 4-bit int (RTN)",
+                     "merged, 3-bit GPTQ", "GGUF"]  # fmt: skip
     assert all(m["ranking_accuracy"] is not None and m["size_mb"] for m in record["models"])
     assert (out / "run" / "report" / "report.html").is_file() and (out / "smollm2-trec.gguf").is_file()
     assert json.loads(results.read_text()) == json.loads((out / "demo.json").read_text())
