@@ -11,6 +11,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads sleep instead of spinning (bittune.threads, as the CLI does): on shared cores spinning made
+# the in-process quick demo ~10x slower. Set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Tests run as on a CPU without fast bf16 (float32, the same on every machine; subprocesses inherit it); the tests
 # of the bf16 path force bfloat16 (bittune.plan.device.FORCE_CPU_DTYPE_ENV).
 os.environ.setdefault("BITTUNE_FORCE_CPU_DTYPE", "float32")
