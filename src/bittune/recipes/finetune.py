@@ -347,7 +347,10 @@ def setup_loss(cfg: RunConfig, rt: Runtime) -> Any:
 
     task, d = cfg.model.task, cfg.distill
     if d is None:
-        return TaskLoss(task, head_at_targets=True)
+        # The head-at-label-positions lever (training.loss.causal_lm_target_loss_sum, equivalence-tested) stays off
+        # by default until the fault-injection tests (NaN loss, forward counts) can reach it: they patch the full
+        # logits path that it skips.
+        return TaskLoss(task, head_at_targets=False)
     from bittune.training.distill import DistillLoss, load_teacher
 
     # Its tokenizer, task and labels were checked by preflight; here only its weights load (frozen, eval mode).
@@ -564,7 +567,6 @@ def _start_note(run: Run) -> str:
         f"{run.plan.total_steps} steps of {t.batch_size}x{t.grad_accum}{' per process' if rt.world > 1 else ''}"
         + (run.qat.note() if run.qat is not None else "")
         + (f"; distilling from {cfg.distill.teacher}" if cfg.distill else "")
-        + f"\n  {describe(run.sizes['compute'], run.sizes['speedups'])}"
     )
     if short:
         n = request.count or "N"
@@ -578,6 +580,7 @@ def _start_note(run: Run) -> str:
             + f"Start {n} processes with `bittune train CONFIG --nproc {n}` (or `accelerate launch --multi_gpu "
             f"--num_processes {n} -m bittune train CONFIG`)."
         )
+    text += f"\n  {describe(run.sizes['compute'], run.sizes['speedups'])}"  # after the warning, which belongs to line 1
     for split, st in data.stats.items():
         if st.truncated or st.dropped:
             text += f"\n  {split}: {st.truncated} rows truncated to {cfg.data.max_length} tokens, {st.dropped} dropped"
