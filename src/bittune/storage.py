@@ -2,8 +2,8 @@
 where an output may go.
 
 - :func:`atomic_dir` fills a hidden temp folder beside the target, flushes it, and renames it into place in one
-  step (``COMPLETE`` written last); :func:`atomic_write_text` does the same for one small file. A job killed at any
-  moment leaves the previous state untouched and nothing that looks finished but is not.
+  step (``COMPLETE`` written last); :func:`atomic_file` and :func:`atomic_write_text` do the same for one file.
+  A job killed at any moment leaves the previous state untouched and nothing that looks finished but is not.
 - :func:`remove_dir` renames a folder away before deleting it; :func:`sweep_stale_temp` removes what killed jobs
   left under hidden names.
 - :func:`check_output_path` is the one rule for output paths: never write over a user's files; replace (or
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bittune.errors import BittuneError, StorageError
@@ -112,6 +113,30 @@ def atomic_dir(final: Path, write: Callable[[Path], None], *, marker: bool = Tru
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a hidden temp path beside ``final`` to write one file to; when the block ends without error the file
+    is flushed and renamed onto ``final``, so readers see the previous file or the complete new one. The temp file
+    is removed on every way out.
+
+    Raises:
+        StorageError: on an OSError in the block or the rename (disk full, not writable); ``final`` is untouched.
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise StorageError(
+            f"could not write {final}: {exc.strerror or exc}", hint="free disk space or fix permissions, then retry"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bittune.errors import BittuneError, ModelLoadError, StorageError
+from bittune.errors import BittuneError, ModelLoadError
 from bittune.export.gguf_writer import check_architecture, permute_for_rotary, tensor_name_map
+from bittune.storage import atomic_file
 
 Log = Callable[[str], None]
 
@@ -101,31 +102,22 @@ def write_gguf_lora(
     tensors = adapter_tensors(state, model_config)
     ggml_type = gguf.GGMLQuantizationType.F16 if qtype == "f16" else gguf.GGMLQuantizationType.F32
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
-    try:
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_alpha(adapter_config))
-        writer.add_name(name)
-        ft = gguf.LlamaFileType
-        writer.add_file_type(ft.MOSTLY_F16 if qtype == "f16" else ft.ALL_F32)
-        for tname, data in tensors:
-            writer.add_tensor(tname, data.astype(np.float16 if qtype == "f16" else np.float32), raw_dtype=ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise StorageError(
-            f"could not write {out}: {exc.strerror or exc}", hint="free disk space or fix permissions, then retry"
-        ) from None
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_alpha(adapter_config))
+            writer.add_name(name)
+            ft = gguf.LlamaFileType
+            writer.add_file_type(ft.MOSTLY_F16 if qtype == "f16" else ft.ALL_F32)
+            for tname, data in tensors:
+                writer.add_tensor(tname, data.astype(np.float16 if qtype == "f16" else np.float32), raw_dtype=ggml_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return {
         "path": str(out),
         "bytes": out.stat().st_size,

@@ -11,13 +11,13 @@ to llama.cpp's quantizer). Two layout facts matter and are handled here:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bittune.errors import BittuneError, ModelLoadError, StorageError
+from bittune.errors import BittuneError, ModelLoadError
+from bittune.storage import atomic_file
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -183,7 +183,6 @@ def write_gguf(
         A summary: path, size in bytes, tensor count, count by GGML type.
     """
     import gguf
-    import torch
 
     from bittune.export.tokenizer_meta import build_tokenizer_meta
 
@@ -201,48 +200,50 @@ def write_gguf(
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    counts: dict[str, int] = {}
-    writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
-    try:
-        writer.add_name(name or str(getattr(cfg, "name_or_path", "") or "model"))
-        writer.add_file_type(_file_type(gguf, qtype))
-        if qtype in ("q8_0", "q4_0"):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _model_metadata(writer, cfg, spec, n_vocab)
-        meta.add_to(writer)
-        with torch.no_grad():
-            for hf_name, tensor in model.state_dict().items():
-                if tied and hf_name == "lm_head.weight":
-                    continue  # llama.cpp uses token_embd for the output when output.weight is absent
-                new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if new_name is None:
-                    raise ModelLoadError(
-                        f"{type(model).__name__} has a tensor {hf_name} with no llama.cpp counterpart",
-                        hint="export with --format hf instead",
-                    )
-                data = tensor.detach().to(torch.float32).cpu().numpy()
-                if spec.permute_qk and ".self_attn.q_proj." in hf_name:
-                    data = permute_for_rotary(data, n_heads)
-                elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
-                    data = permute_for_rotary(data, n_kv)
-                is_output = new_name == "output.weight" or (tied and new_name == "token_embd.weight")
-                target = tensor_type(gguf, new_name, data.shape, qtype, is_output=is_output)
-                writer.add_tensor(new_name, _convert(gguf, data, target), raw_dtype=target)
-                counts[target.name] = counts.get(target.name, 0) + 1
-        log(f"writing {sum(counts.values())} tensors ({', '.join(f'{v} {k}' for k, v in counts.items())})")
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise StorageError(
-            f"could not write {out}: {exc.strerror or exc}", hint="free disk space or fix permissions, then retry"
-        ) from None
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
+        try:
+            writer.add_name(name or str(getattr(cfg, "name_or_path", "") or "model"))
+            writer.add_file_type(_file_type(gguf, qtype))
+            if qtype in ("q8_0", "q4_0"):
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _model_metadata(writer, cfg, spec, n_vocab)
+            meta.add_to(writer)
+            counts = _add_tensors(writer, gguf, model, spec, name_map, qtype, tied=tied, heads=(n_heads, n_kv))
+            log(f"writing {sum(counts.values())} tensors ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return {"path": str(out), "bytes": out.stat().st_size, "tensors": sum(counts.values()), "types": counts}
+
+
+def _add_tensors(
+    writer: Any, gguf: Any, model: Any, spec: Any, name_map: Any, qtype: str, *, tied: bool, heads: tuple[int, int]
+) -> dict[str, int]:
+    """Add every weight of ``model`` under its llama.cpp name and type; returns the count by GGML type."""
+    import torch
+
+    n_heads, n_kv = heads
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for hf_name, tensor in model.state_dict().items():
+            if tied and hf_name == "lm_head.weight":
+                continue  # llama.cpp uses token_embd for the output when output.weight is absent
+            new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if new_name is None:
+                raise ModelLoadError(
+                    f"{type(model).__name__} has a tensor {hf_name} with no llama.cpp counterpart",
+                    hint="export with --format hf instead",
+                )
+            data = tensor.detach().to(torch.float32).cpu().numpy()
+            if spec.permute_qk and ".self_attn.q_proj." in hf_name:
+                data = permute_for_rotary(data, n_heads)
+            elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
+                data = permute_for_rotary(data, n_kv)
+            is_output = new_name == "output.weight" or (tied and new_name == "token_embd.weight")
+            target = tensor_type(gguf, new_name, data.shape, qtype, is_output=is_output)
+            writer.add_tensor(new_name, _convert(gguf, data, target), raw_dtype=target)
+            counts[target.name] = counts.get(target.name, 0) + 1
+    return counts

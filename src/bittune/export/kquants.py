@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bittune.errors import BittuneError, StorageError
+from bittune.errors import BittuneError
+from bittune.storage import atomic_file
 
 # --type -> gguf.LlamaFileType member (the llama_ftype llama.cpp's quantizer takes).
 LLAMACPP_TYPES: dict[str, str] = {
@@ -192,27 +193,19 @@ def write_llamacpp_quantized(
 
     out = Path(out)
     f32 = out.with_name(f".{out.name}.f32-{os.getpid()}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        write_gguf(model, tokenizer, f32, qtype="f32", name=name, log=log)
-        log(f"quantizing to {qtype} with llama.cpp" + (" and the importance matrix" if imatrix is not None else ""))
-        quantize_gguf(
-            f32,
-            tmp,
-            qtype,
-            imatrix=imatrix.mean_squares() if imatrix is not None else None,
-            imatrix_meta=imatrix.metadata() if imatrix is not None else None,
-        )
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise StorageError(
-            f"could not write {out}: {exc.strerror or exc}", hint="free disk space or fix permissions, then retry"
-        ) from None
+        with atomic_file(out) as tmp:
+            write_gguf(model, tokenizer, f32, qtype="f32", name=name, log=log)
+            log(f"quantizing to {qtype} with llama.cpp" + (" and the importance matrix" if imatrix is not None else ""))
+            quantize_gguf(
+                f32,
+                tmp,
+                qtype,
+                imatrix=imatrix.mean_squares() if imatrix is not None else None,
+                imatrix_meta=imatrix.metadata() if imatrix is not None else None,
+            )
     finally:
         f32.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     counts: dict[str, int] = {}
     reader = gguf.GGUFReader(out)
     for t in reader.tensors:
