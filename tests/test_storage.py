@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bittune.errors import ConfigError, StorageError
-from bittune.storage import COMPLETE, atomic_dir, check_output_path, is_complete
+from bittune.storage import COMPLETE, atomic_dir, atomic_file, check_output_path, is_complete
 
 
 def test_a_missing_or_empty_folder_is_fine(tmp_path):
@@ -71,3 +73,29 @@ def test_atomic_dir_marks_complete_and_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_dir(tmp_path / "b", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_atomic_file_replaces_only_a_complete_file_and_names_a_write_error(tmp_path: Path) -> None:
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_file(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+    with pytest.raises(StorageError, match=r"could not write .*model\.gguf"), atomic_file(out) as tmp:
+        raise OSError(28, "No space left on device")
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+    with atomic_file(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_weights_size_counts_a_gguf_file_and_a_folders_weight_files(tmp_path: Path) -> None:
+    from bittune.quant.report import weights_size
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m.gguf").write_bytes(b"x" * 7)
+    assert weights_size(tmp_path / "m") == 10 and weights_size(tmp_path / "m.gguf") == 7
+    assert weights_size(tmp_path / "m" / "config.json") is None and weights_size("owner/name") is None

@@ -34,17 +34,12 @@ def summary_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ranking_accuracy": (metrics.get("ranking") or {}).get("accuracy"),
                 "generation_accuracy": (metrics.get("generation") or {}).get("accuracy"),
                 "perplexity": metrics.get("eval_perplexity"),
-                "size_mb": m.get("size_mb") or _file_mb(m.get("path")),
+                "size_mb": m.get("size_mb"),
                 "tokens_per_s": round(tokens / eval_s, 1) if tokens and eval_s else None,
                 "answer_s": (metrics.get("generation") or {}).get("seconds"),
             }
         )
     return rows
-
-
-def _file_mb(path: str | None) -> float | None:
-    """A single-file model's size (the GGUF file; the report measures folders)."""
-    return round(Path(path).stat().st_size / 2**20, 2) if path and Path(path).is_file() else None
 
 
 def _pct(x: float | None) -> str:

@@ -21,7 +21,9 @@ _LATENCY_TOKENS = 128
 
 
 def weights_size(folder: str | Path | None) -> int | None:
-    """Bytes of the weight files in a local model/adapter folder (``None`` for a hub id)."""
+    """Bytes of the weight files in a local model/adapter folder, or of a ``.gguf`` file (``None`` for a hub id)."""
+    if folder is not None and Path(folder).is_file() and Path(folder).suffix.lower() == ".gguf":
+        return Path(folder).stat().st_size
     if folder is None or not Path(folder).is_dir():
         return None
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))

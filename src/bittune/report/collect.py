@@ -46,21 +46,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _kind(path: str) -> str:
+def _kind(artifact: Any) -> str:
     from bittune.compare import artifact_kind
-    from bittune.evaluation.loading import describe
 
     try:
-        return artifact_kind(describe(path))
+        return artifact_kind(artifact)
     except Exception:  # a model the describing code cannot classify is still measured
         return "model"
-
-
-def _size_mb(path: str) -> float | None:
-    from bittune.evaluation.loading import describe
-    from bittune.quant.flows import source_size_mb
-
-    return source_size_mb(describe(path))
 
 
 def measure_model(
@@ -81,8 +73,11 @@ def measure_model(
 
     log(f"report: {name} ({path}) ...")
     loaded = load_model(path, device=device)
-    entry: dict[str, Any] = {"name": name, "path": path, "kind": _kind(path), "load_s": loaded.load_s}
-    entry["size_mb"] = _size_mb(path)
+    from bittune.quant.flows import source_size_mb
+
+    artifact = loaded.artifact  # resolved once, by the load
+    entry: dict[str, Any] = {"name": name, "path": path, "kind": _kind(artifact), "load_s": loaded.load_s}
+    entry["size_mb"] = source_size_mb(artifact)
     if examples is not None:
         entry["metrics"] = evaluate_loaded(
             loaded, settings, examples=examples, labels="auto", log=lambda m: log(f"  {name}: {m}")
