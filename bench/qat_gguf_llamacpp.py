@@ -86,6 +86,15 @@ def llamacpp_accuracy(path: Path, tokenizer: Any, held: list[dict[str, str]]) ->
             "eval_s": round(time.perf_counter() - t0, 1), "answers": answers}  # fmt: skip
 
 
+def paired_tests(correct: dict[str, list[bool]]) -> list[dict[str, Any]]:
+    """QAT vs plain Q4_0, QAT vs float, plain Q4_0 vs float: the exact paired test on the same questions."""
+    from bittune.evaluation.metrics import paired_exact_test
+
+    float_, plain, qat = list(correct)
+    pairs = [(qat, plain), (qat, float_), (plain, float_)]
+    return [{"a": a, "b": b, **paired_exact_test(correct[a], correct[b])} for a, b in pairs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -103,23 +112,27 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bittune-qat-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    runs = {}
+    runs, reused = {}, []
     for name, qat in (("full", False), ("qat", True)):
         runs[name] = work / name
-        if not (runs[name] / "model" / "config.json").is_file():
+        if (runs[name] / "model" / "config.json").is_file():
+            reused.append(name)  # trained by an earlier invocation with the same --work: total_s excludes it
+        else:
             train_run(model_dir, files.train, runs[name], qat=qat, steps=args.steps, lr=args.lr)
     ggufs = {
         "float (full fine-tune, f16)": export(runs["full"], work / "full-f16.gguf", "f16"),
         "plain Q4_0 export of the float model": export(runs["full"], work / "full-q4_0.gguf", "q4_0"),
         "QAT gguf-q4_0 [8, 4], Q4_0 export": export(runs["qat"], work / "qat-q4_0.gguf", "q4_0"),
     }
-    results = []
+    results, correct = [], {}
     for label, path in ggufs.items():
         r = llamacpp_accuracy(path, tokenizer, held)
         answers = r.pop("answers")
+        correct[label] = [a == row["label"] for a, row in zip(answers, held)]
         results.append({"model": label, "file_mb": round(path.stat().st_size / 1024**2, 1), **r})
         log(str(results[-1]))
         (work / f"{path.stem}.answers.json").write_text(json.dumps(answers))
+    paired = paired_tests(correct)
     info = {
         "model": "SmolLM2-135M-Instruct (bundled GGUF, converted once to float32)",
         "training": f"full fine-tune, {args.steps} steps of 8 TREC chat rows, lr {args.lr} cosine, seed 0; QAT: "
@@ -128,9 +141,11 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpu threads",
         "llama_cpp_python": __import__("llama_cpp").__version__,
         "total_s": round(time.perf_counter() - t_all, 1),
+        "runs_reused_from_work": reused,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "qat_gguf_llamacpp.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+    report = {"info": info, "results": results, "paired": paired}
+    (args.out / "qat_gguf_llamacpp.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# QAT on llama.cpp's Q4_0 grid vs a plain Q4_0 export, accuracy in llama.cpp (SmolLM2-135M, demo task)",
         "",
@@ -141,6 +156,9 @@ def main() -> None:
     ]
     for r in results:
         lines.append(f"| {r['model']} | {r['file_mb']} | {100 * r['accuracy']:.1f}% | {r['correct']}/{r['n']} |")
+    lines += ["", "Paired on the same questions (exact McNemar test: questions only one of the two gets right):", ""]
+    lines += ["| a vs b | only a right | only b right | p |", "|---|---:|---:|---:|"]
+    lines += [f"| {p['a']} vs {p['b']} | {p['a_only']} | {p['b_only']} | {p['p_value']:.2g} |" for p in paired]
     (args.out / "qat_gguf_llamacpp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -29,6 +29,19 @@ def test_metrics_equal_hand_computed_values():
     assert m["confusion"]["labels"] == ["a", "b", "c", "(other)"]
 
 
+def test_paired_exact_test_equals_the_binomial_tail():
+    from bittune.evaluation.metrics import paired_exact_test
+
+    # rows: a right only on 3, b right only on 1, both right on 2 -> n=4 discordant, k=1: 2*(1+4)/16
+    a = [True, True, True, True, True, False, False]
+    b = [True, True, False, False, False, True, False]
+    assert paired_exact_test(a, b) == {"a_only": 3, "b_only": 1, "p_value": pytest.approx(10 / 16)}
+    assert paired_exact_test([True] * 8, [False] * 8)["p_value"] == pytest.approx(2 / 256)
+    assert paired_exact_test([True, False], [True, False])["p_value"] == 1.0  # no discordant rows: no evidence
+    with pytest.raises(ValueError):
+        paired_exact_test([True], [True, False])
+
+
 def test_classifier_macro_f1_keeps_its_old_meaning():
     from bittune.training.evaluate import macro_f1
 

@@ -1,4 +1,5 @@
-"""Metrics on fixed predictions: accuracy, macro-F1, per-class accuracy, confusion matrix, perplexity.
+"""Metrics on fixed predictions: accuracy, macro-F1, per-class accuracy, confusion matrix, perplexity, and an exact
+paired test of two models scored on the same rows.
 
 Pure Python (no torch), so every command that scores predictions (``eval``, ``compare``, ``report``, the demo)
 computes the same numbers from the same lists.
@@ -65,6 +66,22 @@ def per_class_accuracy(preds: Sequence[Any], golds: Sequence[Any], labels: Seque
         if rows:
             out[str(lab)] = sum(rows) / len(rows)
     return out
+
+
+def paired_exact_test(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict[str, Any]:
+    """Exact McNemar test of two models scored right/wrong on the same rows.
+
+    Only the rows where exactly one model is right carry evidence; under "equally accurate" each of those is a fair
+    coin, so the two-sided p-value is the binomial tail of the smaller count. Returns ``{"a_only", "b_only",
+    "p_value"}``: e.g. 27 vs 7 discordant rows gives p = 0.0008, 9 vs 8 gives p = 1.0.
+    """
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"{len(a_correct)} rows scored for model a, {len(b_correct)} for model b")
+    a_only = sum(1 for a, b in zip(a_correct, b_correct) if a and not b)
+    b_only = sum(1 for a, b in zip(a_correct, b_correct) if b and not a)
+    n, k = a_only + b_only, min(a_only, b_only)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": p}
 
 
 def label_metrics(preds: Sequence[Any], golds: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]:
