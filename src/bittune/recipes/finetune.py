@@ -341,10 +341,11 @@ def setup_loss(cfg: RunConfig, rt: Runtime) -> Any:
 
     task, d = cfg.model.task, cfg.distill
     if d is None:
-        # The head-at-label-positions lever (training.loss.causal_lm_target_loss_sum, equivalence-tested) stays off
-        # by default until the fault-injection tests (NaN loss, forward counts) can reach it: they patch the full
-        # logits path that it skips.
-        return TaskLoss(task, head_at_targets=False)
+        # Causal LM: the step applies the output head only at label positions where the model can be split into
+        # body and head (training.loss.targets_only; same loss and gradients). Classification ignores the flag.
+        return TaskLoss(task, head_at_targets=True)
+    # Distillation stays on the full-logits path: its KL term needs the student's whole logit vector at each label
+    # position (DistillLoss has no head_at_targets).
     from bittune.training.distill import DistillLoss, load_teacher
 
     # Its tokenizer, task and labels were checked by preflight; here only its weights load (frozen, eval mode).
