@@ -78,17 +78,18 @@ def test_learning_rate_follows_the_schedule_formula(tiny_llama_dir, chat_file, t
 def test_eval_batch_size_sets_the_rows_per_eval_forward_and_not_the_result(
     tiny_llama_dir, chat_file, tmp_path, monkeypatch
 ):
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaModel
 
+    # The body's forward: evaluation (full logits) and the training step (head only at label positions) both run it.
     seen: list[tuple[bool, int]] = []
-    real = LlamaForCausalLM.forward
+    real = LlamaModel.forward
 
     def forward(self, *args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         seen.append((self.training, int(ids.shape[0])))
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+    monkeypatch.setattr(LlamaModel, "forward", forward)
     held_out = write_jsonl(tmp_path / "eval.jsonl", color_chat_rows(11, seed=5))
     results = {}
     for eval_bs in (None, 4):

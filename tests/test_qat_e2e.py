@@ -202,13 +202,22 @@ def test_causal_lm_distillation_from_a_teacher_run_dir(tiny_llama_dir, chat_file
     assert mean([r["task_loss"] for r in steps[-3:]]) < 0.7 * mean([r["task_loss"] for r in steps[:3]])
 
 
-def test_distillation_with_alpha_zero_trains_exactly_like_no_distillation(tiny_llama_dir, chat_file, tmp_path):
-    base = config(tiny_llama_dir, chat_file, tmp_path / "plain", method="full", qat=None, train={"max_steps": 4})
-    plain = train(config_from_dict(base), progress=False)
-    base["output_dir"] = str(tmp_path / "alpha0")
-    base["distill"] = {"teacher": str(tiny_llama_dir), "alpha": 0.0}
-    alpha0 = train(config_from_dict(base), progress=False)
-    assert [r["loss"] for r in step_records(plain.run_dir)] == [r["loss"] for r in step_records(alpha0.run_dir)]
+def test_distillation_with_alpha_zero_trains_exactly_like_no_distillation(
+    tiny_llama_dir, chat_file, tmp_path, monkeypatch
+):
+    import bittune.training.loss as loss_module
+
+    def losses(out: Path, **sections) -> list[float]:
+        raw = config(tiny_llama_dir, chat_file, out, method="full", qat=None, train={"max_steps": 4}, **sections)
+        return [r["loss"] for r in step_records(train(config_from_dict(raw), progress=False).run_dir)]
+
+    plain = losses(tmp_path / "plain")  # the default: the output head only at label positions
+    alpha0 = losses(tmp_path / "alpha0", distill={"teacher": str(tiny_llama_dir), "alpha": 0.0})  # full logits
+    # Bit for bit against a plain run on distillation's own path (the full logits); within float rounding of the
+    # default path.
+    monkeypatch.setattr(loss_module, "targets_only", lambda loss_fn, model: False)
+    assert losses(tmp_path / "full-logits") == alpha0
+    assert plain == pytest.approx(alpha0, rel=1e-5)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

@@ -112,6 +112,26 @@ def test_accumulation_equals_big_batch(tiny_llama_dir, chat_file, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_causal_lm_run_applies_the_head_only_at_label_positions(tiny_llama_dir, chat_file, tmp_path, monkeypatch,
+                                                                  method):  # fmt: skip
+    """The recipe's default (issue 14): every training micro-batch takes causal_lm_target_loss_sum, the evals none."""
+    import bittune.training.loss as loss_module
+
+    real, calls = loss_module.causal_lm_target_loss_sum, []
+
+    def spy(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "causal_lm_target_loss_sum", spy)
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method, data={"eval_fraction": 0.1},
+                     train={"max_steps": 3, "grad_accum": 2, "eval_every": 1})  # fmt: skip
+    result = train(config_from_dict(raw), progress=False)
+    assert calls == [True] * 6  # 3 steps x 2 micro-batches, all with gradients; no eval went through it
+    assert "eval_loss" in result.final_metrics
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_is_bit_identical(tiny_llama_dir, chat_file, tmp_path, method):
     from safetensors.torch import load_file
 

@@ -27,18 +27,22 @@ def chat_file(tmp_path_factory) -> Path:
 
 
 def poison_loss_at(monkeypatch, bad_calls: set[int]) -> None:
-    """Make the loss NaN on the given forward passes (1-based), as a diverging run would."""
+    """Make the loss NaN on the given forward passes (1-based), as a diverging run would.
+
+    Patches ``micro_batch_loss``, which every training micro-batch goes through, whether the step takes the full
+    logits or the head only at label positions (evaluation does not use it).
+    """
     import bittune.training.loss as loss_module
 
-    real = loss_module.loss_sum
+    real = loss_module.micro_batch_loss
     calls = {"n": 0}
 
-    def fake(task, logits, labels):
+    def fake(*args, **kwargs):
         calls["n"] += 1
-        out = real(task, logits, labels)
-        return out * float("nan") if calls["n"] in bad_calls else out
+        total, task = real(*args, **kwargs)
+        return (total * float("nan"), task) if calls["n"] in bad_calls else (total, task)
 
-    monkeypatch.setattr(loss_module, "loss_sum", fake)
+    monkeypatch.setattr(loss_module, "micro_batch_loss", fake)
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
@@ -72,15 +76,15 @@ def poison_grad_at(monkeypatch, bad_calls: set[int]) -> None:
         def backward(ctx, grad):
             return grad * float("nan")
 
-    real = loss_module.loss_sum
+    real = loss_module.micro_batch_loss  # both loss paths of the step (see poison_loss_at)
     calls = {"n": 0}
 
-    def fake(task, logits, labels):
+    def fake(*args, **kwargs):
         calls["n"] += 1
-        out = real(task, logits, labels)
-        return NanGrad.apply(out) if calls["n"] in bad_calls else out
+        total, task = real(*args, **kwargs)
+        return (NanGrad.apply(total), task) if calls["n"] in bad_calls else (total, task)
 
-    monkeypatch.setattr(loss_module, "loss_sum", fake)
+    monkeypatch.setattr(loss_module, "micro_batch_loss", fake)
 
 
 def checkpoint(run: Path, step: int) -> tuple[dict, dict]:

@@ -204,16 +204,16 @@ def test_flatten_and_redact(monkeypatch, name):
 
 
 # A driver that makes the loss NaN on one forward pass (so the run stops there, as a crash would, after logging
-# the steps before it), then runs the CLI.
+# the steps before it), then runs the CLI. It patches micro_batch_loss: both loss paths of the step go through it.
 POISONED_TRAIN = """
 import sys
 import bittune.training.loss as loss_module
-real, calls = loss_module.loss_sum, [0]
-def poisoned(task, logits, labels):
+real, calls = loss_module.micro_batch_loss, [0]
+def poisoned(*args, **kwargs):
     calls[0] += 1
-    out = real(task, logits, labels)
-    return out * float("nan") if calls[0] == int(sys.argv[2]) else out
-loss_module.loss_sum = poisoned
+    total, task = real(*args, **kwargs)
+    return (total * float("nan"), task) if calls[0] == int(sys.argv[2]) else (total, task)
+loss_module.micro_batch_loss = poisoned
 from bittune.cli import main
 main(["train", sys.argv[1]])
 """

@@ -121,6 +121,8 @@ def test_a_placeholder_micro_batch_adds_nothing(tiny_llama_dir, batches):
 
 
 def test_a_non_finite_loss_skips_the_update_and_says_so(tiny_llama_dir, batches):
+    # TaskLoss's default is the full-logits path, where __call__ computes the loss (the recipe's runs poison the
+    # other path too: tests/test_reliability.py).
     class Poisoned(TaskLoss):
         def __call__(self, logits, labels, inputs):
             total, part = super().__call__(logits, labels, inputs)
@@ -218,3 +220,25 @@ def test_token_budgeted_passes_are_the_plain_step(tiny_llama_dir, batches):
     assert b.tokens == a.tokens
     for name, g in grads_a.items():
         torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_evaluation_is_the_full_logits_loss_whatever_the_step_takes(tiny_llama_dir, batches, monkeypatch):
+    """Head-at-label-positions is the training step's lever: ``evaluate`` (the recipe's evals, ``bittune eval``)
+    computes the loss from the full logits exactly as before, and never through the step's loss paths."""
+    import bittune.training.loss as loss_module
+    from bittune.data.collate import count_targets
+    from bittune.training.evaluate import evaluate, model_inputs
+
+    model = lora_model(tiny_llama_dir).eval()
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        total, at_targets = 0.0, 0.0
+        for b in batches:
+            inputs = model_inputs(b, cpu)
+            total += float(loss_module.causal_lm_loss_sum(model(**inputs).logits, b["labels"]))
+            at_targets += float(loss_module.causal_lm_target_loss_sum(model, inputs, b["labels"]))
+    targets = sum(count_targets("causal-lm", b["labels"]) for b in batches)
+    for name in ("micro_batch_loss", "causal_lm_target_loss_sum"):
+        monkeypatch.setattr(loss_module, name, lambda *a, **k: pytest.fail("evaluation took the training step's path"))
+    assert evaluate(model, batches, task="causal-lm", device=cpu)["eval_loss"] == total / targets  # bit for bit
+    assert at_targets == pytest.approx(total, rel=1e-6)  # the lever's value: the same up to float rounding

@@ -117,9 +117,10 @@ def train_step(
     Args:
         batches: Collated micro-batches (``bittune.data.make_collator``).
         loss_fn: :class:`bittune.training.loss.TaskLoss` (or ``DistillLoss``): ``loss_fn(logits, labels, inputs)``
-            returns the summed loss and its task part; ``loss_fn.targets(labels)`` counts the loss terms. A causal
-            LM ``TaskLoss(..., head_at_targets=True)`` is computed from the hidden states at label positions
-            instead (:func:`bittune.training.loss.causal_lm_target_loss_sum`; plain PEFT/HF models only).
+            returns the summed loss and its task part; ``loss_fn.targets(labels)`` counts the loss terms. Each
+            micro-batch's loss comes from :func:`bittune.training.loss.micro_batch_loss`: from the full logits, or
+            for a causal-LM ``TaskLoss(..., head_at_targets=True)`` from the hidden states at label positions
+            (:func:`bittune.training.loss.causal_lm_target_loss_sum`; plain PEFT/HF models only).
         params: The trainable parameters (default: those of ``model``).
         procs: :class:`bittune.training.distributed.Processes`; default plain PyTorch in one process.
         weights: Several processes only: 0.0 marks a placeholder micro-batch (this process has no rows of a short
@@ -130,10 +131,9 @@ def train_step(
     from bittune.data.collate import split_batch
     from bittune.training.distributed import OneProcess
     from bittune.training.evaluate import model_inputs
-    from bittune.training.loss import causal_lm_target_loss_sum, targets_only
+    from bittune.training.loss import micro_batch_loss
 
     procs = procs or OneProcess()
-    at_targets = targets_only(loss_fn, model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     weights = weights or [1.0] * len(batches)
     # Length-grouped passes (same targets and gradients); one process only: collectives and DeepSpeed's step
@@ -147,13 +147,7 @@ def train_step(
     for i, (weight, batch) in enumerate(zip(weights, batches)):
         with procs.accumulating(model, last=i == len(batches) - 1):
             inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
-            if at_targets:  # causal LM: the output head only at label positions (same loss and gradients)
-                with procs.autocast():
-                    total, task = causal_lm_target_loss_sum(model, inputs, labels), None
-            else:
-                with procs.autocast():
-                    logits = model(**inputs).logits
-                total, task = loss_fn(logits, labels, inputs)
+            total, task = micro_batch_loss(model, loss_fn, inputs, labels, autocast=procs.autocast)
             loss = total / targets
             if weight != 1.0:
                 loss = loss * weight
@@ -347,10 +341,11 @@ def setup_loss(cfg: RunConfig, rt: Runtime) -> Any:
 
     task, d = cfg.model.task, cfg.distill
     if d is None:
-        # The head-at-label-positions lever (training.loss.causal_lm_target_loss_sum, equivalence-tested) stays off
-        # by default until the fault-injection tests (NaN loss, forward counts) can reach it: they patch the full
-        # logits path that it skips.
-        return TaskLoss(task, head_at_targets=False)
+        # Causal LM: the step applies the output head only at label positions where the model can be split into
+        # body and head (training.loss.targets_only; same loss and gradients). Classification ignores the flag.
+        return TaskLoss(task, head_at_targets=True)
+    # Distillation stays on the full-logits path: its KL term needs the student's whole logit vector at each label
+    # position (DistillLoss has no head_at_targets).
     from bittune.training.distill import DistillLoss, load_teacher
 
     # Its tokenizer, task and labels were checked by preflight; here only its weights load (frozen, eval mode).

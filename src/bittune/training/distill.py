@@ -164,7 +164,9 @@ class DistillLoss:
     """The step's loss with a teacher: :func:`distillation_loss_sum` of the student's and the teacher's logits.
 
     Called like :class:`bittune.training.loss.TaskLoss`; returns ``(total_sum, task_sum)``. The teacher's forward
-    runs under the same autocast as the student's, without gradients.
+    runs under the same autocast as the student's, without gradients. It has no ``head_at_targets``: the KL term
+    needs the student's whole logit vector (every vocabulary entry, with its graph) at each label position, which
+    :func:`bittune.training.loss.causal_lm_target_loss_sum` does not expose, so the step gives it the full logits.
     """
 
     def __init__(

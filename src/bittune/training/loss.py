@@ -7,6 +7,8 @@ divided by the number of target tokens in the whole step, so the accumulated gra
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -183,3 +185,29 @@ class TaskLoss:
 def targets_only(loss_fn: Any, model: torch.nn.Module) -> bool:
     """Whether the step computes ``loss_fn``'s loss with the head only at label positions for ``model``."""
     return bool(getattr(loss_fn, "head_at_targets", False)) and supports_target_loss(model)
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    loss_fn: Any,
+    inputs: dict[str, Any],
+    labels: torch.Tensor,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One training micro-batch's ``(summed loss, task part or None)``, as ``loss_fn`` defines it.
+
+    The one place where the training step runs the model and its loss, whichever path it takes (so a test that
+    injects a bad loss patches this): with :func:`targets_only`, the causal LM's head only at label positions
+    (:func:`causal_lm_target_loss_sum`); else ``loss_fn`` of the full logits (classification, a model that cannot
+    be split, and :class:`bittune.training.distill.DistillLoss`, whose KL term needs the student's logits).
+
+    Args:
+        autocast: The forward's autocast context (``Processes.autocast``); the loss itself is computed in float32.
+    """
+    if targets_only(loss_fn, model):
+        with autocast():
+            return causal_lm_target_loss_sum(model, inputs, labels), None
+    with autocast():
+        logits = model(**inputs).logits
+    return loss_fn(logits, labels, inputs)
