@@ -105,15 +105,25 @@ def activation_bytes(shape: ModelShape, spec: ActivationSpec, tokens: int) -> di
     return {"layers": shape.layers * per_layer * tokens, "recompute": 0.0, "other": other}
 
 
-def logits_bytes(shape: ModelShape, *, tokens: int, act_bytes: int, classification: bool) -> float:
-    """Peak bytes of the logits and the float32 cross-entropy, at the start of backward.
+def logits_bytes(
+    shape: ModelShape, *, tokens: int, act_bytes: int, classification: bool, head_at_targets: bool = False
+) -> float:
+    """Peak bytes of the logits and the float32 cross-entropy, at the start of backward (or the end of forward).
 
-    The recipe's loss takes ``logits[:, :-1].float()``, reshapes it (a copy, in float32), and cross-entropy keeps
-    its log-softmax (float32). At the start of backward, the loss gradient and the log-softmax gradient exist too.
-    Measured with a fixed malloc threshold: 4 float32 copies of (tokens x vocab) at the peak on CPU, and
-    3.5 under bf16 autocast (bf16 logits + 3 float32 copies).
+    Full logits (distillation, several processes): the recipe's loss takes ``logits[:, :-1].float()``, reshapes it
+    (a copy, in float32), and cross-entropy keeps its log-softmax (float32). At the start of backward, the loss
+    gradient and the log-softmax gradient exist too. Measured with a fixed malloc threshold: 4 float32 copies of
+    (tokens x vocab) at the peak on CPU, and 3.5 under bf16 autocast (bf16 logits + 3 float32 copies).
+
+    ``head_at_targets`` (the default causal-LM training loss, :data:`bittune.training.loss.HEAD_CHUNK`): the head
+    runs over at most one chunk of label positions at a time, whose logits (in the compute dtype) and their float32
+    softmax-gradient are the only vocabulary-wide tensors; counted as if every position were a label (an upper bound).
     """
     if classification or shape.head is None:
         return 0.0
     vocab = shape.head.out_features
+    if head_at_targets:
+        from bittune.training.loss import HEAD_CHUNK
+
+        return min(tokens, HEAD_CHUNK) * vocab * (act_bytes + FP32)
     return tokens * vocab * (act_bytes + 3 * FP32)

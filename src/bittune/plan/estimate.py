@@ -289,7 +289,8 @@ def _memory(cfg: RunConfig, run: _Run, shape: ModelShape, trainable: Trainable, 
         copies = 2 * (shape.linear_params + shape.head_params)
         comps.append(Component("autocast weight copies", copies / MB, "bf16 casts kept for backward", in_step=False))
     if logits:
-        comps.append(Component("logits + loss", logits / MB, "logits + 3 float32 loss copies", in_step=False))
+        note = "logits + 3 float32 loss copies" if cfg.distill else "one chunk of label positions' logits + softmax"
+        comps.append(Component("logits + loss", logits / MB, note, in_step=False))
     if not gpu:
         rho = _heap_retention(full=full, bits=bits, checkpointing=spec.checkpointing)
         churn = shape.layers * per_token * run.tokens
@@ -332,7 +333,12 @@ def _time(cfg, run: _Run, shape: ModelShape, trainable: Trainable, probe, info, 
 
 def _logits(cfg: RunConfig, run: _Run, shape: ModelShape) -> float:
     classification = cfg.model.task != "causal-lm"
-    return logits_bytes(shape, tokens=run.tokens, act_bytes=run.act_bytes, classification=classification)
+    # One process trains with the head at label positions (recipes.finetune.setup_loss); distillation needs the
+    # student's full logits.
+    at_targets = cfg.distill is None
+    return logits_bytes(
+        shape, tokens=run.tokens, act_bytes=run.act_bytes, classification=classification, head_at_targets=at_targets
+    )
 
 
 def _weights_note(dtype: str, bits: int | None) -> str:
