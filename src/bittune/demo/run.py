@@ -47,6 +47,7 @@ class Sizes:
     eval_batch: int
     quant4_method: str  # `quantize --bits 4 --method M`: int, not nf4 (NF4 rounds a QLoRA merge back to its base)
     gptq_calib_tokens: int  # GPTQ's calibration tokens, from the training questions
+    quant_eval: bool  # quantize also measures its model against the merged one (the report measures both anyway)
     gguf_type: str  # f16 | q8_0 | q4_0 (bittune's own writer; no llama.cpp needed)
     samples: tuple[int, int]  # the report's side-by-side replies: (prompts, new tokens each)
     # The MiniLM sentiment classifier (configs/demo_sentiment.yaml; bittune/demo/sentiment.py)
@@ -70,6 +71,7 @@ SIZES: dict[str, Sizes] = {
         eval_batch=32,
         quant4_method="int",
         gptq_calib_tokens=4096,
+        quant_eval=True,
         gguf_type="q4_0",
         samples=(4, 48),
         cls_n_train=None,
@@ -90,8 +92,9 @@ SIZES: dict[str, Sizes] = {
         eval_batch=18,
         quant4_method="int",
         gptq_calib_tokens=256,
+        quant_eval=False,
         gguf_type="q4_0",
-        samples=(2, 16),
+        samples=(2, 8),  # enough for a one-word label and its end of turn
         cls_n_train=320,
         cls_n_eval=64,
         cls_steps=10,
@@ -291,12 +294,13 @@ def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, si
         rep = merge_run(run_dir, merged, data=str(data.eval), log=story.detail)
         story.say(_delta_line(rep))
     spec4 = spec_from_cli(bits=4, method=sizes.quant4_method)
+    measure = str(data.eval) if sizes.quant_eval else None  # the merged folder is no run: None measures nothing
     with story.phase("quantize_4bit", f"quantize the merged model to 4 bits ({spec4.label()})"):
-        rep = quantize_path(merged, spec4, q4, data=str(data.eval), log=story.detail)
+        rep = quantize_path(merged, spec4, q4, data=measure, log=story.detail)
         story.say(_delta_line(rep))
     spec3 = spec_from_cli(bits=3, method="gptq", calibration_tokens=sizes.gptq_calib_tokens)
     with story.phase("quantize_3bit", f"quantize to 3 bits with GPTQ ({spec3.label()}, calibrated on train.jsonl)"):
-        rep = quantize_path(merged, spec3, gptq, data=str(data.eval), calib=str(data.train), log=story.detail)
+        rep = quantize_path(merged, spec3, gptq, data=measure, calib=str(data.train), log=story.detail)
         story.say(_delta_line(rep))
     with story.phase("export_gguf", f"export GGUF ({sizes.gguf_type}) for llama.cpp / ollama"):
         res = export_model(str(merged), fmt="gguf", qtype=sizes.gguf_type, out=gguf, log=story.detail)
@@ -311,9 +315,10 @@ def _delta_line(report: dict[str, Any]) -> str:
         return "(not measured)"
     first, last = models[0], models[-1]
     ppl = [m.get("eval_perplexity") for m in (first, last)]
-    size = last.get("size_mb")
-    text = f"{last.get('name')}: token-level perplexity {ppl[0]:.3f} -> {ppl[1]:.3f}" if None not in ppl else ""
-    return text + (f", {size:.0f} MB on disk" if size else "")
+    size = f"{last['size_mb']:.0f} MB on disk" if last.get("size_mb") else "size not measured"
+    if None in ppl:
+        return f"{last.get('name')}: {size} (quality: measured in the report)"
+    return f"{last.get('name')}: token-level perplexity {ppl[0]:.3f} -> {ppl[1]:.3f}, {size}"
 
 
 def report_phase(
