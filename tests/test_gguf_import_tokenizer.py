@@ -105,3 +105,26 @@ def test_smollm2_import_tokenizes_like_llamacpp(monkeypatch: pytest.MonkeyPatch,
     finally:
         llm.close()
     assert len(docs) > 40 and not differ, differ
+
+
+def test_header_keys_are_read_without_parsing_the_file(tmp_path: Path) -> None:
+    """gguf_metadata (the architecture and tokenizer checks) reads what gguf's full reader reads, key by key."""
+    import gguf
+
+    from bittune.demo.assets import smollm2_gguf_path
+    from bittune.gguf_import import gguf_architecture, gguf_metadata, gguf_tokenizer_kind
+
+    path = smollm2_gguf_path()
+    fields = gguf.GGUFReader(path).fields
+    scalars = {
+        k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.") and not isinstance(f.contents(), list)
+    }
+    got = gguf_metadata(path, [*scalars, "tokenizer.ggml.tokens", "no.such.key"])
+    assert got.keys() == scalars.keys()  # arrays and absent keys are left out
+    for key, value in scalars.items():
+        assert got[key] == pytest.approx(value) if isinstance(value, float) else got[key] == value, key
+    assert gguf_architecture(path) == "llama" and gguf_tokenizer_kind(path) == ("gpt2", "smollm")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="ends inside its header"):
+        gguf_metadata(cut, ["tokenizer.chat_template"])

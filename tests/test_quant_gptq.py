@@ -62,6 +62,28 @@ def test_gptq_cuts_layer_output_error_against_round_to_nearest(bits: int, ratio:
     assert gptq == pytest.approx(float(direct), rel=1e-6)
 
 
+def test_layers_fed_the_same_input_are_solved_as_one_stack() -> None:
+    """q/k/v (or gate/up) see the same input, so the same Hessian: their stacked rows in one pass get exactly the
+    codes of a pass each (rows are independent given H), and shared_inputs finds such groups by their Hessians."""
+    from bittune.quant.gptq import shared_inputs
+
+    x = correlated_inputs(n=600, d=64)
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(rows, 64, generator=g) for rows in (48, 16, 16)]
+    h = hessian_of(x)
+    stacked = gptq_quantize_weight(torch.cat(ws), h, bits=3, group_size=16)
+    start = 0
+    for w in ws:
+        alone = gptq_quantize_weight(w, h, bits=3, group_size=16)
+        for a, b in zip(alone, stacked, strict=True):
+            assert torch.equal(a, b[start : start + w.shape[0]])
+        start += w.shape[0]
+    collectors = {n: HessianCollector(64) for n in ("q", "k", "o", "v")}
+    for name, c in collectors.items():
+        c(None, (x if name != "o" else x.flip(0)[:300],))
+    assert shared_inputs(list(collectors), collectors) == [["q", "k", "v"], ["o"]]
+
+
 def test_gptq_values_sit_on_the_stored_grid() -> None:
     # The stored codes reproduce the values GPTQ chose: re-quantizing the dequantized weight gives the same codes.
     x = correlated_inputs(d=64)

@@ -75,6 +75,33 @@ def test_report_numbers_equal_eval(report_dir: Path, label_run: Path):
     assert tuned["ranking"]["accuracy"] == ev["ranking"]["accuracy"]
 
 
+def test_report_reuses_models_measured_on_its_inputs(report_dir: Path, label_run: Path, tmp_path: Path):
+    """A model measured before the run trained (the demo's base), from the run config's data section, is the
+    report's own measurement: same numbers; reused as it is; refused when measured on other inputs."""
+    import shutil
+
+    from bittune.config import read_run_config
+    from bittune.errors import BittuneError
+    from bittune.report.build import write_report
+    from bittune.report.collect import measure_model, report_inputs
+
+    cfg = read_run_config(label_run)
+    base = measure_model("base", cfg.model.path, inputs=report_inputs(cfg.data, "causal-lm"), device="cpu")
+    reported = json.loads((report_dir / "report.json").read_text())
+    own = next(m for m in reported["models"] if m["name"] == "base")
+    assert base["inputs"] == own["inputs"] and base["metrics"]["eval_loss"] == own["metrics"]["eval_loss"]
+    assert base["metrics"]["ranking"]["accuracy"] == own["metrics"]["ranking"]["accuracy"]
+    assert base["replies"] == own["replies"]
+    marked = {**base, "metrics": {**base["metrics"], "eval_loss": -1.0}}  # visibly not measured again
+    copy = tmp_path / "run"
+    shutil.copytree(label_run, copy, ignore=shutil.ignore_patterns("report"))
+    folder = write_report(copy, device="cpu", measured=[marked])
+    data = json.loads((folder / "report.json").read_text())
+    assert [m["metrics"]["eval_loss"] for m in data["models"] if m["name"] == "base"] == [-1.0]
+    with pytest.raises(BittuneError, match="measured on other data"):
+        write_report(copy, device="cpu", measured=[marked], samples=(1, 8))
+
+
 def test_report_html_renders_in_chromium(report_dir: Path, tmp_path: Path):
     from bittune.report.browser import find_chromium, render_in_chromium
 

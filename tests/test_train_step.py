@@ -203,6 +203,42 @@ def test_the_cpu_speedups_keep_the_step(tiny_llama_dir, batches, mixed_precision
             assert F.cosine_similarity(grads_b[name].flatten(), g.flatten(), dim=0) >= 0.99, name
 
 
+def test_the_cpu_speedups_train_a_bert_classifier(tiny_bert_dir, tokenizer, tmp_path):
+    """A BERT classifier (nn.LayerNorm after a fused LoRA linear's float32 output) under the bf16 levers: its norms
+    stay float32 (CPU layer_norm refuses a float32 input with bf16 weights), and the step is the plain one within
+    bf16's tolerance."""
+    from bittune.data import make_collator, prepare_data
+    from bittune.model import attach_lora, load_model
+    from bittune.training.distributed import Processes, make_accelerator
+    from bittune.training.speedups import apply_cpu_speedups
+    from tiny import sentiment_rows
+
+    path = write_jsonl(tmp_path / "cls.jsonl", sentiment_rows(8, seed=1))
+    data = prepare_data(
+        train=str(path), eval=None, eval_fraction=0.0, fmt="classification", template="auto", max_length=32,
+        packing=False, train_on_prompt=False, system_prompt=None, columns={}, split="train", max_rows=None,
+        tokenizer=tokenizer, task="classification", seed=0,
+    )  # fmt: skip
+    batches = [make_collator("classification", tokenizer.pad_token_id, False)(data.train)]
+
+    def model():
+        torch.manual_seed(0)
+        m = load_model(str(tiny_bert_dir), task="classification", dtype=torch.float32, label_names=data.label_names)
+        m = attach_lora(m, task="classification", r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+        return m.eval()  # BERT's own dropout off: both steps see the same network
+
+    plain, fast = model(), model()
+    done = apply_cpu_speedups(fast, device=torch.device("cpu"), mixed_precision="bf16", lora=True)
+    assert done["frozen_bf16"] > 0 and done["fused_lora"] > 0
+    norms = [p for m in fast.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
+    assert norms and {p.dtype for p in norms} == {torch.float32}
+    assert torch.bfloat16 in {p.dtype for p in fast.parameters() if not p.requires_grad}  # the linears, embeddings
+    procs = Processes(make_accelerator(strategy="ddp", device=torch.device("cpu"), mixed_precision="bf16"), "ddp", 1)
+    a, _ = _step_and_grads(plain, batches, TaskLoss("classification"))
+    b, _ = _step_and_grads(fast, batches, TaskLoss("classification"), procs=procs)
+    assert b.loss == pytest.approx(a.loss, rel=2e-2) and b.grad_norm == pytest.approx(a.grad_norm, rel=5e-2)
+
+
 def test_token_budgeted_passes_are_the_plain_step(tiny_llama_dir, batches):
     """``max_tokens_per_pass``: each micro-batch as length-grouped passes; same loss, tokens and gradients."""
     from bittune.data.collate import split_batch

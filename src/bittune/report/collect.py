@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,36 +56,94 @@ def _kind(artifact: Any) -> str:
         return "model"
 
 
-def measure_model(
-    name: str,
-    path: str,
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a report measures every model on: its data (read once), the sample prompts and their decoding."""
+
+    settings: Any  # bittune.evaluation.core.DataSettings, or None: no quality table
+    examples: list[Any] | None
+    prompts: list[Any]
+    decoding: Any  # bittune.evaluation.generation.Decoding
+    sample_tokens: int = SAMPLE_TOKENS  # new tokens of each sample reply
+
+    def fingerprint(self) -> str:
+        """A digest of all of it (the data file's bytes included), stored with each model measured on it: a report
+        reuses a model's numbers only when they were measured on exactly these inputs."""
+        import dataclasses
+        import hashlib
+
+        key = {
+            "settings": dataclasses.asdict(self.settings) if self.settings is not None else None,
+            "rows": len(self.examples) if self.examples is not None else None,
+            "prompts": self.prompts,
+            "decoding": self.decoding.to_dict(),
+            "sample_tokens": self.sample_tokens,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+        if self.settings is not None and Path(self.settings.data).is_file():
+            digest.update(Path(self.settings.data).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def report_inputs(
+    run_data: Any,
+    task: str,
     *,
-    settings: Any,
-    examples: list[Any] | None,
-    prompts: list[Any],
-    decoding: Any,
-    device: str,
-    log: Log,
-) -> dict[str, Any]:
-    """Load ``path`` once: its metrics on the report's data (if any) and its replies to the sample prompts."""
+    data: str | None = None,
+    where: str = "the run",
+    samples: tuple[int, int] = (N_SAMPLES, SAMPLE_TOKENS),
+) -> ReportInputs:
+    """The data to measure on (``data``, else the run's eval file; none: no quality table) read and checked, the
+    sample prompts (its first rows, causal LMs) and their decoding, from a run's validated ``data:`` section.
+
+    Args:
+        run_data: ``cfg.data`` of a run config (before the run trains), or of a finished run.
+        task: ``causal-lm`` or ``classification``.
+        where: The run directory (for messages).
+        samples: ``(prompts, new tokens)`` of the side-by-side sample replies.
+    """
+    from bittune.evaluation.core import data_settings, label_pairs, read_examples
+    from bittune.evaluation.generation import Decoding
+
+    settings = examples = None
+    if data or run_data.eval:
+        settings = data_settings(where, data, recorded=run_data)
+        examples = read_examples(settings, task)
+    prompts: list[Any] = []
+    if examples is not None and task == "causal-lm":
+        prompts = label_pairs(examples[: samples[0]])[0]
+    decoding = Decoding(template=run_data.template or "auto", system_prompt=run_data.system_prompt)
+    return ReportInputs(settings, examples, prompts, decoding, samples[1])
+
+
+def measure_model(name: str, path: str, *, inputs: ReportInputs, device: str = "auto", log: Log = _quiet) -> dict:
+    """Load ``path`` once: its metrics on the report's data (if any) and its replies to the sample prompts.
+
+    Also what :func:`collect` takes as ``measured``: a model measured earlier on the same ``inputs`` (the demo
+    measures base and tuned as its story goes, and its report reuses those numbers).
+    """
     from bittune.evaluation.core import evaluate_loaded
     from bittune.evaluation.generation import generate_replies
     from bittune.evaluation.loading import load_model
 
-    log(f"report: {name} ({path}) ...")
+    log(f"measuring {name} ({path}) ...")
     loaded = load_model(path, device=device)
     from bittune.quant.flows import source_size_mb
 
     artifact = loaded.artifact  # resolved once, by the load
     entry: dict[str, Any] = {"name": name, "path": path, "kind": _kind(artifact), "load_s": loaded.load_s}
     entry["size_mb"] = source_size_mb(artifact)
-    if examples is not None:
+    entry["inputs"] = inputs.fingerprint()
+    if inputs.examples is not None:
         entry["metrics"] = evaluate_loaded(
-            loaded, settings, examples=examples, labels="auto", log=lambda m: log(f"  {name}: {m}")
+            loaded, inputs.settings, examples=inputs.examples, labels="auto", log=lambda m: log(f"  {name}: {m}")
         )
-    if prompts and loaded.task == "causal-lm":
-        sample_decoding = type(decoding)(**{**decoding.to_dict(), "max_new_tokens": SAMPLE_TOKENS})
-        entry["replies"] = generate_replies(loaded.model, loaded.tokenizer, prompts, sample_decoding, batch_size=8)
+    if inputs.prompts and loaded.task == "causal-lm":
+        decoding = inputs.decoding
+        sample_decoding = type(decoding)(**{**decoding.to_dict(), "max_new_tokens": inputs.sample_tokens})
+        entry["replies"] = generate_replies(
+            loaded.model, loaded.tokenizer, inputs.prompts, sample_decoding, batch_size=8
+        )
     del loaded
     gc.collect()
     return entry
@@ -116,47 +175,68 @@ def collect(
     gguf: Path | None = None,
     base: bool = True,
     device: str = "auto",
+    measured: list[dict[str, Any]] | None = None,
+    samples: tuple[int, int] = (N_SAMPLES, SAMPLE_TOKENS),
     log: Log = _quiet,
 ) -> dict[str, Any]:
     """Everything :mod:`bittune.report.render` needs: the run's records plus base / tuned / compared models measured
-    on the run's eval data (or ``data``) and on the same sample prompts."""
-    from bittune.evaluation.core import data_settings, label_pairs, read_examples
-    from bittune.evaluation.generation import Decoding
+    on the run's eval data (or ``data``) and on the same sample prompts.
+
+    Args:
+        measured: Models already measured by :func:`measure_model` on this report's inputs (by name and path), used
+            as they are instead of being measured again.
+        samples: ``(prompts, new tokens)`` of the side-by-side sample replies.
+
+    Raises:
+        BittuneError: a ``measured`` model that is not one of the report's, or was measured on other inputs.
+    """
     from bittune.evaluation.loading import describe
+    from bittune.inference import run_data
 
     run = read_run(run_dir)
     task = describe(str(run_dir)).task  # a run without final weights fails here, before anything loads
     compare = list(compare or [])
     for path in compare:
         describe(path)
-    settings = examples = None
-    if data or (run["config"].get("data") or {}).get("eval"):
-        settings = data_settings(str(run_dir), data)
-        examples = read_examples(settings, task)
-    prompts: list[Any] = []
-    if examples is not None and task == "causal-lm":
-        prompts = label_pairs(examples[:N_SAMPLES])[0]
-    cfg_data = run["config"].get("data") or {}
-    decoding = Decoding(template=cfg_data.get("template") or "auto", system_prompt=cfg_data.get("system_prompt"))
+    inputs = report_inputs(run_data(str(run_dir)), task, data=data, where=str(run_dir), samples=samples)
     models: list[tuple[str, str]] = []
     base_path = (run["config"].get("model") or {}).get("path")
     if base and base_path and task == "causal-lm":
         models.append(("base", str(base_path)))
     models.append(("tuned", str(run_dir)))
     models += [(Path(p).name or p, p) for p in compare]
-    kw = {"settings": settings, "examples": examples, "prompts": prompts, "decoding": decoding, "device": device}
-    run["models"] = [measure_model(name, path, log=log, **kw) for name, path in models]
+    reuse = _reusable(measured or [], models, inputs)
+    run["models"] = [
+        reuse.get(name) or measure_model(name, path, inputs=inputs, device=device, log=log) for name, path in models
+    ]
     run["task"] = task
-    run["data"] = settings.data if settings else None
-    run["prompts"] = prompts
-    run["decoding"] = {**decoding.to_dict(), "max_new_tokens": SAMPLE_TOKENS}
+    run["data"] = inputs.settings.data if inputs.settings else None
+    run["prompts"] = inputs.prompts
+    run["decoding"] = {**inputs.decoding.to_dict(), "max_new_tokens": inputs.sample_tokens}
     if gguf is not None:
-        replies = gguf_replies(Path(gguf), prompts)
+        replies = gguf_replies(Path(gguf), inputs.prompts, inputs.sample_tokens)
         run["gguf"] = {"path": str(gguf), "replies": replies}
         if replies is None:
             log("report: llama-cpp-python is not installed; the GGUF column is left out (make llamacpp)")
     run["quantization"] = [_quant_report(p) for p in compare if _quant_report(p)]
     return run
+
+
+def _reusable(
+    measured: list[dict[str, Any]], models: list[tuple[str, str]], inputs: ReportInputs
+) -> dict[str, dict[str, Any]]:
+    """``measured`` by name, each checked to be one of ``models`` (same path) measured on ``inputs``."""
+    paths = dict(models)
+    fingerprint = inputs.fingerprint()
+    out = {}
+    for entry in measured:
+        name = entry.get("name")
+        if paths.get(name) != entry.get("path"):
+            raise BittuneError(f"the report measures no model {name!r} at {entry.get('path')}")
+        if entry.get("inputs") != fingerprint:
+            raise BittuneError(f"{name} ({entry.get('path')}) was measured on other data or prompts than the report's")
+        out[name] = entry
+    return out
 
 
 def _quant_report(path: str) -> dict[str, Any] | None:

@@ -54,10 +54,16 @@ def store_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
     The in-place equivalent of loading the base in ``dtype`` and attaching LoRA (PEFT keeps adapters float32):
     the GPU recipe's frozen-base policy. Unlike :func:`store_frozen_linears` the embeddings and norms are cast too,
     so the residual stream runs in ``dtype`` and no linear input needs a cast under autocast.
+
+    Except ``torch.nn.LayerNorm`` (BERT's norms; Llama's RMSNorm is its own module, cast like the rest): PyTorch's
+    CPU ``layer_norm`` takes a 16-bit input with float32 parameters but not a float32 input with 16-bit ones, and
+    a fused LoRA linear's output is float32 (:mod:`bittune.training.fused_lora`), so BERT's
+    ``LayerNorm(dense(x) + residual)`` needs float32 parameters.
     """
+    keep = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     n = 0
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and id(p) not in keep:
             p.data = p.data.to(dtype)
             n += 1
     return n
