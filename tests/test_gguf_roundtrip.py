@@ -69,3 +69,27 @@ def test_gguf_tune_gguf_round_trip(tiny_llama_dir: Path, tmp_path: Path, monkeyp
     # The LoRA delta was merged: some weight changed.
     changed = [t.name for t, u in zip(a.tensors, b.tensors) if not (t.data == u.data).all()]
     assert changed
+
+
+def test_a_rewritten_gguf_replaces_its_older_conversion(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each `bittune demo` writes its GGUF anew at the same path: the cache keeps one conversion per path, not one
+    per write (a 135M model's folder is ~0.5 GB), and leaves other files' conversions alone."""
+    import os
+
+    from bittune.export.commands import export_model
+    from bittune.gguf_import import gguf_model_folder, is_complete
+
+    monkeypatch.setenv("BITTUNE_CACHE", str(tmp_path / "cache"))
+    path, other = tmp_path / "model.gguf", tmp_path / "other.gguf"
+    export_model(str(tiny_llama_dir), fmt="gguf", out=path, qtype="f32")
+    export_model(str(tiny_llama_dir), fmt="gguf", out=other, qtype="f32")
+    first, kept = gguf_model_folder(path), gguf_model_folder(other)
+    export_model(str(tiny_llama_dir), fmt="gguf", out=path, qtype="f16")  # the same path, written again
+    later = path.stat().st_mtime_ns + 10**9  # a later write, even on a coarse clock
+    os.utime(path, ns=(later, later))
+    second = gguf_model_folder(path)
+    assert second != first and is_complete(second)
+    assert not first.exists()  # the conversion of the file's earlier content is gone
+    assert is_complete(kept)  # another file's conversion stays

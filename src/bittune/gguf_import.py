@@ -420,7 +420,9 @@ def cached_conversion(source: Path, target: Path, convert: Convert, log: Log = _
 def gguf_model_folder(path: Path, log: Log = _quiet) -> Path:
     """The cached Hugging Face folder for a GGUF file given as ``model.path`` (converted on first use).
 
-    The cache key covers the file's resolved path, size and modification time, so an edited file is converted again.
+    The cache key covers the file's resolved path, size and modification time, so an edited file is converted again;
+    the conversion of its earlier content is then removed (one folder per path, not one per write: a file that is
+    written anew at the same path, like each `bittune demo`'s GGUF, would otherwise leave ~0.5 GB behind each time).
     """
     from bittune.cache import cache_dir
 
@@ -433,4 +435,21 @@ def gguf_model_folder(path: Path, log: Log = _quiet) -> Path:
     def convert(source: Path, tmp: Path, log: Log) -> None:
         convert_gguf(source, tmp, log, name=path.stem)
 
-    return cached_conversion(path, target, convert, log)
+    if is_complete(target):
+        return target
+    folder = cached_conversion(path, target, convert, log)
+    _remove_earlier_conversions(path, keep=folder)
+    return folder
+
+
+def _remove_earlier_conversions(source: Path, *, keep: Path) -> None:
+    """Remove the cache folders converted from earlier contents of ``source`` (their marker names it)."""
+    for folder in keep.parent.glob(f"{source.stem}-*"):
+        if folder == keep or not folder.is_dir():
+            continue
+        try:
+            info = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not a finished conversion (maybe another process's, in progress): leave it
+        if isinstance(info, dict) and info.get("source") == str(source):
+            shutil.rmtree(folder, ignore_errors=True)
