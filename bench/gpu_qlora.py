@@ -79,7 +79,8 @@ def make_data(path: Path, rows: int = 2000) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(150, 400)))}) + "\n")
 
 
-def run_one(name: str, overrides: dict, model: Path, data: Path, out: Path, steps: int, batch: int, seq: int) -> dict:
+def run_config(overrides: dict, model: Path, data: Path, out: Path, steps: int, batch: int, seq: int) -> dict:
+    """The run config of one configuration (full fine-tuning has no lora section: validation refuses one)."""
     cfg = {
         "model": {"path": str(model)},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
@@ -92,6 +93,13 @@ def run_one(name: str, overrides: dict, model: Path, data: Path, out: Path, step
             cfg.setdefault(key, {}).update(value)
         else:
             cfg[key] = value
+    if cfg.get("method") == "full":
+        del cfg["lora"]
+    return cfg
+
+
+def run_one(name: str, overrides: dict, model: Path, data: Path, out: Path, steps: int, batch: int, seq: int) -> dict:
+    cfg = run_config(overrides, model, data, out, steps, batch, seq)
     cfg_file = out.with_suffix(".yaml")
     cfg_file.write_text(yaml.safe_dump(cfg))
     t0 = time.time()
@@ -122,6 +130,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--work", default="/tmp/bittune-gpu-bench")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--only", nargs="*", help="the configurations whose names start with these words")
+    parser.add_argument("--make-model", action="store_true", help="only make the random model in --work")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -130,13 +140,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     vocab = len(AutoTokenizer.from_pretrained(args.tokenizer))
     model_dir = work / "llama-1.1b-random"
-    n_params = make_model(model_dir, vocab, args.tokenizer)
+    made = model_dir / "n_params.txt"  # a model this script made earlier in the same --work is reused
+    if not made.exists():
+        n = make_model(model_dir, vocab, args.tokenizer)
+        made.write_text(str(n))
+    n_params = int(made.read_text())
+    if args.make_model:
+        return
     data = work / "text.jsonl"
     make_data(data)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    chosen = {k: v for k, v in CONFIGS.items() if not args.only or any(k.startswith(w) for w in args.only)}
     results = [
         run_one(name, overrides, model_dir, data, work / f"run-{i}", args.steps, args.batch, args.seq)
-        for i, (name, overrides) in enumerate(CONFIGS.items())
+        for i, (name, overrides) in enumerate(chosen.items())
     ]
 
     device = torch.cuda.get_device_name(0)
@@ -157,13 +174,14 @@ def main() -> None:
             f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['peak_cuda_allocated_gb']:.2f} | "
             f"{r['weights_gb']:.2f} | {r['trainable']:,} |"
         )
-    lines += ["", f"Command: `python bench/gpu_qlora.py --tokenizer DIR --steps {args.steps}`"]
+    lines += ["", f"Command: `python bench/gpu_qlora.py --tokenizer DIR {' '.join(sys.argv[3:])}`"]
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_qlora.md").write_text(text + "\n")
-    (out / "gpu_qlora.json").write_text(json.dumps(results, indent=2))
+    stem = "gpu_qlora" if not args.only else "gpu_qlora_" + "_".join(w.lower().replace(" ", "") for w in args.only)
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

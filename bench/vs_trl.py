@@ -32,6 +32,11 @@ itself before torch loads; ``--no-passive`` turns it off), TRL with the OpenMP d
     python bench/vs_trl.py                          # 2 repetitions x 2 data sets: TRL fp32, bittune fp32 + auto
     python bench/vs_trl.py --dtypes fp32 auto bf16  # also TRL's bf16=True
     python bench/vs_trl.py --reps 2 --scale 0.25    # quick: a quarter of the rows
+    python bench/vs_trl.py --device cuda --model DIR --datasets pydoc --dtypes bf16 auto \
+        --rows 320 --max-length 1024 --batch 8 --accum 1   # on a GPU (bench/gpu_check.sh: a random 1.1B Llama)
+
+On a GPU both sides load the model in bf16 (TRL with ``bf16=True``, bittune's ``auto``) and the memory column is
+the peak CUDA memory torch allocated in the run's process.
 
 Writes ``bench/results/vs_trl.json`` and ``vs_trl.md``. TRL is a bench-only dependency: ``pip install
 'bittune[bench]'``.
@@ -67,7 +72,7 @@ def pydoc_rows(n: int) -> list[list[dict[str, str]]]:
     """``n`` conversations from the standard library's own pydoc topics (sorted, so every run builds the same)."""
     from pydoc_data.topics import topics
 
-    names = sorted(topics)[:n]
+    names = [sorted(topics)[i % len(topics)] for i in range(n)]  # cycled when n exceeds the topics (GPU runs)
     return [
         [
             {"role": "user", "content": f"Explain the Python language topic {name}"},
@@ -85,16 +90,21 @@ def trec_rows(n: int, work: Path) -> list[list[dict[str, str]]]:
     return [row["messages"] for row in read_jsonl(files.train)][:n]
 
 
-def write_data(work: Path, scale: float) -> dict[str, dict[str, Any]]:
-    """Each data set as bittune chat rows and as TRL prompt-completion rows (same conversations)."""
+def write_data(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each data set as bittune chat rows and as TRL prompt-completion rows (same conversations), with the
+    recipe's device, model folder and batch shape."""
     out = {}
-    for name, spec in DATASETS.items():
-        n = max(BATCH * ACCUM, round(spec["rows"] * scale))
+    for name in args.datasets:
+        spec = DATASETS[name]
+        n = args.rows or max(args.batch * args.accum, round(spec["rows"] * args.scale))
         convs = pydoc_rows(n) if name == "pydoc" else trec_rows(n, work)
         chat, pc = work / f"{name}.chat.jsonl", work / f"{name}.pc.jsonl"
         chat.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
         pc.write_text("".join(json.dumps({"prompt": c[:-1], "completion": c[-1:]}) + "\n" for c in convs))
-        out[name] = {"chat": str(chat), "pc": str(pc), "rows": n, "max_length": spec["max_length"]}
+        out[name] = {
+            "chat": str(chat), "pc": str(pc), "rows": n, "max_length": args.max_length or spec["max_length"],
+            "device": args.device, "model": args.model, "batch": args.batch, "accum": args.accum,
+        }  # fmt: skip
     return out
 
 
@@ -147,14 +157,15 @@ def child_trl(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampl
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    path = model_dir()
+    path = data["model"] or model_dir()
+    cpu = data["device"] == "cpu"
     rows = [json.loads(line) for line in Path(data["pc"]).read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if cpu else torch.bfloat16)
     args = SFTConfig(
         output_dir=str(out_dir),
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM,
+        per_device_train_batch_size=data["batch"],
+        gradient_accumulation_steps=data["accum"],
         learning_rate=LR,
         lr_scheduler_type="linear",
         num_train_epochs=1,
@@ -162,7 +173,7 @@ def child_trl(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampl
         packing=False,
         gradient_checkpointing=False,
         bf16=dtype == "bf16",
-        use_cpu=True,
+        use_cpu=cpu,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -209,15 +220,16 @@ def child_trl(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampl
 
 def bittune_config(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """The bittune run config of the shared recipe."""
+    cpu = data["device"] == "cpu"
     return {
-        "model": {"path": model_dir(), "dtype": "float32"},
+        "model": {"path": data["model"] or model_dir(), "dtype": "float32" if cpu else "auto"},
         "method": "lora",
         "lora": {**LORA, "target_modules": "all-linear"},
         "data": {"train": data["chat"], "format": "chat", "template": "auto", "max_length": data["max_length"]},
         "train": {
             "epochs": 1,
-            "batch_size": BATCH,
-            "grad_accum": ACCUM,
+            "batch_size": data["batch"],
+            "grad_accum": data["accum"],
             "lr": LR,
             "scheduler": "linear",
             "warmup_steps": 0,
@@ -225,7 +237,7 @@ def bittune_config(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             "max_grad_norm": 1.0,
             "seed": SEED,
             "log_every": 1,
-            "device": "cpu",
+            "device": data["device"],
         },
         "output_dir": str(out_dir / "run"),
     }
@@ -237,7 +249,7 @@ def child_bittune(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssS
     from bittune.recipes.finetune import train
     from bittune.training.metrics import MetricsLog
 
-    if dtype not in ("fp32", "auto"):
+    if dtype not in ("fp32", "auto") or (dtype == "fp32" and data["device"] != "cpu"):
         raise SystemExit("bittune train chooses its CPU compute dtype itself: fp32 (mixed_precision no) or auto")
     # When each step record is written: the first one, less its elapsed_s, is when the loop started.
     stamps: list[tuple[float, dict[str, Any]]] = []
@@ -289,10 +301,17 @@ def child_main(args: argparse.Namespace) -> None:
         "peak_rss_load_mb": sampler.peak_mb(end=res["start"]),
         "peak_rss_train_mb": sampler.peak_mb(start=res["start"], end=res["end"]),
         "setup_s": round(res["start"] - t0, 1),
+        **(cuda_peak() if data["device"] == "cuda" else {}),
         "losses": [round(x, 4) for x in res["losses"]],
         **{k: v for k, v in res.items() if k not in ("tokens", "start", "end", "losses")},
     }
     Path(args.result).write_text(json.dumps(out))
+
+
+def cuda_peak() -> dict[str, float]:
+    import torch
+
+    return {"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 # --- the parent ------------------------------------------------------------------------------------------------
@@ -315,7 +334,9 @@ def machine() -> dict[str, Any]:
             versions[pkg] = __import__(pkg).__version__
         except ImportError:
             versions[pkg] = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
+        "gpu": gpu,
         "cpu": model or platform.processor(),
         "cores": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30),
@@ -364,20 +385,24 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_train_mb": statistics.median(r["peak_rss_train_mb"] for r in ok),
         "peak_rss_load_mb": statistics.median(r["peak_rss_load_mb"] for r in ok),
         **({"levers": ok[0]["levers"]} if "levers" in ok[0] else {}),
+        **({"peak_cuda_mb": statistics.median(r["peak_cuda_mb"] for r in ok)} if "peak_cuda_mb" in ok[0] else {}),
         **({"compute": ok[0]["compute"]} if "compute" in ok[0] else {}),
     }
 
 
 def markdown(results: dict[str, Any], mach: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
+    cuda = args.device == "cuda"
+    model = f"the model in {args.model}" if args.model else "SmolLM2-135M-Instruct"
     lines = [
-        "# bittune vs TRL + PEFT (LoRA, CPU)",
+        f"# bittune vs TRL + PEFT (LoRA, {'GPU' if cuda else 'CPU'})",
         "",
-        f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['ram_gib']} GiB RAM; CPU flags: "
+        (f"GPU: {mach['gpu']}; " if cuda else "")
+        + f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['ram_gib']} GiB RAM; CPU flags: "
         f"{', '.join(mach['flags']) or 'none of avx512_bf16/amx'}; OMP_NUM_THREADS={args.threads}; "
         + ", ".join(f"{k} {v}" for k, v in mach["versions"].items() if v),
         "",
-        f"SmolLM2-135M-Instruct, LoRA r=16/alpha 32/dropout 0.05 all-linear, AdamW lr 2e-4, batch {BATCH} x "
-        f"grad-accum {ACCUM}, one epoch; {args.reps} repetitions per side, alternating, each run its own process. "
+        f"{model}, LoRA r=16/alpha 32/dropout 0.05 all-linear, AdamW lr 2e-4, batch {args.batch} x "
+        f"grad-accum {args.accum}, one epoch; {args.reps} repetitions per side, alternating, each run its own process. "
         "Tokens/s: real (non-padding) tokens of the epoch / time of the optimizer steps. Peak RSS: VmHWM of the "
         "run's process (load + train); train: the highest RSS sampled during the steps. "
         + (
@@ -388,20 +413,23 @@ def markdown(results: dict[str, Any], mach: dict[str, Any], args: argparse.Names
         ),
         "",
         "| data | dtype | side | real tokens | tokens/s median (min-max) | peak RSS MB median (min-max) "
-        "| RSS in train | vs TRL speed | vs TRL memory |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| RSS in train | vs TRL speed | vs TRL memory |" + (" peak CUDA MB |" if cuda else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""),
     ]
+    base_dtype = "fp32" if any(k.endswith("/fp32/trl") for k in results) else "bf16"
+    memory = "peak_cuda_mb" if cuda else "peak_rss_mb"
     for key, agg in results.items():
         ds, dtype, side = key.split("/")
         if "error" in agg:
             lines.append(f"| {ds} | {dtype} | {side} | failed: {agg['error'].splitlines()[-1][:80]} | | | | | |")
             continue
-        base = results.get(f"{ds}/fp32/trl", {})
+        base = results.get(f"{ds}/{base_dtype}/trl", {})
         t, m = agg["tokens_per_s"], agg["peak_rss_mb"]
         speed = mem = ""
         if "error" not in base and base:
             speed = f"{t['median'] / base['tokens_per_s']['median']:.2f}x"
-            mem = f"{m['median'] / base['peak_rss_mb']['median']:.2f}x"
+            mem_of = (lambda a: a[memory]["median"]) if not cuda else (lambda a: a[memory])
+            mem = f"{mem_of(agg) / mem_of(base):.2f}x"
         label = f"{side} ({agg['levers']})" if "levers" in agg else side
         if "compute" in agg:
             c = agg["compute"]
@@ -409,11 +437,12 @@ def markdown(results: dict[str, Any], mach: dict[str, Any], args: argparse.Names
         lines.append(
             f"| {ds} | {dtype} | {label} | {agg['tokens']:,} | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) "
             f"| {m['median']:,.0f} ({m['min']:,.0f}-{m['max']:,.0f}) | {agg['peak_rss_train_mb']:,.0f} "
-            f"| {speed} | {mem} |"
+            f"| {speed} | {mem} |" + (f" {agg.get('peak_cuda_mb', 0):,.0f} |" if cuda else "")
         )
     lines += [
         "",
-        "Ratios are against TRL fp32 on the same data (medians).",
+        f"Ratios are against TRL {base_dtype} on the same data (medians); memory: "
+        + ("peak CUDA memory allocated." if cuda else "peak RSS."),
         "",
         f"Command: `python bench/vs_trl.py {' '.join(sys.argv[1:])}` ({wall / 60:.1f} min).",
         "",
@@ -430,6 +459,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-passive", action="store_true", help="bittune sides without OMP_WAIT_POLICY=PASSIVE")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of each data set's rows (quick runs)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", help="a model folder (default: the demo's SmolLM2-135M-Instruct)")
+    p.add_argument("--rows", type=int, help="rows per data set (default: each set's own, times --scale)")
+    p.add_argument("--max-length", type=int, help="default: each data set's own")
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--accum", type=int, default=ACCUM)
     p.add_argument("--work", default="/tmp/bittune-vs-trl")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -448,8 +483,9 @@ def main() -> None:
     t_all = time.time()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir()  # convert once, before any timed child
-    data = write_data(work, args.scale)
+    if not args.model:
+        model_dir()  # convert once, before any timed child
+    data = write_data(work, args)
     runs: dict[str, list[dict[str, Any]]] = {}
     for rep in range(args.reps):
         order = args.sides if rep % 2 == 0 else list(reversed(args.sides))

@@ -65,3 +65,42 @@ def test_qlora_adapter_gives_same_logits_after_reload_on_gpu(tiny_llama_dir, cha
     ids = torch.tensor([[1, 5, 9, 20, 33, 4, 17]], device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-2, rtol=1e-2)
+
+
+def test_fused_lora_matches_peft_on_gpu():
+    """The GPU form of the fused LoRA linears (sum in bf16, as PEFT's) gives PEFT's loss and gradients on a GPU."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bittune.training.fused_lora import fuse_lora, unfuse_lora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 256, (3, 17), device="cuda")
+
+    def loss_and_grads():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    plain = loss_and_grads()
+    assert fuse_lora(model, float32_sum=False) == 14
+    fused = loss_and_grads()
+    unfuse_lora(model)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-2, atol=1e-2)
+    assert plain[1].keys() == fused[1].keys() and len(plain[1]) == 28
+    for name, want in plain[1].items():
+        rel = float((fused[1][name] - want).norm() / want.norm())
+        assert rel < 0.05, (name, rel)

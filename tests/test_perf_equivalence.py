@@ -221,10 +221,17 @@ def test_models_the_split_does_not_cover():
 # --- fused LoRA linears ---------------------------------------------------------------------------------------------
 
 
-def fused_vs_peft(dropout: float, autocast: bool = False, targets="all-linear"):
+def fused_vs_peft(dropout: float, autocast: bool = False, targets="all-linear", base_dtype=None, float32_sum=True):
     from bittune.training.fused_lora import fuse_lora, unfuse_lora
 
-    model = lora(tiny_llama(tied=False), dropout=dropout, targets=targets)
+    base = tiny_llama(tied=False)
+    if base_dtype is not None:  # as on a GPU: the frozen base stored in bf16 (or its bf16 values in float32)
+        base = base.to(torch.bfloat16).to(base_dtype)
+    model = lora(base, dropout=dropout, targets=targets)
+    if base_dtype is not None:
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
     model.train()
     inputs, labels = padded_batch()
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
@@ -235,7 +242,8 @@ def fused_vs_peft(dropout: float, autocast: bool = False, targets="all-linear"):
             return causal_lm_loss_sum(model(**inputs).logits, labels)
 
     plain = loss_and_grads(model, run)
-    n = fuse_lora(model, fast_mask=False)  # PEFT's own dropout masks, so the two paths can be compared exactly
+    # PEFT's own dropout masks, so the two paths can be compared exactly
+    n = fuse_lora(model, fast_mask=False, float32_sum=float32_sum)
     fused = loss_and_grads(model, run)
     assert unfuse_lora(model) == n
     again = loss_and_grads(model, run)
@@ -256,6 +264,45 @@ def test_fused_lora_under_bf16_autocast():
     _, exact, _ = fused_vs_peft(0.1)
     _, plain, fused = fused_vs_peft(0.1, autocast=True)
     assert_as_close_as(fused, plain, exact)
+
+
+def test_fused_lora_gpu_form_keeps_the_compute_dtype_like_peft():
+    """The GPU form (``float32_sum=False``; bf16 base, float32 adapters, bf16 autocast): each adapted linear returns
+    bf16 as PEFT's does; without dropout loss and gradients are PEFT's own bf16 ones, and with dropout (where the two
+    round in different places) the loss is as close to the float32 result as PEFT's, over several dropout draws."""
+    from bittune.training.fused_lora import fuse_lora
+
+    _, exact, _ = fused_vs_peft(0.0, base_dtype=torch.float32)  # the same bf16 weights, computed in float32
+    _, plain, fused = fused_vs_peft(0.0, autocast=True, base_dtype=torch.bfloat16, float32_sum=False)
+    assert_as_close_as(fused, plain, exact, slack=1.2)
+
+    def model(dtype, fused_form):
+        m = lora(tiny_llama(tied=False).to(torch.bfloat16).to(dtype), dropout=0.1)
+        for name, p in m.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+        if fused_form:
+            fuse_lora(m, fast_mask=False, float32_sum=False)
+        return m.train()
+
+    inputs, labels = padded_batch()
+
+    def loss(m, seed, autocast):
+        torch.manual_seed(seed)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return float(causal_lm_loss_sum(m(**inputs).logits, labels))
+
+    ref, peft_bf16, fused_bf16 = model(torch.float32, False), model(torch.bfloat16, False), model(torch.bfloat16, True)
+    err_peft = sum(abs(loss(peft_bf16, s, True) - loss(ref, s, False)) for s in range(8))
+    err_fused = sum(abs(loss(fused_bf16, s, True) - loss(ref, s, False)) for s in range(8))
+    assert err_fused <= 2 * err_peft, (err_fused, err_peft)
+    layer = fused_bf16.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    fuse_lora(fused_bf16, float32_sum=True)  # the CPU form: the sum in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.float32
 
 
 def test_fused_lora_leaves_other_layers_and_state_alone():

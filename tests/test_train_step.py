@@ -177,10 +177,10 @@ def test_the_cpu_speedups_keep_the_step(tiny_llama_dir, batches, mixed_precision
     loss within 0.5%, gradient norm within 3%, all gradients together within 5% of their norm, and each gradient
     tensor pointing the same way (cosine >= 0.99)."""
     from bittune.training.distributed import Processes, make_accelerator
-    from bittune.training.speedups import apply_cpu_speedups
+    from bittune.training.speedups import apply_speedups
 
     plain, fast = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
-    done = apply_cpu_speedups(fast, device=torch.device("cpu"), mixed_precision=mixed_precision, lora=True)
+    done = apply_speedups(fast, device=torch.device("cpu"), mixed_precision=mixed_precision, lora=True)
     assert done["fused_lora"] > 0 and (done.get("frozen_bf16", 0) > 0) == (mixed_precision == "bf16")
     frozen = {p.dtype for p in fast.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16 if mixed_precision == "bf16" else torch.float32}
@@ -210,7 +210,7 @@ def test_the_cpu_speedups_train_a_bert_classifier(tiny_bert_dir, tokenizer, tmp_
     from bittune.data import make_collator, prepare_data
     from bittune.model import attach_lora, load_model
     from bittune.training.distributed import Processes, make_accelerator
-    from bittune.training.speedups import apply_cpu_speedups
+    from bittune.training.speedups import apply_speedups
     from tiny import sentiment_rows
 
     path = write_jsonl(tmp_path / "cls.jsonl", sentiment_rows(8, seed=1))
@@ -228,7 +228,7 @@ def test_the_cpu_speedups_train_a_bert_classifier(tiny_bert_dir, tokenizer, tmp_
         return m.eval()  # BERT's own dropout off: both steps see the same network
 
     plain, fast = model(), model()
-    done = apply_cpu_speedups(fast, device=torch.device("cpu"), mixed_precision="bf16", lora=True)
+    done = apply_speedups(fast, device=torch.device("cpu"), mixed_precision="bf16", lora=True)
     assert done["frozen_bf16"] > 0 and done["fused_lora"] > 0
     norms = [p for m in fast.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
     assert norms and {p.dtype for p in norms} == {torch.float32}

@@ -363,7 +363,7 @@ def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -
     from bittune.model import attach_lora, count_parameters, load_model, prepare_kbit_base, resolve_dtype
     from bittune.quant.api import bnb_config
     from bittune.training.memory import release_free_memory, weights_footprint
-    from bittune.training.speedups import apply_cpu_speedups, compute_choice
+    from bittune.training.speedups import apply_speedups, compute_choice
 
     t, m, lora, q = cfg.train, cfg.model, cfg.lora, cfg.quant
     # method: qlora -- the frozen base is stored in 4 or 8 bits by bitsandbytes
@@ -394,10 +394,10 @@ def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -
             model, task=m.task, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
             bias=lora.bias, modules_to_save=lora.modules_to_save,
         )  # fmt: skip
-    # CPU: bf16 frozen base + fp32 attention where bf16 was measured faster; fused LoRA linears (not under QAT,
-    # whose hook fake-quantizes W + BA inside PEFT's own forward)
+    # CPU: bf16 frozen base + fp32 attention where bf16 was measured faster; CPU and GPU: fused LoRA linears (not
+    # under QAT, whose hook fake-quantizes W + BA inside PEFT's own forward)
     plain_lora = lora is not None and cfg.qat is None
-    speedups = apply_cpu_speedups(model, device=rt.device, mixed_precision=rt.mixed_precision, lora=plain_lora)
+    speedups = apply_speedups(model, device=rt.device, mixed_precision=rt.mixed_precision, lora=plain_lora)
     compute = compute_choice(t.mixed_precision, rt.device, rt.mixed_precision)
     qat = None
     if cfg.qat is not None:

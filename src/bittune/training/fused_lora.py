@@ -16,9 +16,11 @@ per element and was ~12% of a LoRA step on a 2-core Xeon; the default ``fast_mas
 per 64-bit random word (~3.4x faster), with the drop probability rounded to a multiple of 1/32,768 (0.05 ->
 0.04999) and the kept values scaled by that exact probability, so the layer stays unbiased.
 
-Under 16-bit compute the layer returns ``base + adapter`` in float32: early in training the adapter's share of the
-output is below bf16's resolution of it, and a bf16 sum would round the update away (measured: the loss curve then
-fell far more slowly than float32's).
+Under 16-bit compute on CPU the layer returns ``base + adapter`` in float32 (``float32_sum=True``): there the frozen
+base is stored in bf16 by bittune itself, early in training the adapter's share of the output is below bf16's
+resolution of it, and a bf16 sum would round the update away (measured: the loss curve then fell far more slowly
+than float32's). On a GPU (``float32_sum=False``) the sum stays in the compute dtype, as PEFT's own forward gives it
+under autocast: a float32 output there turns the residual stream float32 and costs a cast at every next linear.
 
 Parameters, state dicts and ``save_pretrained`` are untouched: only each layer's ``forward`` is replaced.
 """
@@ -64,10 +66,11 @@ def _fusable(module: torch.nn.Module) -> bool:
     )
 
 
-def fuse_lora(model: torch.nn.Module, *, fast_mask: bool = True) -> int:
+def fuse_lora(model: torch.nn.Module, *, fast_mask: bool = True, float32_sum: bool = True) -> int:
     """Replace the forward of every fusable LoRA linear in ``model``; returns how many were fused.
 
     ``fast_mask``: draw dropout masks the fast way (see the module docstring); False reproduces PEFT's masks.
+    ``float32_sum``: under 16-bit compute, return ``base + adapter`` in float32 (CPU) or in the compute dtype (GPU).
 
     Layers that are not plain LoRA over ``nn.Linear`` (k-bit bases, DoRA, several active adapters) keep PEFT's
     forward. Merged or disabled adapters fall back to PEFT's forward at call time. Undo with :func:`unfuse_lora`.
@@ -76,7 +79,7 @@ def fuse_lora(model: torch.nn.Module, *, fast_mask: bool = True) -> int:
     for module in model.modules():
         if _fusable(module):
             n += not hasattr(module, _FUSED)
-            setattr(module, _FUSED, {"fast_mask": fast_mask})
+            setattr(module, _FUSED, {"fast_mask": fast_mask, "float32_sum": float32_sum})
             module.forward = types.MethodType(_fused_forward, module)
     return n
 
@@ -101,19 +104,20 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     a, b = self.lora_A[name], self.lora_B[name]
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    options = getattr(self, _FUSED)
     with torch.autocast(x.device.type, enabled=False):
         # Autocast is applied by hand (one cast per tensor), so that backward computes in the same dtype.
         cast = (lambda t: t if t is None else t.to(dtype)) if dtype is not None else (lambda t: t)
         mask = None
         if p > 0:
-            mask, p = keep_mask(x, p, fast=getattr(self, _FUSED)["fast_mask"])
+            mask, p = keep_mask(x, p, fast=options["fast_mask"])
             if (dtype or x.dtype).itemsize == 2:
                 # Multiplying by a bool mask converts it on every use (3 per step, ~5x slower than the product
                 # itself); a 16-bit compute dtype keeps it converted once, at one more byte per element.
                 mask = mask.to(dtype or x.dtype)
         return _LoraLinear.apply(
             cast(x), cast(base.weight), cast(base.bias), cast(a.weight), cast(b.weight), float(self.scaling[name]), p,
-            mask,
+            mask, options["float32_sum"],
         )  # fmt: skip
 
 
@@ -121,12 +125,12 @@ class _LoraLinear(torch.autograd.Function):
     """``y = x W^T + bias + s * (drop(x) A^T) B^T`` with ``drop(x) = x * mask / (1 - p)``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, mask):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, mask, float32_sum):
         # drop(x) = (x * mask) / (1 - p): the division is folded into the rank-r side, s' = s / (1 - p).
         ax = F.linear(x if mask is None else x * mask, lora_a)  # [..., r], without the 1 / (1 - p)
         s = scaling / (1.0 - p)
         y = F.linear(x, weight, bias)
-        if y.dtype.itemsize == 2:
+        if float32_sum and y.dtype.itemsize == 2:
             # 16-bit compute: the sum is float32. Early in training the adapter's share of y (B starts at zero) is
             # below bf16's resolution of y (2^-8 relative): rounded into a bf16 y, the update would not be seen.
             y = y.float()
@@ -158,4 +162,4 @@ class _LoraLinear(torch.autograd.Function):
             grad_w = g2.T @ x2
         if need_b and ctx.has_bias:
             grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None, None

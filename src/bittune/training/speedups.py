@@ -1,4 +1,4 @@
-"""The CPU speed levers a LoRA run turns on after its model is built (issue 14; measured in BENCHMARKS.md).
+"""The speed levers a LoRA run turns on after its model is built (issue 14; measured in BENCHMARKS.md).
 
 Each lever keeps the loss curve (equivalence tests in tests/test_perf_equivalence.py and tests/test_train_step.py):
 
@@ -7,7 +7,9 @@ Each lever keeps the loss curve (equivalence tests in tests/test_perf_equivalenc
   cast; LoRA weights, their gradients and AdamW state stay float32) and attention is computed in float32 inside
   the autocast region (PyTorch's CPU flash-attention is ~10x slower in bf16 on short rows);
 * fused LoRA linears (:mod:`bittune.training.fused_lora`): no dropped copy of each input kept for backward, cheap
-  dropout masks; on CPU in float32 and bf16 alike.
+  dropout masks; on CPU in float32 and bf16 alike, and on a GPU, where they also drop PEFT's cast of every adapted
+  linear's input to float32 and back (the sum there stays in the compute dtype, as PEFT's is;
+  ``bench/gpu_lora_step.py``).
 
 The output head only at label positions is the loss's lever (:func:`bittune.training.loss.TaskLoss`,
 ``head_at_targets``), and thread / allocator settings are the process's (:mod:`bittune.threads`,
@@ -19,17 +21,21 @@ from __future__ import annotations
 from typing import Any
 
 
-def apply_cpu_speedups(model: Any, *, device: Any, mixed_precision: str, lora: bool) -> dict[str, Any]:
+def apply_speedups(model: Any, *, device: Any, mixed_precision: str, lora: bool) -> dict[str, Any]:
     """Turn on the levers that pay for this run, in place; returns what was done (for the run's first lines).
 
-    Nothing changes off CPU or without LoRA (full fine-tuning on CPU stays plain float32).
+    Nothing changes without LoRA (full fine-tuning stays plain); on a GPU only the fused LoRA linears apply.
     """
     import torch
 
     from bittune.training.fused_lora import fuse_lora
     from bittune.training.precision import store_frozen_weights, use_fp32_attention
 
-    if device.type != "cpu" or not lora:
+    if not lora:
+        return {}
+    if device.type == "cuda":
+        return {"fused_lora": fuse_lora(model, fast_mask=True, float32_sum=False)}
+    if device.type != "cpu":
         return {}
     done: dict[str, Any] = {}
     if mixed_precision == "bf16":
