@@ -395,6 +395,18 @@ def test_merge_into_gptq_calibrates_on_the_runs_train_file(lora_run: Path, chat_
 
 
 @pytest.mark.e2e
+def test_quantize_path_measures_on_the_runs_eval_file_unless_told_not_to(lora_run: Path, tmp_path: Path) -> None:
+    from bittune.quant.flows import quantize_path
+
+    spec = IntSpec(bits=4, group_size=16)
+    measured = quantize_path(str(lora_run), spec, tmp_path / "measured", device="cpu")
+    assert measured["data"] is not None and "eval_loss" in measured["models"][-1]
+    bare = quantize_path(str(lora_run), spec, tmp_path / "bare", measure=False, device="cpu")
+    assert bare["data"] is None and "eval_loss" not in bare["models"][-1]
+    assert (tmp_path / "bare" / "quant_report.json").exists()
+
+
+@pytest.mark.e2e
 def test_compare_writes_table_json_and_png(tiny_llama_dir: Path, lora_run: Path, chat_file: Path, tmp_path: Path):
     from bittune.compare import compare_models
     from bittune.quant.flows import quantize_path

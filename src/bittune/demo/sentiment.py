@@ -128,7 +128,8 @@ def quantize_phase(story: Any, trained: dict[str, Any], out_dir: Path) -> dict[s
         for bits in QUANT_BITS:
             spec = spec_from_cli(bits=bits, method="int")
             folder = out_dir / FOLDER / f"int{bits}"
-            quantize_path(run_dir, spec, folder, log=story.detail)
+            # measured once, beside the tuned model, by the report below (not also in each quantize step)
+            quantize_path(run_dir, spec, folder, measure=False, log=story.detail)
             folders.append(str(folder))
         report_dir = write_report(run_dir, compare=folders, log=story.detail)
         data = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))

@@ -182,6 +182,7 @@ def quantize_path(
     data_opts: dict[str, Any] | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    measure: bool = True,
     log: Log = _quiet,
 ) -> dict[str, Any]:
     """Quantize a model folder or run directory into ``out`` and write its quality report there.
@@ -194,6 +195,8 @@ def quantize_path(
         data: Data to measure quality on; default: the run's eval file, else quality is not measured.
         calib: GPTQ's calibration text; default: a run's train file (see :func:`calibration_data`).
         data_opts: ``fmt``, ``template``, ``max_length``, ``max_rows`` for reading ``data`` (and ``calib``).
+        measure: False: no quality measurement, not even on the run's eval file (for a caller that measures the
+            quantized model itself, e.g. in a report beside others: each measurement is a pass over the data).
 
     Returns:
         The report (also in ``out/quant_report.json`` and ``.md``).
@@ -210,7 +213,7 @@ def quantize_path(
     check_out_dir(out)
     artifact = as_artifact(source)
     source = artifact.path
-    data, data_note = _eval_data(artifact, data, train_fallback=False)
+    data, data_note = _eval_data(artifact, data, train_fallback=False) if measure else (None, None)
     calib = calibration_data(artifact, spec, calib)
     preflight(artifact, spec, data, calib)
     dev = resolve_device(device)
