@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling gpu_qlora.py: the same 1.1B model
+
 VARIANTS = ("full", "frozen_floor", "lora_peft", "lora_peft_nocast", "lora_fused", "lora_fused_f32sum")
 
 
@@ -44,10 +46,11 @@ def llama_config(tiny: bool = False) -> Any:
             vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False, use_cache=False,
         )  # fmt: skip
-    return LlamaConfig(
-        vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, use_cache=False,
-    )  # fmt: skip
+    from gpu_qlora import llama_1b_config
+
+    config = llama_1b_config()
+    config.use_cache = False
+    return config
 
 
 def build(variant: str, dropout: float, device: str, tiny: bool) -> tuple[Any, Any]:

@@ -45,12 +45,11 @@ CONFIGS = {
 }
 
 
-def make_model(path: Path, vocab: int, tokenizer_dir: str) -> int:
-    """A TinyLlama-shaped (1.1B) Llama with random weights, saved in bf16."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def llama_1b_config(vocab: int = 49152):
+    """TinyLlama's shape (1.1B parameters with SmolLM2's vocabulary of 49,152), the GPU benchmarks' model."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=2048,
         intermediate_size=5632,
@@ -60,9 +59,16 @@ def make_model(path: Path, vocab: int, tokenizer_dir: str) -> int:
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
+
+
+def make_model(path: Path, vocab: int, tokenizer_dir: str) -> int:
+    """A TinyLlama-shaped (1.1B) Llama with random weights, saved in bf16."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_1b_config(vocab)).to(torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
@@ -174,7 +180,8 @@ def main() -> None:
             f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['peak_cuda_allocated_gb']:.2f} | "
             f"{r['weights_gb']:.2f} | {r['trainable']:,} |"
         )
-    lines += ["", f"Command: `python bench/gpu_qlora.py --tokenizer DIR {' '.join(sys.argv[3:])}`"]
+    command = " ".join("DIR" if a == args.tokenizer else a for a in sys.argv[1:])
+    lines += ["", f"Command: `python bench/gpu_qlora.py {command}`"]
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

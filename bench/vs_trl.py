@@ -250,7 +250,7 @@ def child_bittune(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssS
     from bittune.training.metrics import MetricsLog
 
     if dtype not in ("fp32", "auto") or (dtype == "fp32" and data["device"] != "cpu"):
-        raise SystemExit("bittune train chooses its CPU compute dtype itself: fp32 (mixed_precision no) or auto")
+        raise SystemExit("bittune train chooses its compute dtype itself: auto, or on CPU fp32 (mixed_precision no)")
     # When each step record is written: the first one, less its elapsed_s, is when the loop started.
     stamps: list[tuple[float, dict[str, Any]]] = []
     log = MetricsLog.log

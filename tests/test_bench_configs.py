@@ -29,5 +29,5 @@ def test_gpu_benchmark_configs_validate(name, tmp_path):
         gpu_qlora.CONFIGS[name], tmp_path / "model", tmp_path / "text.jsonl", tmp_path / "run", 5, 8, 512
     )
     cfg = config_from_dict(raw)
-    assert cfg.method == raw["method"] if "method" in raw else cfg.method == "lora"
+    assert cfg.method == raw.get("method", "lora")
     assert (cfg.lora is None) == (cfg.method == "full")

@@ -221,17 +221,22 @@ def test_models_the_split_does_not_cover():
 # --- fused LoRA linears ---------------------------------------------------------------------------------------------
 
 
+def lora_on_bf16_base(base_dtype, dropout: float, targets="all-linear"):
+    """LoRA as on a GPU: the frozen base holds bf16 values (stored in ``base_dtype``), the adapters are float32."""
+    model = lora(tiny_llama(tied=False).to(torch.bfloat16).to(base_dtype), dropout=dropout, targets=targets)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    return model
+
+
 def fused_vs_peft(dropout: float, autocast: bool = False, targets="all-linear", base_dtype=None, float32_sum=True):
     from bittune.training.fused_lora import fuse_lora, unfuse_lora
 
-    base = tiny_llama(tied=False)
-    if base_dtype is not None:  # as on a GPU: the frozen base stored in bf16 (or its bf16 values in float32)
-        base = base.to(torch.bfloat16).to(base_dtype)
-    model = lora(base, dropout=dropout, targets=targets)
-    if base_dtype is not None:
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
+    if base_dtype is None:
+        model = lora(tiny_llama(tied=False), dropout=dropout, targets=targets)
+    else:
+        model = lora_on_bf16_base(base_dtype, dropout, targets)
     model.train()
     inputs, labels = padded_batch()
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
@@ -277,10 +282,7 @@ def test_fused_lora_gpu_form_keeps_the_compute_dtype_like_peft():
     assert_as_close_as(fused, plain, exact, slack=1.2)
 
     def model(dtype, fused_form):
-        m = lora(tiny_llama(tied=False).to(torch.bfloat16).to(dtype), dropout=0.1)
-        for name, p in m.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
+        m = lora_on_bf16_base(dtype, dropout=0.1)
         if fused_form:
             fuse_lora(m, fast_mask=False, float32_sum=False)
         return m.train()
