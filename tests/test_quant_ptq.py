@@ -401,8 +401,34 @@ def test_quantize_path_measures_on_the_runs_eval_file_unless_told_not_to(lora_ru
     spec = IntSpec(bits=4, group_size=16)
     measured = quantize_path(str(lora_run), spec, tmp_path / "measured", device="cpu")
     assert measured["data"] is not None and "eval_loss" in measured["models"][-1]
-    bare = quantize_path(str(lora_run), spec, tmp_path / "bare", measure=False, device="cpu")
-    assert bare["data"] is None and "eval_loss" not in bare["models"][-1]
+    assert "latency_ms" in measured["models"][0] and "latency_ms" in measured["models"][-1]
+
+
+def test_quantize_path_without_measuring_loads_once_and_measures_nothing(
+    lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """measure=False is for a caller that measures the quantized model itself: no pass over data, no latency runs,
+    no reload of the saved folder, and the adapter run is loaded once (merged), not once as trained and again."""
+    import bittune.artifacts
+    import bittune.quant.report
+    from bittune.quant.flows import quantize_path
+
+    loads: list[str] = []
+    real_load = bittune.artifacts.load
+
+    def counting_load(artifact, as_="trained", **kw):
+        loads.append(as_)
+        return real_load(artifact, as_=as_, **kw)
+
+    def no_measure(*a, **kw):
+        raise AssertionError("measure() called although measure=False")
+
+    monkeypatch.setattr(bittune.artifacts, "load", counting_load)
+    monkeypatch.setattr(bittune.quant.report, "measure", no_measure)
+    bare = quantize_path(str(lora_run), IntSpec(bits=4, group_size=16), tmp_path / "bare", measure=False, device="cpu")
+    assert loads == ["merged"]
+    assert bare["data"] is None and [set(m) for m in bare["models"]] == [{"name", "size_mb"}] * 2
+    assert bare["models"][-1]["size_mb"] > 0
     assert (tmp_path / "bare" / "quant_report.json").exists()
 
 

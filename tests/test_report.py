@@ -83,7 +83,7 @@ def test_report_reuses_models_measured_on_its_inputs(report_dir: Path, label_run
     from bittune.config import read_run_config
     from bittune.errors import BittuneError
     from bittune.report.build import write_report
-    from bittune.report.collect import measure_model, report_inputs
+    from bittune.report.collect import ReportOptions, measure_model, report_inputs
 
     cfg = read_run_config(label_run)
     base = measure_model("base", cfg.model.path, inputs=report_inputs(cfg.data, "causal-lm"), device="cpu")
@@ -95,11 +95,11 @@ def test_report_reuses_models_measured_on_its_inputs(report_dir: Path, label_run
     marked = {**base, "metrics": {**base["metrics"], "eval_loss": -1.0}}  # visibly not measured again
     copy = tmp_path / "run"
     shutil.copytree(label_run, copy, ignore=shutil.ignore_patterns("report"))
-    folder = write_report(copy, device="cpu", measured=[marked])
+    folder = write_report(copy, ReportOptions(device="cpu", measured=[marked]))
     data = json.loads((folder / "report.json").read_text())
     assert [m["metrics"]["eval_loss"] for m in data["models"] if m["name"] == "base"] == [-1.0]
     with pytest.raises(BittuneError, match="measured on other data"):
-        write_report(copy, device="cpu", measured=[marked], samples=(1, 8))
+        write_report(copy, ReportOptions(device="cpu", measured=[marked], samples=(1, 8)))
 
 
 def test_report_html_renders_in_chromium(report_dir: Path, tmp_path: Path):

@@ -512,8 +512,10 @@ def report(
     """Write RUN/report/{report.md, report.html, *.png}: metrics beside the base model's, curves, memory and speed,
     quantization, benchmarks, confusion matrix, side-by-side generations."""
     from bittune.report.build import write_report
+    from bittune.report.collect import ReportOptions
 
-    out = write_report(run, compare=compare, data=data, gguf=gguf, base=base, device=device, log=_log)
+    options = ReportOptions(compare=compare, data=data, gguf=gguf, base=base, device=device)
+    out = write_report(run, options, log=_log)
     print(json.dumps({"report": str(out / "report.md"), "html": str(out / "report.html")}))
 
 

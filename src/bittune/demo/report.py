@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,25 +22,39 @@ SUMMARY_NAMES = {
 }
 
 
+# A summary's own columns of one model, from its report entry and that entry's metrics (in demo.json's key order).
+Columns = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+
+
+def model_rows(models: list[dict[str, Any]], names: dict[str, str], columns: Columns) -> list[dict[str, Any]]:
+    """One summary row per report (or report-shaped) model entry: its name as ``names`` has it (else its own), its
+    path, then ``columns(entry, metrics)`` (``metrics``: the entry's, ``{}`` where it has none)."""
+    return [
+        {"name": names.get(m["name"], m["name"]), "path": m.get("path"), **columns(m, m.get("metrics") or {})}
+        for m in models
+    ]
+
+
+def per_second(count: float | None, seconds: float | None) -> float | None:
+    """``count / seconds`` to one decimal; None where either is missing or zero."""
+    return round(count / seconds, 1) if count and seconds else None
+
+
 def summary_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per measured model: accuracy (ranking, generation), token-level perplexity, size, eval speed."""
-    rows = []
-    for m in models:
-        metrics = m.get("metrics") or {}
-        eval_s, tokens = metrics.get("eval_s"), metrics.get("tokens")
-        rows.append(
-            {
-                "name": SUMMARY_NAMES.get(m["name"], m["name"]),
-                "path": m.get("path"),
-                "ranking_accuracy": (metrics.get("ranking") or {}).get("accuracy"),
-                "generation_accuracy": (metrics.get("generation") or {}).get("accuracy"),
-                "perplexity": metrics.get("eval_perplexity"),
-                "size_mb": m.get("size_mb"),
-                "tokens_per_s": round(tokens / eval_s, 1) if tokens and eval_s else None,
-                "answer_s": (metrics.get("generation") or {}).get("seconds"),
-            }
-        )
-    return rows
+    return model_rows(models, SUMMARY_NAMES, _columns)
+
+
+def _columns(entry: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    generation = metrics.get("generation") or {}
+    return {
+        "ranking_accuracy": (metrics.get("ranking") or {}).get("accuracy"),
+        "generation_accuracy": generation.get("accuracy"),
+        "perplexity": metrics.get("eval_perplexity"),
+        "size_mb": entry.get("size_mb"),
+        "tokens_per_s": per_second(metrics.get("tokens"), metrics.get("eval_s")),
+        "answer_s": generation.get("seconds"),
+    }
 
 
 def _pct(x: float | None) -> str:

@@ -47,7 +47,7 @@ class Sizes:
     eval_batch: int
     quant4_method: str  # `quantize --bits 4 --method M`: int, not nf4 (NF4 rounds a QLoRA merge back to its base)
     gptq_calib_tokens: int  # GPTQ's calibration tokens, from the training questions
-    quant_eval: bool  # quantize also measures its model against the merged one (the report measures both anyway)
+    quant_eval: bool  # quantize also measures its model against the merged one (the report measures it anyway)
     gguf_type: str  # f16 | q8_0 | q4_0 (bittune's own writer; no llama.cpp needed)
     samples: tuple[int, int]  # the report's side-by-side replies: (prompts, new tokens each)
     # The MiniLM sentiment classifier (configs/demo_sentiment.yaml; bittune/demo/sentiment.py)
@@ -106,15 +106,20 @@ SIZES: dict[str, Sizes] = {
 }
 
 
+def train_overrides(steps: int, batch_size: int, warmup_steps: int, log_every: int, eval_batch: int) -> list[str]:
+    """The ``--set`` overrides of a demo config's ``train`` section (SmolLM2's and the classifier's alike)."""
+    return [
+        f"train.max_steps={steps}",
+        f"train.batch_size={batch_size}",
+        f"train.warmup_steps={warmup_steps}",
+        f"train.log_every={log_every}",
+        f"train.eval_batch_size={eval_batch}",
+    ]
+
+
 def overrides(sizes: Sizes) -> list[str]:
     """The ``--set`` overrides of ``configs/demo.yaml`` that apply ``sizes``."""
-    return [
-        f"train.max_steps={sizes.steps}",
-        f"train.batch_size={sizes.batch_size}",
-        f"train.warmup_steps={sizes.warmup_steps}",
-        f"train.log_every={sizes.log_every}",
-        f"train.eval_batch_size={sizes.eval_batch}",
-    ]
+    return train_overrides(sizes.steps, sizes.batch_size, sizes.warmup_steps, sizes.log_every, sizes.eval_batch)
 
 
 def default_config_path() -> Path:
@@ -294,13 +299,14 @@ def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, si
         rep = merge_run(run_dir, merged, data=str(data.eval), log=story.detail)
         story.say(_delta_line(rep))
     spec4 = spec_from_cli(bits=4, method=sizes.quant4_method)
-    measure = str(data.eval) if sizes.quant_eval else None  # the merged folder is no run: None measures nothing
+    # The merged folder is no run, so quantize measures on the eval file only when given it.
+    measure = {"data": str(data.eval)} if sizes.quant_eval else {"measure": False}
     with story.phase("quantize_4bit", f"quantize the merged model to 4 bits ({spec4.label()})"):
-        rep = quantize_path(merged, spec4, q4, data=measure, log=story.detail)
+        rep = quantize_path(merged, spec4, q4, log=story.detail, **measure)
         story.say(_delta_line(rep))
     spec3 = spec_from_cli(bits=3, method="gptq", calibration_tokens=sizes.gptq_calib_tokens)
     with story.phase("quantize_3bit", f"quantize to 3 bits with GPTQ ({spec3.label()}, calibrated on train.jsonl)"):
-        rep = quantize_path(merged, spec3, gptq, data=measure, calib=str(data.train), log=story.detail)
+        rep = quantize_path(merged, spec3, gptq, calib=str(data.train), log=story.detail, **measure)
         story.say(_delta_line(rep))
     with story.phase("export_gguf", f"export GGUF ({sizes.gguf_type}) for llama.cpp / ollama"):
         res = export_model(str(merged), fmt="gguf", qtype=sizes.gguf_type, out=gguf, log=story.detail)
@@ -329,9 +335,9 @@ def report_phase(
     import json
 
     from bittune.report.build import write_report
+    from bittune.report.collect import ReportOptions
 
     compare = [str(models[k]) for k in ("q4", "gptq3", "gguf")]
-    folder = write_report(
-        run_dir, compare=compare, gguf=models["gguf"], measured=measured, samples=samples, log=story.detail
-    )
+    options = ReportOptions(compare=compare, gguf=models["gguf"], measured=measured, samples=samples)
+    folder = write_report(run_dir, options, log=story.detail)
     return {"folder": folder, **json.loads((folder / "report.json").read_text(encoding="utf-8"))}

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bittune.demo.report import model_rows, per_second
 from bittune.errors import BittuneError
 
 # The folder inside --out (replaced on the next demo) and the quantized classifiers in it.
@@ -39,13 +40,11 @@ def config_path() -> Path:
 
 def overrides(sizes: Any) -> list[str]:
     """The ``--set`` overrides of ``configs/demo_sentiment.yaml`` that apply ``sizes`` (``cls_*`` fields)."""
-    return [
-        f"train.max_steps={sizes.cls_steps}",
-        f"train.batch_size={sizes.cls_batch}",
-        f"train.warmup_steps={sizes.cls_warmup_steps}",
-        f"train.log_every={sizes.cls_log_every}",
-        f"train.eval_batch_size={sizes.cls_eval_batch}",
-    ]
+    from bittune.demo.run import train_overrides
+
+    return train_overrides(
+        sizes.cls_steps, sizes.cls_batch, sizes.cls_warmup_steps, sizes.cls_log_every, sizes.cls_eval_batch
+    )
 
 
 def run_config(root: Path, out_dir: Path, sizes: Any, *, quick: bool, fp32: bool) -> tuple[Any, Any]:
@@ -121,6 +120,7 @@ def quantize_phase(story: Any, trained: dict[str, Any], out_dir: Path) -> dict[s
     from bittune.quant.flows import quantize_path
     from bittune.quant.spec import spec_from_cli
     from bittune.report.build import write_report
+    from bittune.report.collect import ReportOptions
 
     run_dir = Path(trained["run_dir"])
     folders = []
@@ -131,7 +131,7 @@ def quantize_phase(story: Any, trained: dict[str, Any], out_dir: Path) -> dict[s
             # measured once, beside the tuned model, by the report below (not also in each quantize step)
             quantize_path(run_dir, spec, folder, measure=False, log=story.detail)
             folders.append(str(folder))
-        report_dir = write_report(run_dir, compare=folders, log=story.detail)
+        report_dir = write_report(run_dir, ReportOptions(compare=folders), log=story.detail)
         data = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
         models = [trained["base"], *data["models"]]
         rows = summary_rows(models)
@@ -155,22 +155,17 @@ def quantize_phase(story: Any, trained: dict[str, Any], out_dir: Path) -> dict[s
 
 def summary_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per classifier: accuracy, macro-F1, size and eval speed, from report (or report-shaped) entries."""
-    rows = []
-    for m in models:
-        metrics = m.get("metrics") or {}
-        eval_s, n = metrics.get("eval_s"), metrics.get("rows")
-        rows.append(
-            {
-                "name": SUMMARY_NAMES.get(m["name"], m["name"]),
-                "path": m.get("path"),
-                "accuracy": metrics.get("eval_accuracy"),
-                "f1_macro": metrics.get("eval_f1_macro"),
-                "n": n,
-                "size_mb": m.get("size_mb"),
-                "rows_per_s": round(n / eval_s, 1) if n and eval_s else None,
-            }
-        )
-    return rows
+    return model_rows(models, SUMMARY_NAMES, _columns)
+
+
+def _columns(entry: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "accuracy": metrics.get("eval_accuracy"),
+        "f1_macro": metrics.get("eval_f1_macro"),
+        "n": metrics.get("rows"),
+        "size_mb": entry.get("size_mb"),
+        "rows_per_s": per_second(metrics.get("rows"), metrics.get("eval_s")),
+    }
 
 
 def _pct(x: float | None) -> str:

@@ -205,7 +205,7 @@ def quantize_path(
     from bittune.model import resolve_device
     from bittune.quant import quantize
     from bittune.quant.io import save_quantized
-    from bittune.quant.report import write_report
+    from bittune.quant.report import weights_size, write_report
     from bittune.quant.select import quantizable_linears
     from bittune.storage import atomic_dir
 
@@ -218,16 +218,20 @@ def quantize_path(
     preflight(artifact, spec, data, calib)
     dev = resolve_device(device)
     log(f"loading {source} ...")
-    log("measuring the unquantized model" + (f" on {data}" if data else "") + " ...")
-    ref_model, tokenizer, task, rows, reference = _load_reference(
-        artifact, "reference (unquantized)", dev, data, data_opts, batch_size
-    )
-    if _has_adapter_or_bnb(ref_model):  # one float model to quantize, by the merge policy
-        del ref_model
-        gc.collect()
-        model = load(artifact, as_="merged", device=dev, tokenizer=tokenizer).model
-    else:
-        model = ref_model
+    if measure:
+        log("measuring the unquantized model" + (f" on {data}" if data else "") + " ...")
+        ref_model, tokenizer, task, rows, reference = _load_reference(
+            artifact, "reference (unquantized)", dev, data, data_opts, batch_size
+        )
+        if _has_adapter_or_bnb(ref_model):  # one float model to quantize, by the merge policy
+            del ref_model
+            gc.collect()
+            model = load(artifact, as_="merged", device=dev, tokenizer=tokenizer).model
+        else:
+            model = ref_model
+    else:  # nothing to measure the trained form on: load the float model to quantize, once
+        model, tokenizer, task = load(artifact, as_="merged", device=dev)
+        rows, reference = None, {"name": "reference (unquantized)", "size_mb": source_size_mb(artifact)}
     layers = [n for n, _ in quantizable_linears(model)]
     batches = _calibration_batches(artifact, spec, calib, tokenizer, task, model, data_opts or {})
     log(f"quantizing {len(layers)} linear layers: {spec.label()} ...")
@@ -242,8 +246,11 @@ def quantize_path(
         save_quantized(model, tmp, spec=spec, task=task, tokenizer=tokenizer, source=source, label_names=label_names)
         model = None
         gc.collect()
-        log("reloading the saved model and measuring it ...")
-        entry = _measure_saved(tmp, spec.label(), tokenizer, rows, dev, batch_size, reference)
+        if measure:
+            log("reloading the saved model and measuring it ...")
+            entry = _measure_saved(tmp, spec.label(), tokenizer, rows, dev, batch_size, reference)
+        else:
+            entry = {"name": spec.label(), "size_mb": round((weights_size(tmp) or 0) / MB, 2)}
         report.update(
             title=f"{spec.label()} quantization of {source}",
             task=task,

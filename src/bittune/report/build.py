@@ -7,6 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Light (no torch): its heavy imports stay inside its functions.
+from bittune.report.collect import ReportOptions, collect
+
 REPORT_DIR = "report"
 Log = Callable[[str], None]
 
@@ -73,39 +76,18 @@ def render_report(data: dict[str, Any], folder: Path) -> None:
     (folder / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def write_report(
-    run_dir: Path,
-    *,
-    compare: list[str] | None = None,
-    data: str | None = None,
-    gguf: Path | None = None,
-    base: bool = True,
-    device: str = "auto",
-    measured: list[dict[str, Any]] | None = None,
-    samples: tuple[int, int] | None = None,
-    log: Log = _quiet,
-) -> Path:
+def write_report(run_dir: Path, options: ReportOptions = ReportOptions(), *, log: Log = _quiet) -> Path:
     """Measure and write ``RUN_DIR/report/`` (replacing an earlier report only once the new one is complete).
 
-    Args:
-        compare: More models to put beside base and tuned (quantized or merged folders, other runs).
-        data: Data to measure on (default: the run's eval file; without either, no quality table).
-        gguf: A GGUF export whose replies (in llama.cpp, when installed) join the side-by-side generations.
-        base: Also measure the base model (causal LMs).
-        measured: Models already measured on the report's inputs (:func:`bittune.report.collect.measure_model`):
-            reused, not measured again.
-        samples: ``(prompts, new tokens)`` of the side-by-side sample replies (default 4 prompts, 48 tokens).
+    ``options`` say what is measured beside the run's base and tuned models, on which data and where
+    (:class:`bittune.report.collect.ReportOptions`).
 
     Returns:
         The report folder.
     """
-    from bittune.report.collect import N_SAMPLES, SAMPLE_TOKENS, collect
     from bittune.storage import atomic_dir
 
-    collected = collect(
-        Path(run_dir), compare=compare, data=data, gguf=gguf, base=base, device=device, measured=measured,
-        samples=samples or (N_SAMPLES, SAMPLE_TOKENS), log=log,
-    )  # fmt: skip
+    collected = collect(Path(run_dir), options, log=log)
     out = Path(run_dir) / REPORT_DIR
     atomic_dir(out, lambda tmp: render_report(collected, tmp))
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")

@@ -119,7 +119,7 @@ def report_inputs(
 def measure_model(name: str, path: str, *, inputs: ReportInputs, device: str = "auto", log: Log = _quiet) -> dict:
     """Load ``path`` once: its metrics on the report's data (if any) and its replies to the sample prompts.
 
-    Also what :func:`collect` takes as ``measured``: a model measured earlier on the same ``inputs`` (the demo
+    Also what :class:`ReportOptions` takes as ``measured``: a model measured earlier on the same ``inputs`` (the demo
     measures base and tuned as its story goes, and its report reuses those numbers).
     """
     from bittune.evaluation.core import evaluate_loaded
@@ -167,25 +167,33 @@ def gguf_replies(gguf: Path, prompts: list[Any], max_tokens: int = SAMPLE_TOKENS
     return out
 
 
-def collect(
-    run_dir: Path,
-    *,
-    compare: list[str] | None = None,
-    data: str | None = None,
-    gguf: Path | None = None,
-    base: bool = True,
-    device: str = "auto",
-    measured: list[dict[str, Any]] | None = None,
-    samples: tuple[int, int] = (N_SAMPLES, SAMPLE_TOKENS),
-    log: Log = _quiet,
-) -> dict[str, Any]:
-    """Everything :mod:`bittune.report.render` needs: the run's records plus base / tuned / compared models measured
-    on the run's eval data (or ``data``) and on the same sample prompts.
+@dataclass(frozen=True)
+class ReportOptions:
+    """What a report measures besides the run's own base and tuned models, on which data, and where.
 
-    Args:
+    Attributes:
+        compare: More models to put beside base and tuned (quantized or merged folders, other runs).
+        data: Data to measure on (default: the run's eval file; without either, no quality table).
+        gguf: A GGUF export whose replies (in llama.cpp, when installed) join the side-by-side generations.
+        base: Also measure the base model (causal LMs).
+        device: auto, cpu or cuda.
         measured: Models already measured by :func:`measure_model` on this report's inputs (by name and path), used
             as they are instead of being measured again.
-        samples: ``(prompts, new tokens)`` of the side-by-side sample replies.
+        samples: ``(prompts, new tokens)`` of the side-by-side sample replies (default 4 prompts, 48 tokens).
+    """
+
+    compare: list[str] | None = None
+    data: str | None = None
+    gguf: Path | None = None
+    base: bool = True
+    device: str = "auto"
+    measured: list[dict[str, Any]] | None = None
+    samples: tuple[int, int] = (N_SAMPLES, SAMPLE_TOKENS)
+
+
+def collect(run_dir: Path, options: ReportOptions = ReportOptions(), *, log: Log = _quiet) -> dict[str, Any]:
+    """Everything :mod:`bittune.report.render` needs: the run's records plus base / tuned / compared models measured
+    on the run's eval data (or ``options.data``) and on the same sample prompts.
 
     Raises:
         BittuneError: a ``measured`` model that is not one of the report's, or was measured on other inputs.
@@ -195,27 +203,28 @@ def collect(
 
     run = read_run(run_dir)
     task = describe(str(run_dir)).task  # a run without final weights fails here, before anything loads
-    compare = list(compare or [])
+    compare = list(options.compare or [])
     for path in compare:
         describe(path)
-    inputs = report_inputs(run_data(str(run_dir)), task, data=data, where=str(run_dir), samples=samples)
+    inputs = report_inputs(run_data(str(run_dir)), task, data=options.data, where=str(run_dir), samples=options.samples)
     models: list[tuple[str, str]] = []
     base_path = (run["config"].get("model") or {}).get("path")
-    if base and base_path and task == "causal-lm":
+    if options.base and base_path and task == "causal-lm":
         models.append(("base", str(base_path)))
     models.append(("tuned", str(run_dir)))
     models += [(Path(p).name or p, p) for p in compare]
-    reuse = _reusable(measured or [], models, inputs)
+    reuse = _reusable(options.measured or [], models, inputs)
     run["models"] = [
-        reuse.get(name) or measure_model(name, path, inputs=inputs, device=device, log=log) for name, path in models
+        reuse.get(name) or measure_model(name, path, inputs=inputs, device=options.device, log=log)
+        for name, path in models
     ]
     run["task"] = task
     run["data"] = inputs.settings.data if inputs.settings else None
     run["prompts"] = inputs.prompts
     run["decoding"] = {**inputs.decoding.to_dict(), "max_new_tokens": inputs.sample_tokens}
-    if gguf is not None:
-        replies = gguf_replies(Path(gguf), inputs.prompts, inputs.sample_tokens)
-        run["gguf"] = {"path": str(gguf), "replies": replies}
+    if options.gguf is not None:
+        replies = gguf_replies(Path(options.gguf), inputs.prompts, inputs.sample_tokens)
+        run["gguf"] = {"path": str(options.gguf), "replies": replies}
         if replies is None:
             log("report: llama-cpp-python is not installed; the GGUF column is left out (make llamacpp)")
     run["quantization"] = [_quant_report(p) for p in compare if _quant_report(p)]
