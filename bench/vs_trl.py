@@ -23,6 +23,8 @@ Sides:
 * ``bittune``: ``bittune.recipes.finetune.train`` on the same rows (chat format, the tokenizer's template); dtype
   ``auto`` is bittune's default (bf16 only where its start-up measurement says so), ``fp32`` sets
   ``train.mixed_precision: no`` (the float32 levers only: what a CPU without fast bf16 gets);
+* ``bittune-noprefix``: ``bittune`` with ``train.shared_prefix: false`` (each row's prompt prefix computed in
+  full, as before that lever);
 * ``proto``: the levers harness (``bench/step_levers.py``) with the levers that pay switched on: what bittune's
   step will do once they are wired in (compute dtype chosen by measurement, as bittune will: ``auto``).
 
@@ -62,7 +64,7 @@ sys.path.insert(0, str(HERE))
 DATASETS = {"pydoc": {"rows": 32, "max_length": 256}, "trec": {"rows": 96, "max_length": 128}}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 BATCH, ACCUM, LR, SEED = 4, 2, 2e-4, 42
-SIDES = ("trl", "bittune", "proto")
+SIDES = ("trl", "bittune", "bittune-noprefix", "proto")
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -243,7 +245,14 @@ def bittune_config(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     }
 
 
-def child_bittune(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampler) -> dict[str, Any]:
+def child_bittune_noprefix(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampler) -> dict[str, Any]:
+    """``bittune`` with ``train.shared_prefix: false``: every row's prompt computed in full (the lever's A/B)."""
+    return child_bittune(data, dtype, out_dir, sampler, shared_prefix=False)
+
+
+def child_bittune(
+    data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampler, shared_prefix: bool | str = "auto"
+) -> dict[str, Any]:
     """One ``bittune train`` run (the library call the CLI makes); returns tokens, seconds and losses."""
     from bittune.config import config_from_dict
     from bittune.recipes.finetune import train
@@ -261,6 +270,7 @@ def child_bittune(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssS
 
     MetricsLog.log = stamped_log
     raw = bittune_config(data, out_dir)
+    raw["train"]["shared_prefix"] = shared_prefix
     if dtype == "fp32":  # the explicit override: float32 whatever the CPU measured (what an AMD EPYC box gets)
         raw["train"]["mixed_precision"] = "no"
     result = train(config_from_dict(raw), progress=False)
@@ -288,7 +298,8 @@ def child_main(args: argparse.Namespace) -> None:
     sampler = RssSampler()
     t0 = time.perf_counter()
     data = json.loads(args.data)
-    run = {"trl": child_trl, "bittune": child_bittune, "proto": child_proto}[args.child]
+    run = {"trl": child_trl, "bittune": child_bittune, "bittune-noprefix": child_bittune_noprefix,
+           "proto": child_proto}[args.child]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=f"vs-trl-{args.child}-") as tmp:
         res = run(data, args.dtype, Path(tmp), sampler)
     sampler.stop()
@@ -492,7 +503,7 @@ def main() -> None:
         for ds in args.datasets:
             for dtype in args.dtypes:
                 for side in order:
-                    if (side == "bittune") != (dtype == "auto") and dtype != "fp32":
+                    if side.startswith("bittune") != (dtype == "auto") and dtype != "fp32":
                         continue  # TRL: fp32 or bf16=True; bittune: fp32 (mixed_precision no) or its auto choice
                     r = run_child(side, data[ds], dtype, args.threads, work, passive=not args.no_passive)
                     runs.setdefault(f"{ds}/{dtype}/{side}", []).append(r)

@@ -170,6 +170,35 @@ def test_head_only_at_targets_is_the_plain_step(tiny_llama_dir, batches):
         torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_shared_prompt_prefix_is_the_plain_step(tiny_llama_dir, batches, monkeypatch):
+    """Chat rows share their template's opening and the question's first words: run once, same step."""
+    import bittune.training.shared_prefix as sp
+
+    prefixes: list[int] = []
+    real = sp.shared_prefix_hidden
+    monkeypatch.setattr(sp, "shared_prefix_hidden", lambda *a: prefixes.append(a[3]) or real(*a))
+    plain, shared = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
+    b, grads_b = _step_and_grads(shared, batches, TaskLoss("causal-lm", head_at_targets=True, share_prefix=True))
+    assert len(prefixes) == len(batches) and min(prefixes) > 3  # both micro-batches took the shared path
+    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    assert b.tokens == a.tokens and set(grads_a) == set(grads_b)
+    for name, g in grads_a.items():  # in norm: the prefix's gradient is summed over the rows in another order
+        assert (grads_b[name] - g).norm() <= 1e-5 * g.norm() + 1e-7, name
+
+
+def test_shared_prefix_setting_resolves_by_device_and_checkpointing():
+    from bittune.config import TrainConfig
+    from bittune.recipes.finetune import share_prefix
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert share_prefix(TrainConfig(), cpu) and not share_prefix(TrainConfig(), cuda)
+    assert share_prefix(TrainConfig(shared_prefix=True), cuda)
+    assert not share_prefix(TrainConfig(shared_prefix=False), cpu)
+    assert not share_prefix(TrainConfig(shared_prefix=True, gradient_checkpointing=True), cpu)
+    assert TaskLoss("classification", head_at_targets=True, share_prefix=True).share_prefix is False
+
+
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_the_cpu_speedups_keep_the_step(tiny_llama_dir, batches, mixed_precision):
     """float32: fused LoRA computes the plain step (float rounding); bf16 (frozen base in bf16, fp32 attention,

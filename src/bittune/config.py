@@ -218,6 +218,13 @@ class TrainConfig(_Section):
         "length): same gradients, less padding and less activation memory at once (one process only; e.g. 512 on "
         "CPU). None: one pass per micro-batch.",
     )
+    shared_prefix: Literal["auto"] | bool = Field(
+        "auto",
+        description="Run a micro-batch's common prompt prefix (system prompt, instruction) once, not once per row: "
+        "same loss and gradients; with LoRA dropout the prefix draws one mask for all rows. auto: on CPU (measured "
+        "there; a GPU's step is bound by kernel launches, which a second forward adds). Padded causal-LM batches "
+        "only: not with packing, distillation or gradient checkpointing.",
+    )
     eval_every: int | None = Field(None, gt=0, description="Steps between evals; default: at the end only.")
     save_every: int | None = Field(None, gt=0, description="Steps between checkpoints; default: none.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk (the best one is kept too).")
@@ -230,7 +237,9 @@ class TrainConfig(_Section):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto: no on CPU (fp32 is ~50x faster there), bf16 on a GPU that supports it."
+        "auto",
+        description="auto: bf16 on a GPU that supports it; on CPU bf16 only where a start-up matmul measurement "
+        "finds it faster than float32 (AMX / AVX512-BF16), else no.",
     )
 
     @model_validator(mode="after")

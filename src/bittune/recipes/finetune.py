@@ -343,7 +343,7 @@ def setup_loss(cfg: RunConfig, rt: Runtime) -> Any:
     if d is None:
         # Causal LM: the step applies the output head only at label positions where the model can be split into
         # body and head (training.loss.targets_only; same loss and gradients). Classification ignores the flag.
-        return TaskLoss(task, head_at_targets=True)
+        return TaskLoss(task, head_at_targets=True, share_prefix=share_prefix(cfg.train, rt.device))
     # Distillation stays on the full-logits path: its KL term needs the student's whole logit vector at each label
     # position (DistillLoss has no head_at_targets).
     from bittune.training.distill import DistillLoss, load_teacher
@@ -351,6 +351,14 @@ def setup_loss(cfg: RunConfig, rt: Runtime) -> Any:
     # Its tokenizer, task and labels were checked by preflight; here only its weights load (frozen, eval mode).
     teacher = load_teacher(d.teacher, device=rt.device, trust_remote_code=cfg.model.trust_remote_code)
     return DistillLoss(task, teacher, temperature=d.temperature, alpha=d.alpha, autocast=rt.accelerator.autocast)
+
+
+def share_prefix(t: Any, device: Any) -> bool:
+    """Whether the step runs a micro-batch's common prompt prefix once (``train.shared_prefix``; auto: on CPU,
+    where it was measured to pay; never with gradient checkpointing, which turns the model's cache off)."""
+    if t.gradient_checkpointing or t.shared_prefix is False:
+        return False
+    return t.shared_prefix is True or device.type == "cpu"
 
 
 def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -> tuple[Any, Any, dict[str, Any]]:
@@ -541,6 +549,13 @@ def open_logs(
     return RunLog(metrics, trackers, bar)
 
 
+def levers(run: Run) -> dict[str, Any]:
+    """The speed levers on in this run: the model's (:func:`bittune.training.speedups.apply_speedups`) and the
+    loss's shared prompt prefix."""
+    shared = bool(getattr(run.loss_fn, "share_prefix", False))
+    return {**run.sizes["speedups"], **({"shared_prefix": True} if shared else {})}
+
+
 def _start_note(run: Run) -> str:
     """The run's first line: how many processes (always), where, what trains, on how many rows, in how many steps.
 
@@ -575,7 +590,7 @@ def _start_note(run: Run) -> str:
             + f"Start {n} processes with `bittune train CONFIG --nproc {n}` (or `accelerate launch --multi_gpu "
             f"--num_processes {n} -m bittune train CONFIG`)."
         )
-    text += f"\n  {describe(run.sizes['compute'], run.sizes['speedups'])}"  # after the warning, which belongs to line 1
+    text += f"\n  {describe(run.sizes['compute'], levers(run))}"  # after the warning, which belongs to line 1
     for split, st in data.stats.items():
         if st.truncated or st.dropped:
             text += f"\n  {split}: {st.truncated} rows truncated to {cfg.data.max_length} tokens, {st.dropped} dropped"
@@ -798,7 +813,7 @@ def _summary(run: Run, state: RunState, final_dir: Path) -> dict[str, Any]:
             "weights_mb_by_dtype": {k: round(v / 2**20, 2) for k, v in footprint.items()},
             "weights_mb": round(sum(footprint.values()) / 2**20, 2),
         },
-        "compute": {**run.sizes["compute"], "speedups": run.sizes["speedups"]},
+        "compute": {**run.sizes["compute"], "speedups": levers(run)},
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
         "data": {k: vars(v) for k, v in data.stats.items()},

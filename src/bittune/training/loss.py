@@ -79,7 +79,12 @@ def supports_target_loss(model: torch.nn.Module) -> bool:
 
 
 def causal_lm_target_loss_sum(
-    model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor, *, chunk: int = HEAD_CHUNK
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    labels: torch.Tensor,
+    *,
+    chunk: int = HEAD_CHUNK,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy, with the output head applied only at positions that have a target.
 
@@ -92,13 +97,14 @@ def causal_lm_target_loss_sum(
         inputs: The forward's keyword arguments (``input_ids``, ``attention_mask`` or ``position_ids``, ...).
         labels: ``[batch, seq]`` token ids, -100 where there is no target (unshifted, as for the full path).
         chunk: Target tokens per head matmul; bounds the float32 logits alive at once.
+        share_prefix: Run the rows' common prompt prefix once (:mod:`bittune.training.shared_prefix`) where it
+            saves enough; padded batches only (not packed rows).
     """
     split = _split_model(model)
     if split is None:
         raise ValueError(f"{type(model).__name__} cannot be split into body and head; use causal_lm_loss_sum")
     body, head = split
-    out = body(**inputs)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    hidden, labels = _body_hidden(body, inputs, labels, share_prefix)
     mask = labels[:, 1:] != -100
     picked = hidden[:, :-1][mask]  # [targets, hidden]
     targets = labels[:, 1:][mask].to(hidden.device)
@@ -118,6 +124,21 @@ def causal_lm_target_loss_sum(
         h, t = picked[lo : lo + chunk], targets[lo : lo + chunk]
         total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if grad else chunk_loss(h, t))
     return total
+
+
+def _body_hidden(
+    body: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor, share_prefix: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body's last hidden states and the labels they go with (the rows after a shared prefix, if one is run)."""
+    if share_prefix and set(inputs) == {"input_ids", "attention_mask"}:
+        from bittune.training.shared_prefix import shared_prefix_hidden, shared_prefix_length
+
+        prefix = shared_prefix_length(inputs["input_ids"], inputs["attention_mask"], labels)
+        shared = shared_prefix_hidden(body, inputs, labels, prefix) if prefix else None
+        if shared is not None:
+            return shared
+    out = body(**inputs)
+    return (out[0] if isinstance(out, tuple) else out.last_hidden_state), labels
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -166,11 +187,13 @@ class TaskLoss:
     loss has other parts (distillation, :class:`bittune.training.distill.DistillLoss`), else None.
     """
 
-    def __init__(self, task: str, *, head_at_targets: bool = False) -> None:
+    def __init__(self, task: str, *, head_at_targets: bool = False, share_prefix: bool = False) -> None:
         self.task = task
         # Causal LM: the step may compute this loss with the output head applied only at label positions
-        # (:func:`causal_lm_target_loss_sum`, same loss and gradients) instead of from the full logits.
+        # (:func:`causal_lm_target_loss_sum`, same loss and gradients) instead of from the full logits, and with
+        # the rows' common prompt prefix run once (:mod:`bittune.training.shared_prefix`).
         self.head_at_targets = head_at_targets and task != "classification"
+        self.share_prefix = share_prefix and self.head_at_targets
 
     def targets(self, labels: torch.Tensor) -> int:
         """How many loss terms ``labels`` holds (the normaliser of the step's loss)."""
@@ -207,7 +230,7 @@ def micro_batch_loss(
     """
     if targets_only(loss_fn, model):
         with autocast():
-            return causal_lm_target_loss_sum(model, inputs, labels), None
+            return causal_lm_target_loss_sum(model, inputs, labels, share_prefix=loss_fn.share_prefix), None
     with autocast():
         logits = model(**inputs).logits
     return loss_fn(logits, labels, inputs)
