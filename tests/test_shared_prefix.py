@@ -92,3 +92,25 @@ def test_shared_prefix_under_bf16_autocast_with_fp32_attention():
         shared = loss_and_grads(model, lambda: causal_lm_target_loss_sum(model, inputs, labels, share_prefix=True))
     torch.testing.assert_close(shared[0], plain[0], rtol=2e-2, atol=1e-2)
     assert_grads_close(shared[1], plain[1], rel=5e-2)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_shared_prefix_other_model_families(family: str):
+    """GPT-2 (learned positions, body under ``transformer``) and Qwen2 (biased q/k/v) share the prefix exactly too."""
+    from test_perf_equivalence import tiny_gpt2
+
+    if family == "gpt2":
+        model = tiny_gpt2()
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        ))  # fmt: skip
+    inputs, labels = prefixed_batch()
+    plain = loss_and_grads(model, lambda: causal_lm_loss_sum(model(**inputs).logits, labels))
+    shared = loss_and_grads(model, lambda: causal_lm_target_loss_sum(model, inputs, labels, share_prefix=True))
+    torch.testing.assert_close(shared[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert_grads_close(shared[1], plain[1])
