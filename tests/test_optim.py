@@ -99,7 +99,8 @@ def test_eval_batch_size_sets_the_rows_per_eval_forward_and_not_the_result(
         results[eval_bs] = train(config_from_dict(raw), progress=False).final_metrics["eval_loss"]
         evals = [n for training, n in seen if not training]
         assert evals == ([8, 3] if eval_bs is None else [4, 4, 3]), seen  # the final eval over the 11 held-out rows
-        assert [n for training, n in seen if training] == [8, 8]
+        # each training step: the rows' shared prompt prefix once (1 row, train.shared_prefix on CPU), then the 8 rows
+        assert [n for training, n in seen if training] == [1, 8, 1, 8]
     assert results[4] == pytest.approx(results[None], rel=1e-5)
 
 

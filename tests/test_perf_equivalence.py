@@ -537,3 +537,44 @@ def test_fused_lora_under_bf16_keeps_a_small_adapter_update():
     share = exact - layer.base_layer(x)
     # The adapter's share comes through (bf16 rounds each product, not the sum): within 5% of its size.
     assert ((fused - base) - share).norm() <= 0.05 * share.norm()
+
+
+def qlora_model(path, method: str, dropout: float):
+    """A tiny NF4 / LLM.int8 base on CPU with LoRA, as ``bittune train`` builds a QLoRA model (B given values)."""
+    from bittune.model import attach_lora, load_model, prepare_kbit_base
+    from bittune.quant.api import bnb_config
+    from bittune.quant.spec import BnbSpec
+
+    cpu = torch.device("cpu")
+    model = load_model(str(path), task="causal-lm", dtype=torch.float32, device=cpu,
+                       quantization=bnb_config(BnbSpec(method=method), cpu))  # fmt: skip
+    model = prepare_kbit_base(model, gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = attach_lora(model, task="causal-lm", r=4, alpha=8, dropout=dropout, target_modules="all-linear")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("method", ["nf4", "llm-int8"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_over_kbit_bases_matches_peft(tiny_llama_dir, method, dropout):
+    """QLoRA on CPU: the base part by bitsandbytes' own forward/backward, the adapter as one node, PEFT's masks."""
+    from bittune.training.fused_lora import fuse_lora, unfuse_lora
+
+    model = qlora_model(tiny_llama_dir, method, dropout)
+    assert fuse_lora(model, fast_mask=False) == 0  # k-bit bases only when asked
+    inputs, labels = padded_batch()
+
+    def run():
+        torch.manual_seed(7)
+        return causal_lm_loss_sum(model(**inputs).logits, labels)
+
+    plain = loss_and_grads(model, run)
+    n = fuse_lora(model, fast_mask=False, kbit=True)
+    fused = loss_and_grads(model, run)
+    assert n > 0 and unfuse_lora(model) == n
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert_grads_close(fused[1], plain[1])
+    assert all("lora_" in name for name in fused[1])

@@ -49,13 +49,22 @@ def keep_mask(x: torch.Tensor, p: float, *, fast: bool = True) -> tuple[torch.Te
     return (lanes >= threshold).view(x.shape), threshold / _LANES
 
 
-def _fusable(module: torch.nn.Module) -> bool:
-    """A PEFT LoRA Linear over a plain ``nn.Linear`` with one active vanilla adapter (no DoRA / variants)."""
+def _kbit_base(layer: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear (only such a layer's own forward computes with its packed weight)."""
+    return type(layer).__name__ in ("Linear4bit", "Linear8bitLt") and type(layer).__module__.startswith("bitsandbytes")
+
+
+def _fusable(module: torch.nn.Module, kbit: bool = False) -> bool:
+    """A PEFT LoRA Linear over a plain ``nn.Linear`` (or, with ``kbit``, a bitsandbytes k-bit linear) with one
+    active vanilla adapter (no DoRA / variants)."""
     try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
     except ImportError:
         return False
-    if not isinstance(module, LoraLinear) or type(module.get_base_layer()) is not torch.nn.Linear:
+    if not isinstance(module, LoraLayer) or not hasattr(module, "get_base_layer"):
+        return False
+    base = module.get_base_layer()
+    if type(base) is not torch.nn.Linear and not (kbit and _kbit_base(base)):
         return False
     active = module.active_adapters
     return (
@@ -66,20 +75,23 @@ def _fusable(module: torch.nn.Module) -> bool:
     )
 
 
-def fuse_lora(model: torch.nn.Module, *, fast_mask: bool = True, float32_sum: bool = True) -> int:
+def fuse_lora(model: torch.nn.Module, *, fast_mask: bool = True, float32_sum: bool = True, kbit: bool = False) -> int:
     """Replace the forward of every fusable LoRA linear in ``model``; returns how many were fused.
 
     ``fast_mask``: draw dropout masks the fast way (see the module docstring); False reproduces PEFT's masks.
     ``float32_sum``: under 16-bit compute, return ``base + adapter`` in float32 (CPU) or in the compute dtype (GPU).
+    ``kbit``: also LoRA over bitsandbytes 4-bit / 8-bit bases (QLoRA): their own forward (and backward) computes
+    the base part, one autograd node the adapter's, so the dropped copy of each input is not kept either.
 
-    Layers that are not plain LoRA over ``nn.Linear`` (k-bit bases, DoRA, several active adapters) keep PEFT's
-    forward. Merged or disabled adapters fall back to PEFT's forward at call time. Undo with :func:`unfuse_lora`.
+    Layers that are not plain LoRA over ``nn.Linear`` (k-bit bases unless ``kbit``, DoRA, several active
+    adapters) keep PEFT's forward. Merged or disabled adapters fall back to PEFT's forward at call time. Undo with
+    :func:`unfuse_lora`.
     """
     n = 0
     for module in model.modules():
-        if _fusable(module):
+        if _fusable(module, kbit):
             n += not hasattr(module, _FUSED)
-            setattr(module, _FUSED, {"fast_mask": fast_mask, "float32_sum": float32_sum})
+            setattr(module, _FUSED, {"fast_mask": fast_mask, "float32_sum": float32_sum, "kbit": kbit})
             module.forward = types.MethodType(_fused_forward, module)
     return n
 
@@ -96,15 +108,19 @@ def unfuse_lora(model: torch.nn.Module) -> int:
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if self.disable_adapters or self.merged or args or kwargs or not _fusable(self):
+    options = getattr(self, _FUSED)
+    if self.disable_adapters or self.merged or args or kwargs or not _fusable(self, options["kbit"]):
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.get_base_layer()
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     a, b = self.lora_A[name], self.lora_B[name]
+    if type(base) is not torch.nn.Linear:  # a k-bit base: its own forward and backward for the base part
+        if torch.is_autocast_enabled(x.device.type):  # only float compute is fused over k-bit bases (CPU QLoRA)
+            return type(self).forward(self, x, *args, **kwargs)
+        return _kbit_forward(base(x), x, a.weight, b.weight, float(self.scaling[name]), p, options["fast_mask"])
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    options = getattr(self, _FUSED)
     with torch.autocast(x.device.type, enabled=False):
         # Autocast is applied by hand (one cast per tensor), so that backward computes in the same dtype.
         cast = (lambda t: t if t is None else t.to(dtype)) if dtype is not None else (lambda t: t)
@@ -119,6 +135,71 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
             cast(x), cast(base.weight), cast(base.bias), cast(a.weight), cast(b.weight), float(self.scaling[name]), p,
             mask, options["float32_sum"],
         )  # fmt: skip
+
+
+def _kbit_forward(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    p: float,
+    fast: bool,
+) -> torch.Tensor:
+    """``result + s * B(A(drop(x)))`` for a k-bit base's ``result``, the adapter in its weights' dtype (as PEFT's)."""
+    x = x.to(lora_a.dtype)
+    mask = None
+    if p > 0:
+        mask, p = keep_mask(x, p, fast=fast)
+    delta = _LoraDelta.apply(x, lora_a, lora_b, scaling / (1.0 - p), mask)
+    return result + delta.to(result.dtype)
+
+
+def _adapter_grads(
+    g2: torch.Tensor,
+    x2: torch.Tensor,
+    mask: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    ax: torch.Tensor,
+    s: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The adapter branch's gradients ``(d x, d A, d B)`` (2-D, ``None`` where not needed) for the output gradient
+    ``g2``; ``drop(x) = x * mask`` with the ``1 / (1 - p)`` folded into ``s``."""
+    need_x, need_a, need_b = needs
+    gb = g2 @ lora_b  # [tokens, r]: the gradient reaching A x, before the scaling
+    mask2 = None if mask is None else mask.reshape(x2.shape)
+    back = grad_a = grad_b = None
+    if need_x:
+        back = (gb @ lora_a).mul_(s)
+        if mask2 is not None:
+            back = back.mul_(mask2)
+    if need_a:
+        grad_a = (gb.T @ (x2 if mask2 is None else x2 * mask2)).mul_(s)
+    if need_b:
+        grad_b = (g2.T @ ax.reshape(-1, ax.shape[-1])).mul_(s)
+    return back, grad_a, grad_b
+
+
+class _LoraDelta(torch.autograd.Function):
+    """``s * (drop(x) A^T) B^T``: the adapter branch alone, beside a base layer that has its own autograd."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, s, mask):
+        ax = F.linear(x if mask is None else x * mask, lora_a)
+        ctx.save_for_backward(x, lora_a, lora_b, ax, mask)
+        ctx.s = s
+        return F.linear(ax, lora_b).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_a, lora_b, ax, mask = ctx.saved_tensors
+        g2 = grad.to(x.dtype).reshape(-1, grad.shape[-1])
+        back, grad_a, grad_b = _adapter_grads(
+            g2, x.reshape(-1, x.shape[-1]), mask, lora_a, lora_b, ax, ctx.s, ctx.needs_input_grad[:3]
+        )
+        return (None if back is None else back.reshape(x.shape)), grad_a, grad_b, None, None
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -147,17 +228,10 @@ class _LoraLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        gb = g2 @ lora_b  # [tokens, r]: the gradient reaching A x, before the scaling
-        grad_x = grad_w = grad_bias = grad_a = grad_lb = None
+        back, grad_a, grad_lb = _adapter_grads(g2, x2, mask, lora_a, lora_b, ax, s, (need_x, need_a, need_bb))
+        grad_x = grad_w = grad_bias = None
         if need_x:
-            back = (gb @ lora_a).mul_(s)
-            if mask is not None:
-                back = back.mul_(mask.reshape(back.shape))
             grad_x = (g2 @ weight).add_(back).reshape(x.shape)
-        if need_a:
-            grad_a = (gb.T @ (x2 if mask is None else x2 * mask.reshape(x2.shape))).mul_(s)
-        if need_bb:
-            grad_lb = (g2.T @ ax.reshape(-1, ax.shape[-1])).mul_(s)
         if need_w:
             grad_w = g2.T @ x2
         if need_b and ctx.has_bias:

@@ -7,9 +7,10 @@ Each lever keeps the loss curve (equivalence tests in tests/test_perf_equivalenc
   cast; LoRA weights, their gradients and AdamW state stay float32) and attention is computed in float32 inside
   the autocast region (PyTorch's CPU flash-attention is ~10x slower in bf16 on short rows);
 * fused LoRA linears (:mod:`bittune.training.fused_lora`): no dropped copy of each input kept for backward, cheap
-  dropout masks; on CPU in float32 and bf16 alike, and on a GPU, where they also drop PEFT's cast of every adapted
-  linear's input to float32 and back (the sum there stays in the compute dtype, as PEFT's is;
-  ``bench/gpu_lora_step.py``).
+  dropout masks; on CPU in float32 and bf16 alike, and over QLoRA's bitsandbytes bases (their own forward and
+  backward compute the base part; the adapter is one node), and on a GPU over float bases, where they also drop
+  PEFT's cast of every adapted linear's input to float32 and back (the sum there stays in the compute dtype, as
+  PEFT's is; ``bench/gpu_lora_step.py``).
 
 The output head only at label positions is the loss's lever (:func:`bittune.training.loss.TaskLoss`,
 ``head_at_targets``), and thread / allocator settings are the process's (:mod:`bittune.threads`,
@@ -41,7 +42,7 @@ def apply_speedups(model: Any, *, device: Any, mixed_precision: str, lora: bool)
     if mixed_precision == "bf16":
         done["frozen_bf16"] = store_frozen_weights(model, torch.bfloat16)
         done["fp32_attention"] = use_fp32_attention(model)
-    done["fused_lora"] = fuse_lora(model, fast_mask=True)
+    done["fused_lora"] = fuse_lora(model, fast_mask=True, kbit=True)  # QLoRA too: float32 compute on CPU
     return done
 
 
