@@ -142,17 +142,24 @@ def _measure_saved(
 ) -> dict[str, Any]:
     """Reload ``folder`` (as a user would) and measure it against ``reference``."""
     from bittune.artifacts import load, resolve
-    from bittune.quant.report import measure, quality_delta, weights_size
+    from bittune.quant.report import measure, quality_delta
 
     t0 = time.perf_counter()
     model, _, task = load(resolve(folder), device=device, tokenizer=tokenizer)
     load_s = round(time.perf_counter() - t0, 2)
-    entry = {"name": name, "size_mb": round((weights_size(folder) or 0) / MB, 2), "load_s": load_s}
+    entry = {**_saved_entry(folder, name), "load_s": load_s}
     entry.update(measure(model, tokenizer, task, rows, batch_size=batch_size))
     entry["delta"] = quality_delta(reference, entry, task)
     del model
     gc.collect()
     return entry
+
+
+def _saved_entry(folder: Path, name: str) -> dict[str, Any]:
+    """A saved model's report entry before any measurement: its name and its weights' size on disk."""
+    from bittune.quant.report import weights_size
+
+    return {"name": name, "size_mb": round((weights_size(folder) or 0) / MB, 2)}
 
 
 def _load_reference(
@@ -205,7 +212,7 @@ def quantize_path(
     from bittune.model import resolve_device
     from bittune.quant import quantize
     from bittune.quant.io import save_quantized
-    from bittune.quant.report import weights_size, write_report
+    from bittune.quant.report import write_report
     from bittune.quant.select import quantizable_linears
     from bittune.storage import atomic_dir
 
@@ -250,7 +257,7 @@ def quantize_path(
             log("reloading the saved model and measuring it ...")
             entry = _measure_saved(tmp, spec.label(), tokenizer, rows, dev, batch_size, reference)
         else:
-            entry = {"name": spec.label(), "size_mb": round((weights_size(tmp) or 0) / MB, 2)}
+            entry = _saved_entry(tmp, spec.label())
         report.update(
             title=f"{spec.label()} quantization of {source}",
             task=task,

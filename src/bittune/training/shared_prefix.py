@@ -61,8 +61,7 @@ def shared_prefix_hidden(
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, width = ids.shape
-    head = body(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True)
-    cache = head.past_key_values
+    cache = body(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True).past_key_values
     if not _expandable(cache):
         return None
     for layer in cache.layers:  # a view per layer: backward sums the rows' gradients into the prefix
