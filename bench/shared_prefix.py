@@ -119,13 +119,18 @@ def measure(setup: str, path: str, tokenizer: Any, batches: list[int], reps: int
     return out
 
 
-def markdown(results: list[dict[str, Any]], argv: list[str], wall: float) -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
     import platform
 
+    return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")), platform.machine())  # fmt: skip
+
+
+def markdown(results: list[dict[str, Any]], argv: list[str], wall: float) -> str:
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine())  # fmt: skip
+    cpu = cpu_model()
     lines = [
         "# Shared prompt prefix: one micro-batch, off vs on (SmolLM2-135M, demo TREC rows, CPU)",
         "",

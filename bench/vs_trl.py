@@ -25,6 +25,8 @@ Sides:
   ``train.mixed_precision: no`` (the float32 levers only: what a CPU without fast bf16 gets);
 * ``bittune-noprefix``: ``bittune`` with ``train.shared_prefix: false`` (each row's prompt prefix computed in
   full, as before that lever);
+* ``bittune-perbatch``: ``bittune`` with ``train.max_tokens_per_pass: null`` (one forward pass per micro-batch,
+  as before the step pooled its rows into passes of ``CPU_TOKENS_PER_PASS`` tokens);
 * ``proto``: the levers harness (``bench/step_levers.py``) with the levers that pay switched on: what bittune's
   step will do once they are wired in (compute dtype chosen by measurement, as bittune will: ``auto``).
 
@@ -64,7 +66,7 @@ sys.path.insert(0, str(HERE))
 DATASETS = {"pydoc": {"rows": 32, "max_length": 256}, "trec": {"rows": 96, "max_length": 128}}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 BATCH, ACCUM, LR, SEED = 4, 2, 2e-4, 42
-SIDES = ("trl", "bittune", "bittune-noprefix", "proto")
+SIDES = ("trl", "bittune", "bittune-noprefix", "bittune-perbatch", "proto")
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -106,6 +108,7 @@ def write_data(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]
         out[name] = {
             "chat": str(chat), "pc": str(pc), "rows": n, "max_length": args.max_length or spec["max_length"],
             "device": args.device, "model": args.model, "batch": args.batch, "accum": args.accum,
+            "bittune_train": json.loads(args.bittune_train),
         }  # fmt: skip
     return out
 
@@ -250,8 +253,18 @@ def child_bittune_noprefix(data: dict[str, Any], dtype: str, out_dir: Path, samp
     return child_bittune(data, dtype, out_dir, sampler, shared_prefix=False)
 
 
+def child_bittune_perbatch(data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampler) -> dict[str, Any]:
+    """``bittune`` with ``train.max_tokens_per_pass: null``: one pass per micro-batch (the lever's A/B)."""
+    return child_bittune(data, dtype, out_dir, sampler, settings={"max_tokens_per_pass": None})
+
+
 def child_bittune(
-    data: dict[str, Any], dtype: str, out_dir: Path, sampler: RssSampler, shared_prefix: bool | str = "auto"
+    data: dict[str, Any],
+    dtype: str,
+    out_dir: Path,
+    sampler: RssSampler,
+    shared_prefix: bool | str = "auto",
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One ``bittune train`` run (the library call the CLI makes); returns tokens, seconds and losses."""
     from bittune.config import config_from_dict
@@ -271,6 +284,7 @@ def child_bittune(
     MetricsLog.log = stamped_log
     raw = bittune_config(data, out_dir)
     raw["train"]["shared_prefix"] = shared_prefix
+    raw["train"].update({**(settings or {}), **data.get("bittune_train", {})})
     if dtype == "fp32":  # the explicit override: float32 whatever the CPU measured (what an AMD EPYC box gets)
         raw["train"]["mixed_precision"] = "no"
     result = train(config_from_dict(raw), progress=False)
@@ -299,7 +313,7 @@ def child_main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     data = json.loads(args.data)
     run = {"trl": child_trl, "bittune": child_bittune, "bittune-noprefix": child_bittune_noprefix,
-           "proto": child_proto}[args.child]  # fmt: skip
+           "bittune-perbatch": child_bittune_perbatch, "proto": child_proto}[args.child]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=f"vs-trl-{args.child}-") as tmp:
         res = run(data, args.dtype, Path(tmp), sampler)
     sampler.stop()
@@ -476,6 +490,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, help="default: each data set's own")
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--accum", type=int, default=ACCUM)
+    p.add_argument("--bittune-train", default="{}",
+                   help='bittune sides: train settings as JSON, e.g. \'{"max_tokens_per_pass": 512}\'')  # fmt: skip
     p.add_argument("--work", default="/tmp/bittune-vs-trl")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)

@@ -94,6 +94,30 @@ def test_full_logits_grow_with_every_token_and_the_head_at_targets_stops_at_one_
     assert chunked[0] < full[0] and chunked[1] == chunked[2] == HEAD_CHUNK * 300 * (4 + 4)
 
 
+def test_the_pass_budget_sets_the_activations_alive_at_once_not_the_work(tmp_path):
+    """On CPU a step's padded rows run as passes of at most CPU_TOKENS_PER_PASS tokens (train.max_tokens_per_pass:
+    auto): long rows two to a pass (half a 4-row micro-batch's activations), short padded rows pooled across the
+    step's micro-batches (8 rows of 64 in one pass); the FLOPs per step are the same either way."""
+    from bittune.data.collate import CPU_TOKENS_PER_PASS
+
+    model = config_dir(tmp_path, llama_config(2))
+    train = {"grad_accum": 2}
+    for length, rows in ((256, CPU_TOKENS_PER_PASS // 256), (64, 8)):
+        data = {"max_length": length, "packing": False}
+        per_batch = plan(model, data=data, train={**train, "max_tokens_per_pass": None})
+        pooled = plan(model, data=data, train=train)
+        ratio = pooled.component("activations") / per_batch.component("activations")
+        assert ratio == pytest.approx(rows / 4, rel=0.02), length
+        assert pooled.flops_per_step == per_batch.flops_per_step
+    # Packed rows are split within their micro-batch, never pooled: 8 rows of 64 stay 4 to a pass.
+    for length, rows in ((256, CPU_TOKENS_PER_PASS // 256), (64, 4)):
+        data = {"max_length": length, "packing": True}
+        per_batch = plan(model, data=data, train={**train, "max_tokens_per_pass": None})
+        split = plan(model, data=data, train=train)
+        ratio = split.component("activations") / per_batch.component("activations")
+        assert ratio == pytest.approx(rows / 4, rel=0.02), length
+
+
 def test_gradient_checkpointing_saves_activation_memory(tmp_path):
     model = config_dir(tmp_path, llama_config(8))
     plain = plan(model, data={"max_length": 256})

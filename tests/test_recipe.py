@@ -125,7 +125,8 @@ def test_a_causal_lm_run_applies_the_head_only_at_label_positions(tiny_llama_dir
 
     monkeypatch.setattr(loss_module, "causal_lm_target_loss_sum", spy)
     raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", method=method, data={"eval_fraction": 0.1},
-                     train={"max_steps": 3, "grad_accum": 2, "eval_every": 1})  # fmt: skip
+                     train={"max_steps": 3, "grad_accum": 2, "eval_every": 1,
+                            "max_tokens_per_pass": None})  # one pass per micro-batch, to count them  # fmt: skip
     result = train(config_from_dict(raw), progress=False)
     assert calls == [True] * 6  # 3 steps x 2 micro-batches, all with gradients; no eval went through it
     assert "eval_loss" in result.final_metrics
@@ -192,6 +193,7 @@ def test_cpu_compute_dtype_follows_the_measurement_and_says_so(tiny_llama_dir, c
     """A CPU without fast bf16 trains in float32 as before; one with it (forced through the measurement's seam)
     trains LoRA under bf16 autocast over a bf16 frozen base. The choice is in the first lines and summary.json, and
     ``train.mixed_precision: no`` keeps float32 whatever was measured."""
+    from bittune.data.collate import CPU_TOKENS_PER_PASS
     from bittune.plan.device import FORCE_CPU_DTYPE_ENV
 
     monkeypatch.setenv(FORCE_CPU_DTYPE_ENV, measured)
@@ -204,6 +206,7 @@ def test_cpu_compute_dtype_follows_the_measurement_and_says_so(tiny_llama_dir, c
     assert compute["mixed_precision"] == expected and compute["chosen_by"] == "forced"
     assert compute["speedups"]["fused_lora"] > 0
     assert bool(compute["speedups"].get("frozen_bf16")) == (expected == "bf16")
+    assert compute["speedups"]["tokens_per_pass"] == CPU_TOKENS_PER_PASS  # auto on CPU
     raw = run_config(tiny_llama_dir, chat_file, tmp_path / "no", train={"max_steps": 2, "mixed_precision": "no"})
     compute = json.loads((train(config_from_dict(raw), progress=False).run_dir / "summary.json").read_text())["compute"]
     assert compute["mixed_precision"] == "no" and compute["chosen_by"] == "config"

@@ -144,10 +144,15 @@ def test_a_non_finite_loss_skips_the_update_and_says_so(tiny_llama_dir, batches)
 
 
 def _step_and_grads(model, batches, loss_fn, **kwargs):
-    """One step with a zero learning rate (weights stay put) and the gradients it computed, clipped to nothing."""
+    """One step with a zero learning rate (weights stay put) and the gradients it computed, clipped to nothing.
+
+    A parameter's hook sees each backward's gradient, before accumulation: summed here over the step's passes."""
     grads = {}
-    hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, g.detach().float().clone()))
-             for n, p in model.named_parameters() if p.requires_grad]  # fmt: skip
+
+    def add(name, g):
+        grads[name] = grads[name] + g.detach().float() if name in grads else g.detach().float().clone()
+
+    hooks = [p.register_hook(lambda g, n=n: add(n, g)) for n, p in model.named_parameters() if p.requires_grad]
     opt, sched = optimizer_and_schedule(model)
     stats = train_step(model, opt, sched, batches, loss_fn=loss_fn, device=torch.device("cpu"), max_grad_norm=None,
                        **kwargs)  # fmt: skip
@@ -197,6 +202,26 @@ def test_shared_prefix_setting_resolves_by_device_and_checkpointing():
     assert not share_prefix(TrainConfig(shared_prefix=False), cpu)
     assert not share_prefix(TrainConfig(shared_prefix=True, gradient_checkpointing=True), cpu)
     assert TaskLoss("classification", head_at_targets=True, share_prefix=True).share_prefix is False
+
+
+def test_pass_budget_resolves_by_device_and_processes():
+    """``train.max_tokens_per_pass: auto`` pools a step's rows on CPU only, and never across several processes
+    (their collectives count micro-batches); a number or None is taken as given in one process."""
+    from types import SimpleNamespace
+
+    from bittune.config import TrainConfig
+    from bittune.data.collate import CPU_TOKENS_PER_PASS
+    from bittune.recipes.finetune import tokens_per_pass
+
+    def rt(device, world=1, strategy="ddp"):
+        return SimpleNamespace(device=torch.device(device), world=world, strategy=strategy)
+
+    assert tokens_per_pass(TrainConfig(), rt("cpu")) == CPU_TOKENS_PER_PASS
+    assert tokens_per_pass(TrainConfig(), rt("cuda")) is None
+    assert tokens_per_pass(TrainConfig(max_tokens_per_pass=256), rt("cuda")) == 256
+    assert tokens_per_pass(TrainConfig(max_tokens_per_pass=None), rt("cpu")) is None
+    assert tokens_per_pass(TrainConfig(max_tokens_per_pass=256), rt("cpu", world=2)) is None
+    assert tokens_per_pass(TrainConfig(), rt("cpu", strategy="deepspeed")) is None
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
@@ -268,19 +293,57 @@ def test_the_cpu_speedups_train_a_bert_classifier(tiny_bert_dir, tokenizer, tmp_
     assert b.loss == pytest.approx(a.loss, rel=2e-2) and b.grad_norm == pytest.approx(a.grad_norm, rel=5e-2)
 
 
-def test_token_budgeted_passes_are_the_plain_step(tiny_llama_dir, batches):
-    """``max_tokens_per_pass``: each micro-batch as length-grouped passes; same loss, tokens and gradients."""
-    from bittune.data.collate import split_batch
+@pytest.mark.parametrize("pooled", [False, True], ids=["split", "pooled"])
+def test_token_budgeted_passes_are_the_plain_step(tiny_llama_dir, batches, pooled):
+    """``max_tokens_per_pass``: the step's rows pooled and regrouped by length into passes, whether that splits the
+    micro-batches (long rows) or joins them into one wider pass (short rows, narrower rows padded); same loss,
+    tokens and gradients."""
+    from bittune.data.collate import step_passes
 
     widths = [b["input_ids"].shape[1] for b in batches]
-    budget = min(widths) * 2  # splits both micro-batches into several passes
-    passes = [p for b in batches for p in split_batch(b, budget)]
-    assert len(passes) > len(batches) and all(p["input_ids"].numel() <= budget or len(p["input_ids"]) == 1
-                                              for p in passes)  # fmt: skip
-    assert sum(int(p["attention_mask"].sum()) for p in passes) == sum(int(b["attention_mask"].sum()) for b in batches)
+    rows = sum(len(b["input_ids"]) for b in batches)
+    budget = rows * max(widths) if pooled else min(widths) * 2
+    passes = step_passes(batches, budget)
+    if pooled:  # one pass of every row, as wide as the widest micro-batch
+        assert len(passes) == 1 and passes[0]["input_ids"].shape == (rows, max(widths))
+    else:
+        assert len(passes) > len(batches)
+    assert all(p["input_ids"].numel() <= budget or len(p["input_ids"]) == 1 for p in passes)
+    for key in ("attention_mask", "labels"):
+        kept = sum(int((p[key] != (-100 if key == "labels" else 0)).sum()) for p in passes)
+        assert kept == sum(int((b[key] != (-100 if key == "labels" else 0)).sum()) for b in batches), key
     plain, split = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
     a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
     b, grads_b = _step_and_grads(split, batches, TaskLoss("causal-lm"), max_tokens_per_pass=budget)
+    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    assert b.tokens == a.tokens
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_packed_rows_split_into_passes_are_the_plain_step(tiny_llama_dir, tokenizer, tmp_path):
+    """Packed micro-batches (no attention mask; position ids restart per sequence) under a pass budget: whole rows,
+    as many as the budget holds, within their micro-batch; same loss, tokens and gradients."""
+    from bittune.data import make_collator, prepare_data
+    from bittune.data.collate import step_passes
+
+    path = write_jsonl(tmp_path / "chat.jsonl", color_chat_rows(12, seed=5))
+    data = prepare_data(
+        train=str(path), eval=None, eval_fraction=0.0, fmt="chat", template="auto", max_length=32, packing=True,
+        train_on_prompt=False, system_prompt=None, columns={}, split="train", max_rows=None, tokenizer=tokenizer,
+        task="causal-lm", seed=0,
+    )  # fmt: skip
+    collate = make_collator("causal-lm", tokenizer.pad_token_id, True)
+    half = len(data.train) // 2
+    packed = [collate(data.train[:half]), collate(data.train[half:])]
+    assert half >= 2 and "attention_mask" not in packed[0]
+    width = packed[0]["input_ids"].shape[1]
+    passes = step_passes(packed, width)  # one row per pass
+    assert len(passes) == len(data.train) and all(len(p["input_ids"]) == 1 for p in passes)
+    assert all(set(p) == {"input_ids", "labels", "position_ids"} for p in passes)
+    plain, split = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    a, grads_a = _step_and_grads(plain, packed, TaskLoss("causal-lm"))
+    b, grads_b = _step_and_grads(split, packed, TaskLoss("causal-lm"), max_tokens_per_pass=width)
     assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
     assert b.tokens == a.tokens
     for name, g in grads_a.items():

@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -211,12 +212,12 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
     gradient_checkpointing: bool = False
-    max_tokens_per_pass: int | None = Field(
-        None,
-        gt=0,
-        description="Run each micro-batch as forward passes of at most this many padded tokens (rows grouped by "
-        "length): same gradients, less padding and less activation memory at once (one process only; e.g. 512 on "
-        "CPU). None: one pass per micro-batch.",
+    max_tokens_per_pass: PositiveInt | Literal["auto"] | None = Field(
+        "auto",
+        description="Pool each optimizer step's rows and run them as forward passes of at most this many padded "
+        "tokens, rows grouped by length: same gradients; short rows share one wider pass, long rows get passes of "
+        "their own (less padding, less activation memory at once). One process only. auto: 640 on CPU, where it "
+        "was measured to pay; one pass per micro-batch elsewhere. None: one pass per micro-batch.",
     )
     shared_prefix: Literal["auto"] | bool = Field(
         "auto",

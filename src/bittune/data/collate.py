@@ -83,16 +83,16 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Split one micro-batch's rows into forward passes of at most ``max_tokens`` padded tokens each.
+    """Split rows into forward passes of at most ``max_tokens`` padded tokens each.
 
     Rows are taken shortest first (so rows of similar length share a pass and pad little) and a pass closes when
     one more row would make ``rows x longest`` exceed ``max_tokens``; a row longer than the budget gets a pass of
     its own. Every row lands in exactly one pass, so with losses normalised by the step's target count (see
-    ``training.loss``) the summed gradients are the micro-batch's own, while the activations held at once shrink
-    to one pass's and less padding is computed.
+    ``training.loss``) the summed gradients are those of the rows together, while the activations held at once
+    shrink to one pass's and less padding is computed.
 
     Args:
-        lengths: Token count of each row of the micro-batch.
+        lengths: Token count of each row.
         max_tokens: Padded tokens per forward pass (rows x longest row).
 
     Returns:
@@ -111,22 +111,69 @@ def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return passes
 
 
-def split_batch(batch: dict[str, Any], max_tokens: int | None) -> list[dict[str, Any]]:
-    """A collated causal-LM micro-batch as forward passes of at most ``max_tokens`` padded tokens each.
+# Padded tokens per forward pass on CPU (train.max_tokens_per_pass: auto). Pooling a step's short chat rows into
+# one pass of up to this many tokens ran SmolLM2-135M LoRA ~1.3x faster than a pass per 4-row micro-batch, and
+# splitting 4 x 256-token micro-batches into 2-row passes cut the float32 run's peak RSS by ~38% at the same speed
+# (bench/vs_trl.py, BENCHMARKS.md); 512 was slower on the short rows, 1024 kept the long rows' memory.
+CPU_TOKENS_PER_PASS = 640
 
-    Rows are grouped by length (:func:`split_by_tokens`) and each pass is cut to its own longest row (batches are
-    right-padded), so the passes together hold exactly the micro-batch's rows and targets. Packed batches (no
-    ``attention_mask``), classification batches and batches within the budget come back whole.
+
+def pass_budget(setting: int | str | None, device_type: str, *, one_process: bool = True) -> int | None:
+    """The padded tokens per forward pass a training step uses (``train.max_tokens_per_pass``).
+
+    ``auto``: :data:`CPU_TOKENS_PER_PASS` on CPU, where it was measured to pay; elsewhere one pass per micro-batch
+    (None). Several processes always run one pass per micro-batch: their collectives count micro-batches.
     """
-    if max_tokens is None or "attention_mask" not in batch or batch["labels"].dim() != 2:
-        return [batch]
-    if batch["input_ids"].numel() <= max_tokens:
-        return [batch]
-    import torch
+    if not one_process:
+        return None
+    if setting == "auto":
+        return CPU_TOKENS_PER_PASS if device_type == "cpu" else None
+    return setting  # type: ignore[return-value]
 
-    lengths = batch["attention_mask"].sum(1).tolist()
+
+def _row_chunks(batch: dict[str, Any], rows: int) -> list[dict[str, Any]]:
+    """``batch`` as consecutive passes of ``rows`` rows (views; the batch itself when it has no more)."""
+    n = len(batch["input_ids"])
+    if n <= rows:
+        return [batch]
+    return [{k: v[i : i + rows] for k, v in batch.items()} for i in range(0, n, rows)]
+
+
+# What a pooled row is padded with when its pass is wider than the micro-batch it came from (right padding).
+_PAD_VALUES = {"labels": IGNORE, "attention_mask": 0}
+
+
+def step_passes(batches: list[dict[str, Any]], max_tokens: int | None) -> list[dict[str, Any]]:
+    """An optimizer step's collated micro-batches as forward passes of at most ``max_tokens`` padded tokens each.
+
+    Padded causal-LM rows of all micro-batches are pooled and regrouped by length (:func:`split_by_tokens`); each
+    pass is cut or right-padded to its own longest row. Pooling lets short rows share one wide pass (two 4-row
+    micro-batches of TREC questions become one pass of 8 rows on CPU, whose matmuls run closer to the machine's
+    rate) while long rows get passes of their own (less activation memory at once, less padding). Packed rows
+    (no ``attention_mask``; each row is its own sequences, all as wide as the micro-batch) are split into passes
+    of as many whole rows as the budget holds, within their micro-batch. Either way the passes hold exactly the
+    step's rows and targets, so with losses normalised by the step's target count the summed gradients are the
+    step's own. Classification batches, and a single padded micro-batch within the budget, come back as they are.
+    """
+    if max_tokens is None or not all(b["labels"].dim() == 2 for b in batches):
+        return list(batches)
+    if not all("attention_mask" in b for b in batches):
+        return [p for b in batches for p in _row_chunks(b, max(1, max_tokens // b["input_ids"].shape[1]))]
+    if len(batches) == 1 and batches[0]["input_ids"].numel() <= max_tokens:
+        return list(batches)
+    import torch
+    import torch.nn.functional as F
+
+    rows = [(b, i) for b in batches for i in range(len(b["input_ids"]))]
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
+
+    def row(j: int, key: str, width: int) -> torch.Tensor:
+        batch, i = rows[j]
+        t = batch[key][i, :width]
+        return F.pad(t, (0, width - len(t)), value=_PAD_VALUES.get(key, 0)) if len(t) < width else t
+
     passes = []
-    for rows in split_by_tokens(lengths, max_tokens):
-        index, width = torch.tensor(rows), max(lengths[i] for i in rows)
-        passes.append({k: v[index, :width] for k, v in batch.items()})
+    for group in split_by_tokens(lengths, max_tokens):
+        width = max(lengths[j] for j in group)
+        passes.append({k: torch.stack([row(j, k, width) for j in group]) for k in batches[0]})
     return passes

@@ -121,8 +121,9 @@ class _Run:
     autocast: bool
     full: bool
     bits: int | None
-    tokens: int
+    tokens: int  # per micro-batch (the step's compute is grad_accum of these)
     spec: ActivationSpec
+    pass_tokens: int  # per forward pass: what is alive at once (a micro-batch, or the pooled pass of the budget)
 
 
 def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float | None = None) -> PlanReport:
@@ -186,7 +187,7 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
         seq=seq,
         checkpointing=cfg.train.gradient_checkpointing,
     )
-    run = _Run(kind, weights_dtype, act_bytes, autocast, full, bits, batch * seq, spec)
+    run = _Run(kind, weights_dtype, act_bytes, autocast, full, bits, batch * seq, spec, _pass_rows(cfg, kind) * seq)
     by_dtype = weight_bytes_by_dtype(
         shape,
         dtype_bytes=wbytes,
@@ -254,7 +255,7 @@ def _memory(cfg: RunConfig, run: _Run, shape: ModelShape, trainable: Trainable, 
         step_tmp = trainable.count * param_bytes  # foreach AdamW: one temporary per parameter (sqrt of 2nd moment)
     else:
         step_tmp = max(trainable.tensors, default=0) * param_bytes  # per-tensor loop: one tensor at a time
-    acts = activation_bytes(shape, spec, run.tokens)
+    acts = activation_bytes(shape, spec, run.pass_tokens)
     per_token = layer_bytes_per_token(shape, spec)
     logits = _logits(cfg, run, shape)
 
@@ -283,7 +284,7 @@ def _memory(cfg: RunConfig, run: _Run, shape: ModelShape, trainable: Trainable, 
     if spec.checkpointing:
         act_note = f"block inputs + one block recomputed ({per_token:,.0f} B/token/block)"
     else:
-        act_note = f"{per_token:,.0f} B/token/block x {shape.layers} blocks x {run.tokens} tokens"
+        act_note = f"{per_token:,.0f} B/token/block x {shape.layers} blocks x {run.pass_tokens} tokens"
     comps.append(Component("activations", sum(acts.values()) / MB, act_note, in_step=False))
     if run.autocast and full:
         copies = 2 * (shape.linear_params + shape.head_params)
@@ -293,7 +294,7 @@ def _memory(cfg: RunConfig, run: _Run, shape: ModelShape, trainable: Trainable, 
         comps.append(Component("logits + loss", logits / MB, note, in_step=False))
     if not gpu:
         rho = _heap_retention(full=full, bits=bits, checkpointing=spec.checkpointing)
-        churn = shape.layers * per_token * run.tokens
+        churn = shape.layers * per_token * run.pass_tokens
         comps.append(Component("retained heap", rho * churn / MB, f"malloc keeps freed blocks ({rho:g} x block acts)"))
     return comps
 
@@ -337,7 +338,11 @@ def _logits(cfg: RunConfig, run: _Run, shape: ModelShape) -> float:
     # student's full logits.
     at_targets = cfg.distill is None
     return logits_bytes(
-        shape, tokens=run.tokens, act_bytes=run.act_bytes, classification=classification, head_at_targets=at_targets
+        shape,
+        tokens=run.pass_tokens,
+        act_bytes=run.act_bytes,
+        classification=classification,
+        head_at_targets=at_targets,
     )
 
 
@@ -347,6 +352,20 @@ def _weights_note(dtype: str, bits: int | None) -> str:
     if bits == 8:
         return f"Linear layers int8 + row scales; embeddings, norms, head {dtype}"
     return f"all {dtype}" if dtype == "float32" else f"all {dtype}; LoRA adapters float32"
+
+
+def _pass_rows(cfg: RunConfig, kind: str) -> int:
+    """Rows of ``max_length`` tokens in one forward pass: the micro-batch, or as many rows as the pass budget holds
+    (``bittune.data.collate.step_passes``: padded rows pooled over the step's micro-batches, packed rows within
+    their micro-batch; causal LMs only)."""
+    from bittune.data.collate import pass_budget
+
+    batch = cfg.train.batch_size
+    budget = pass_budget(cfg.train.max_tokens_per_pass, kind)
+    if budget is None or cfg.model.task == "classification":
+        return batch
+    pooled = batch if cfg.data.packing else batch * cfg.train.grad_accum
+    return max(1, min(pooled, budget // cfg.data.max_length))
 
 
 def _heap_retention(*, full: bool, bits: int | None, checkpointing: bool) -> float:

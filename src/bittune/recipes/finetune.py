@@ -125,10 +125,11 @@ def train_step(
         procs: :class:`bittune.training.distributed.Processes`; default plain PyTorch in one process.
         weights: Several processes only: 0.0 marks a placeholder micro-batch (this process has no rows of a short
             last batch but must run the collectives); default all 1.0.
-        max_tokens_per_pass: Run each micro-batch as forward passes of at most this many padded tokens
-            (:func:`bittune.data.collate.split_batch`); the gradients are the micro-batch's own.
+        max_tokens_per_pass: Pool the rows of ``batches`` and run them as forward passes of at most this many
+            padded tokens, rows grouped by length (:func:`bittune.data.collate.step_passes`); the gradients are the
+            step's own. One process only: collectives and DeepSpeed's step boundary count micro-batches.
     """
-    from bittune.data.collate import split_batch
+    from bittune.data.collate import step_passes
     from bittune.training.distributed import OneProcess
     from bittune.training.evaluate import model_inputs
     from bittune.training.loss import micro_batch_loss
@@ -136,11 +137,11 @@ def train_step(
     procs = procs or OneProcess()
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     weights = weights or [1.0] * len(batches)
-    # Length-grouped passes (same targets and gradients); one process only: collectives and DeepSpeed's step
-    # boundary count micro-batches.
+    # Length-grouped passes over the step's pooled rows (same targets and gradients); one process only, where
+    # every micro-batch is real (weight 1).
     if max_tokens_per_pass is not None and procs.world == 1 and procs.strategy != "deepspeed":
-        split = [(w, p) for w, b in zip(weights, batches) for p in split_batch(b, max_tokens_per_pass)]
-        weights, batches = [w for w, _ in split], [p for _, p in split]
+        batches = step_passes(batches, max_tokens_per_pass)
+        weights = [1.0] * len(batches)
     targets = procs.total(sum(w * loss_fn.targets(b["labels"]) for w, b in zip(weights, batches)))
     tokens = procs.total(sum(w * count_tokens(b) for w, b in zip(weights, batches)))
     step_loss, task_loss = 0.0, None  # task_loss: the task part of a loss with other parts (distillation)
@@ -361,6 +362,14 @@ def share_prefix(t: Any, device: Any) -> bool:
     return t.shared_prefix is True or device.type == "cpu"
 
 
+def tokens_per_pass(t: Any, rt: Runtime) -> int | None:
+    """This run's pass budget (:func:`bittune.data.collate.pass_budget` of ``train.max_tokens_per_pass``)."""
+    from bittune.data.collate import pass_budget
+
+    one = rt.world == 1 and rt.strategy != "deepspeed"
+    return pass_budget(t.max_tokens_per_pass, rt.device.type, one_process=one)
+
+
 def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -> tuple[Any, Any, dict[str, Any]]:
     """Load the model to train: weights (k-bit for QLoRA), LoRA adapters, fake quantization for QAT.
 
@@ -550,10 +559,15 @@ def open_logs(
 
 
 def levers(run: Run) -> dict[str, Any]:
-    """The speed levers on in this run: the model's (:func:`bittune.training.speedups.apply_speedups`) and the
-    loss's shared prompt prefix."""
+    """The speed levers on in this run: the model's (:func:`bittune.training.speedups.apply_speedups`), the
+    loss's shared prompt prefix and the step's token-budgeted passes."""
     shared = bool(getattr(run.loss_fn, "share_prefix", False))
-    return {**run.sizes["speedups"], **({"shared_prefix": True} if shared else {})}
+    budget = tokens_per_pass(run.cfg.train, run.rt)
+    return {
+        **run.sizes["speedups"],
+        **({"shared_prefix": True} if shared else {}),
+        **({"tokens_per_pass": budget} if budget else {}),
+    }
 
 
 def _start_note(run: Run) -> str:
@@ -632,7 +646,7 @@ def train_loop(run: Run, state: RunState) -> bool:
             stats = train_step(
                 run.model, run.optimizer, run.scheduler, batches, loss_fn=run.loss_fn, device=rt.device,
                 max_grad_norm=t.max_grad_norm, params=run.params, procs=rt.procs, weights=weights,
-                max_tokens_per_pass=t.max_tokens_per_pass,
+                max_tokens_per_pass=tokens_per_pass(t, rt),
             )  # fmt: skip
             if stats.nonfinite is not None:
                 _on_nonfinite(run, state, stats, f"step {state.step + 1} (epoch {epoch}, batch group {index})")

@@ -79,5 +79,6 @@ def describe(choice: dict[str, Any], done: dict[str, Any]) -> str:
     if rates:
         why += f": bf16 matmul {rates['bfloat16']:.0f} vs fp32 {rates['float32']:.0f} GFLOP/s"
     text += f" ({why})"
-    levers = [k.replace("_", " ") for k, v in done.items() if v]
+    levers = [f"passes of <= {v} tokens" if k == "tokens_per_pass" else k.replace("_", " ")
+              for k, v in done.items() if v]  # fmt: skip
     return text + (f"; {', '.join(levers)}" if levers else "")
