@@ -97,25 +97,22 @@ def test_full_logits_grow_with_every_token_and_the_head_at_targets_stops_at_one_
 def test_the_pass_budget_sets_the_activations_alive_at_once_not_the_work(tmp_path):
     """On CPU a step's padded rows run as passes of at most CPU_TOKENS_PER_PASS tokens (train.max_tokens_per_pass:
     auto): long rows two to a pass (half a 4-row micro-batch's activations), short padded rows pooled across the
-    step's micro-batches (8 rows of 64 in one pass); the FLOPs per step are the same either way."""
+    step's micro-batches (8 rows of 64 in one pass), packed rows split within their micro-batch; the FLOPs per step
+    are the same either way."""
     from bittune.data.collate import CPU_TOKENS_PER_PASS
 
     model = config_dir(tmp_path, llama_config(2))
     train = {"grad_accum": 2}
-    for length, rows in ((256, CPU_TOKENS_PER_PASS // 256), (64, 8)):
-        data = {"max_length": length, "packing": False}
-        per_batch = plan(model, data=data, train={**train, "max_tokens_per_pass": None})
-        pooled = plan(model, data=data, train=train)
-        ratio = pooled.component("activations") / per_batch.component("activations")
-        assert ratio == pytest.approx(rows / 4, rel=0.02), length
-        assert pooled.flops_per_step == per_batch.flops_per_step
     # Packed rows are split within their micro-batch, never pooled: 8 rows of 64 stay 4 to a pass.
-    for length, rows in ((256, CPU_TOKENS_PER_PASS // 256), (64, 4)):
-        data = {"max_length": length, "packing": True}
+    cases = [(False, 256, CPU_TOKENS_PER_PASS // 256), (False, 64, 8), (True, 256, CPU_TOKENS_PER_PASS // 256),
+             (True, 64, 4)]  # fmt: skip
+    for packing, length, rows in cases:
+        data = {"max_length": length, "packing": packing}
         per_batch = plan(model, data=data, train={**train, "max_tokens_per_pass": None})
-        split = plan(model, data=data, train=train)
-        ratio = split.component("activations") / per_batch.component("activations")
-        assert ratio == pytest.approx(rows / 4, rel=0.02), length
+        passes = plan(model, data=data, train=train)
+        ratio = passes.component("activations") / per_batch.component("activations")
+        assert ratio == pytest.approx(rows / 4, rel=0.02), (packing, length)
+        assert passes.flops_per_step == per_batch.flops_per_step
 
 
 def test_gradient_checkpointing_saves_activation_memory(tmp_path):

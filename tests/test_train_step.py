@@ -13,19 +13,27 @@ from bittune.training.loss import TaskLoss
 from tiny import color_chat_rows, write_jsonl
 
 
+def micro_batches(tokenizer, path, *, rows: int, seed: int, split: int, max_length: int, packing: bool):
+    """``rows`` chat rows written to ``path``, tokenized and collated as two micro-batches (the first ``split``
+    rows, then the rest; 0: half of the tokenized rows each)."""
+    from bittune.data import make_collator, prepare_data
+
+    write_jsonl(path, color_chat_rows(rows, seed=seed))
+    data = prepare_data(
+        train=str(path), eval=None, eval_fraction=0.0, fmt="chat", template="auto", max_length=max_length,
+        packing=packing, train_on_prompt=False, system_prompt=None, columns={}, split="train", max_rows=None,
+        tokenizer=tokenizer, task="causal-lm", seed=0,
+    )  # fmt: skip
+    split = split or len(data.train) // 2
+    collate = make_collator("causal-lm", tokenizer.pad_token_id, packing)
+    return [collate(data.train[:split]), collate(data.train[split:])]
+
+
 @pytest.fixture(scope="module")
 def batches(tokenizer, tmp_path_factory):
     """Two collated micro-batches of different lengths and target counts (gradient accumulation 2)."""
-    from bittune.data import make_collator, prepare_data
-
-    path = write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", color_chat_rows(5, seed=3))
-    data = prepare_data(
-        train=str(path), eval=None, eval_fraction=0.0, fmt="chat", template="auto", max_length=64, packing=False,
-        train_on_prompt=False, system_prompt=None, columns={}, split="train", max_rows=None, tokenizer=tokenizer,
-        task="causal-lm", seed=0,
-    )  # fmt: skip
-    collate = make_collator("causal-lm", tokenizer.pad_token_id, False)
-    return [collate(data.train[:3]), collate(data.train[3:])]
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    return micro_batches(tokenizer, path, rows=5, seed=3, split=3, max_length=64, packing=False)
 
 
 def lora_model(path, seed: int = 0):
@@ -293,6 +301,17 @@ def test_the_cpu_speedups_train_a_bert_classifier(tiny_bert_dir, tokenizer, tmp_
     assert b.loss == pytest.approx(a.loss, rel=2e-2) and b.grad_norm == pytest.approx(a.grad_norm, rel=5e-2)
 
 
+def _assert_passes_are_the_plain_step(model_dir, batches, budget):
+    """A step under ``max_tokens_per_pass=budget`` has the plain step's loss, tokens and gradients."""
+    plain, split = lora_model(model_dir), lora_model(model_dir)
+    a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
+    b, grads_b = _step_and_grads(split, batches, TaskLoss("causal-lm"), max_tokens_per_pass=budget)
+    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    assert b.tokens == a.tokens
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("pooled", [False, True], ids=["split", "pooled"])
 def test_token_budgeted_passes_are_the_plain_step(tiny_llama_dir, batches, pooled):
     """``max_tokens_per_pass``: the step's rows pooled and regrouped by length into passes, whether that splits the
@@ -312,42 +331,21 @@ def test_token_budgeted_passes_are_the_plain_step(tiny_llama_dir, batches, poole
     for key in ("attention_mask", "labels"):
         kept = sum(int((p[key] != (-100 if key == "labels" else 0)).sum()) for p in passes)
         assert kept == sum(int((b[key] != (-100 if key == "labels" else 0)).sum()) for b in batches), key
-    plain, split = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
-    a, grads_a = _step_and_grads(plain, batches, TaskLoss("causal-lm"))
-    b, grads_b = _step_and_grads(split, batches, TaskLoss("causal-lm"), max_tokens_per_pass=budget)
-    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
-    assert b.tokens == a.tokens
-    for name, g in grads_a.items():
-        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    _assert_passes_are_the_plain_step(tiny_llama_dir, batches, budget)
 
 
 def test_packed_rows_split_into_passes_are_the_plain_step(tiny_llama_dir, tokenizer, tmp_path):
     """Packed micro-batches (no attention mask; position ids restart per sequence) under a pass budget: whole rows,
     as many as the budget holds, within their micro-batch; same loss, tokens and gradients."""
-    from bittune.data import make_collator, prepare_data
     from bittune.data.collate import step_passes
 
-    path = write_jsonl(tmp_path / "chat.jsonl", color_chat_rows(12, seed=5))
-    data = prepare_data(
-        train=str(path), eval=None, eval_fraction=0.0, fmt="chat", template="auto", max_length=32, packing=True,
-        train_on_prompt=False, system_prompt=None, columns={}, split="train", max_rows=None, tokenizer=tokenizer,
-        task="causal-lm", seed=0,
-    )  # fmt: skip
-    collate = make_collator("causal-lm", tokenizer.pad_token_id, True)
-    half = len(data.train) // 2
-    packed = [collate(data.train[:half]), collate(data.train[half:])]
-    assert half >= 2 and "attention_mask" not in packed[0]
+    packed = micro_batches(tokenizer, tmp_path / "chat.jsonl", rows=12, seed=5, split=0, max_length=32, packing=True)
+    assert len(packed[0]["input_ids"]) >= 2 and "attention_mask" not in packed[0]
     width = packed[0]["input_ids"].shape[1]
     passes = step_passes(packed, width)  # one row per pass
-    assert len(passes) == len(data.train) and all(len(p["input_ids"]) == 1 for p in passes)
+    assert len(passes) == sum(len(b["input_ids"]) for b in packed) and all(len(p["input_ids"]) == 1 for p in passes)
     assert all(set(p) == {"input_ids", "labels", "position_ids"} for p in passes)
-    plain, split = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
-    a, grads_a = _step_and_grads(plain, packed, TaskLoss("causal-lm"))
-    b, grads_b = _step_and_grads(split, packed, TaskLoss("causal-lm"), max_tokens_per_pass=width)
-    assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
-    assert b.tokens == a.tokens
-    for name, g in grads_a.items():
-        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    _assert_passes_are_the_plain_step(tiny_llama_dir, packed, width)
 
 
 def test_evaluation_is_the_full_logits_loss_whatever_the_step_takes(tiny_llama_dir, batches, monkeypatch):
