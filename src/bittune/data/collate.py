@@ -112,9 +112,10 @@ def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 # Padded tokens per forward pass on CPU (train.max_tokens_per_pass: auto). Pooling a step's short chat rows into
-# one pass of up to this many tokens ran SmolLM2-135M LoRA ~1.3x faster than a pass per 4-row micro-batch, and
-# splitting 4 x 256-token micro-batches into 2-row passes cut the float32 run's peak RSS by ~38% at the same speed
-# (bench/vs_trl.py, BENCHMARKS.md); 512 was slower on the short rows, 1024 kept the long rows' memory.
+# one pass of up to this many tokens ran a SmolLM2-135M LoRA step ~1.45x faster than a pass per 4-row micro-batch
+# (bench/pooled_passes.py), and splitting 4 x 256-token micro-batches into 2-row passes cut the run's peak RSS by
+# ~38% for 0-10% of the step's time (bench/vs_trl.py; BENCHMARKS.md, "Pooled passes"). In single trial runs 512
+# split 8 TREC rows (~69 tokens) and was slower; 1024 keeps 4 x 256 whole and so keeps its memory.
 CPU_TOKENS_PER_PASS = 640
 
 
