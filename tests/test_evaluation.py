@@ -160,3 +160,40 @@ def test_eval_and_compare_print_the_same_numbers(tiny_llama_dir: Path, label_fil
     assert entry["ranking"]["accuracy"] == ev["ranking"]["accuracy"]
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert f"| {entry['name']} | {100 * ev['generation']['accuracy']:.1f}% |" in md
+
+
+def test_token_metrics_run_the_head_at_targets_only_with_the_plain_loss(tiny_llama_dir: Path, label_file: Path):
+    """Perplexity needs the logits of label positions only: the evaluation pass applies the output head there (and
+    runs the rows' shared prompt prefix once), and its loss equals the full-logits loss over the same rows."""
+    import torch
+
+    from bittune.evaluation.core import data_settings, token_metrics, tokenized_rows
+    from bittune.evaluation.loading import load_model
+    from bittune.inference import eval_batches
+    from bittune.training.loss import causal_lm_loss_sum
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    rows = tokenized_rows(loaded, data_settings(str(tiny_llama_dir), str(label_file)))
+    model, tok = loaded.model, loaded.tokenizer
+    head_rows: list[int] = []
+    body_batches: list[int] = []
+
+    def on_head(module, args, out):
+        head_rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+
+    def on_body(module, args, kwargs, out):
+        body_batches.append(kwargs["input_ids"].shape[0])
+
+    hooks = [model.lm_head.register_forward_hook(on_head), model.model.register_forward_hook(on_body, with_kwargs=True)]
+    got = token_metrics(model, tok, "causal-lm", rows, batch_size=8)
+    for h in hooks:
+        h.remove()
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches(rows, "causal-lm", tok, 8):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += float(causal_lm_loss_sum(logits, batch["labels"]))
+            targets += int((batch["labels"][:, 1:] != -100).sum())
+    assert got["eval_loss"] == pytest.approx(total / targets, rel=1e-5)
+    assert sum(head_rows) == targets  # the head saw the label positions, not every position of every row
+    assert 1 in body_batches  # the shared prompt prefix ran once, as a batch of one

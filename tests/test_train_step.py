@@ -348,9 +348,9 @@ def test_packed_rows_split_into_passes_are_the_plain_step(tiny_llama_dir, tokeni
     _assert_passes_are_the_plain_step(tiny_llama_dir, packed, width)
 
 
-def test_evaluation_is_the_full_logits_loss_whatever_the_step_takes(tiny_llama_dir, batches, monkeypatch):
-    """Head-at-label-positions is the training step's lever: ``evaluate`` (the recipe's evals, ``bittune eval``)
-    computes the loss from the full logits exactly as before, and never through the step's loss paths."""
+def test_evaluation_takes_the_head_at_targets_with_the_full_logits_loss(tiny_llama_dir, batches, monkeypatch):
+    """``evaluate`` (the recipe's evals, ``bittune eval``) computes a LoRA model's loss with the head at label
+    positions only, and it is the full-logits loss up to float rounding."""
     import bittune.training.loss as loss_module
     from bittune.data.collate import count_targets
     from bittune.training.evaluate import evaluate, model_inputs
@@ -358,13 +358,13 @@ def test_evaluation_is_the_full_logits_loss_whatever_the_step_takes(tiny_llama_d
     model = lora_model(tiny_llama_dir).eval()
     cpu = torch.device("cpu")
     with torch.inference_mode():
-        total, at_targets = 0.0, 0.0
-        for b in batches:
-            inputs = model_inputs(b, cpu)
-            total += float(loss_module.causal_lm_loss_sum(model(**inputs).logits, b["labels"]))
-            at_targets += float(loss_module.causal_lm_target_loss_sum(model, inputs, b["labels"]))
+        total = sum(
+            float(loss_module.causal_lm_loss_sum(model(**model_inputs(b, cpu)).logits, b["labels"])) for b in batches
+        )
     targets = sum(count_targets("causal-lm", b["labels"]) for b in batches)
-    for name in ("micro_batch_loss", "causal_lm_target_loss_sum"):
-        monkeypatch.setattr(loss_module, name, lambda *a, **k: pytest.fail("evaluation took the training step's path"))
-    assert evaluate(model, batches, task="causal-lm", device=cpu)["eval_loss"] == total / targets  # bit for bit
-    assert at_targets == pytest.approx(total, rel=1e-6)  # the lever's value: the same up to float rounding
+    real, calls = loss_module.causal_lm_target_loss_sum, []
+    monkeypatch.setattr(loss_module, "causal_lm_target_loss_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert evaluate(model, batches, task="causal-lm", device=cpu)["eval_loss"] == pytest.approx(
+        total / targets, rel=1e-6
+    )
+    assert len(calls) == len(batches)

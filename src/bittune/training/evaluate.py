@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,20 +45,30 @@ def evaluate(
         predictions: A classifier's ``(predicted, gold)`` class ids are appended here, row by row (for a confusion
             matrix).
     """
+    from bittune.training.loss import causal_lm_target_loss_sum, supports_target_loss
+
     was_training = model.training
     model.eval()
+    # A causal LM's loss needs the logits of label positions only: the head runs there (on chat data most positions
+    # are prompt), and on CPU the rows' common prompt prefix runs once (as in training; same loss within rounding).
+    targets_only = task != "classification" and supports_target_loss(model)
+    share_prefix = targets_only and device.type == "cpu"
+    context = autocast or contextlib.nullcontext
     total_loss, total_targets = 0.0, 0
     preds: list[int] = []
     golds: list[int] = []
     num_classes = 0
     for batch in batches:
         labels = batch["labels"].to(device)
-        if autocast is None:
-            logits = model(**model_inputs(batch, device)).logits
+        inputs = model_inputs(batch, device)
+        if targets_only:
+            with context():
+                loss = causal_lm_target_loss_sum(model, inputs, labels, share_prefix=share_prefix)
         else:
-            with autocast():
-                logits = model(**model_inputs(batch, device)).logits
-        total_loss += float(loss_sum(task, logits, labels))
+            with context():
+                logits = model(**inputs).logits
+            loss = loss_sum(task, logits, labels)
+        total_loss += float(loss)
         total_targets += count_targets(task, labels)
         if task == "classification":
             num_classes = logits.size(-1)
