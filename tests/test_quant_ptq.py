@@ -404,14 +404,11 @@ def test_quantize_path_measures_on_the_runs_eval_file_unless_told_not_to(lora_ru
     assert "latency_ms" in measured["models"][0] and "latency_ms" in measured["models"][-1]
 
 
-def test_quantize_path_without_measuring_loads_once_and_measures_nothing(
-    lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """measure=False is for a caller that measures the quantized model itself: no pass over data, no latency runs,
-    no reload of the saved folder, and the adapter run is loaded once (merged), not once as trained and again."""
+@pytest.fixture
+def loads_without_measuring(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ``as_`` of every ``artifacts.load`` call; any quality or latency measurement fails the test."""
     import bittune.artifacts
     import bittune.quant.report
-    from bittune.quant.flows import quantize_path
 
     loads: list[str] = []
     real_load = bittune.artifacts.load
@@ -425,11 +422,43 @@ def test_quantize_path_without_measuring_loads_once_and_measures_nothing(
 
     monkeypatch.setattr(bittune.artifacts, "load", counting_load)
     monkeypatch.setattr(bittune.quant.report, "measure", no_measure)
+    return loads
+
+
+def test_quantize_path_without_measuring_loads_once_and_measures_nothing(
+    lora_run: Path, tmp_path: Path, loads_without_measuring: list[str]
+) -> None:
+    """measure=False is for a caller that measures the quantized model itself: no pass over data, no latency runs,
+    no reload of the saved folder, and the adapter run is loaded once (merged), not once as trained and again."""
+    from bittune.quant.flows import quantize_path
+
     bare = quantize_path(str(lora_run), IntSpec(bits=4, group_size=16), tmp_path / "bare", measure=False, device="cpu")
-    assert loads == ["merged"]
+    assert loads_without_measuring == ["merged"]
     assert bare["data"] is None and [set(m) for m in bare["models"]] == [{"name", "size_mb"}] * 2
     assert bare["models"][-1]["size_mb"] > 0
     assert (tmp_path / "bare" / "quant_report.json").exists()
+
+
+def test_merge_without_measuring_loads_the_merged_model_once_and_measures_nothing(
+    lora_run: Path, tmp_path: Path, loads_without_measuring: list[str]
+) -> None:
+    """The same for merge_run (the quick demo measures the merged model's quantized forms in its report): the run
+    is loaded once, merged, and written with its report; the adapter is not loaded as trained to measure it."""
+    from safetensors.torch import load_file
+
+    from bittune.export.commands import export_model
+    from bittune.quant.flows import merge_run
+
+    bare = merge_run(str(lora_run), tmp_path / "m", measure=False, device="cpu")
+    assert loads_without_measuring == ["merged"]
+    assert bare["data"] is None and [set(m) for m in bare["models"]] == [{"name", "size_mb"}] * 2
+    assert bare["models"][-1]["size_mb"] > 0 and (tmp_path / "m" / "merge_report.json").exists()
+    export_model(str(lora_run), fmt="hf", out=tmp_path / "exported")  # the merge policy's weights, written once more
+    merged, exported = (
+        load_file(tmp_path / "m" / "model.safetensors"),
+        load_file(tmp_path / "exported" / "model.safetensors"),
+    )
+    assert merged.keys() == exported.keys() and all(torch.equal(merged[k], exported[k]) for k in merged)
 
 
 @pytest.mark.e2e

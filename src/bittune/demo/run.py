@@ -47,7 +47,7 @@ class Sizes:
     eval_batch: int
     quant4_method: str  # `quantize --bits 4 --method M`: int, not nf4 (NF4 rounds a QLoRA merge back to its base)
     gptq_calib_tokens: int  # GPTQ's calibration tokens, from the training questions
-    quant_eval: bool  # quantize also measures its model against the merged one (the report measures it anyway)
+    quant_eval: bool  # merge and quantize also measure their model against its source (the report measures it)
     gguf_type: str  # f16 | q8_0 | q4_0 (bittune's own writer; no llama.cpp needed)
     samples: tuple[int, int]  # the report's side-by-side replies: (prompts, new tokens each)
     # The MiniLM sentiment classifier (configs/demo_sentiment.yaml; bittune/demo/sentiment.py)
@@ -295,12 +295,12 @@ def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, si
 
     merged, q4, gptq = out_dir / "merged", out_dir / "int4", out_dir / "gptq-3bit"
     gguf = out_dir / "smollm2-trec.gguf"
-    with story.phase("merge", "merge the adapter (into its dequantized NF4 base: the merge policy)"):
-        rep = merge_run(run_dir, merged, data=str(data.eval), log=story.detail)
-        story.say(_delta_line(rep))
-    spec4 = spec_from_cli(bits=4, method=sizes.quant4_method)
     # The merged folder is no run, so quantize measures on the eval file only when given it.
     measure = {"data": str(data.eval)} if sizes.quant_eval else {"measure": False}
+    with story.phase("merge", "merge the adapter (into its dequantized NF4 base: the merge policy)"):
+        rep = merge_run(run_dir, merged, log=story.detail, **measure)
+        story.say(_delta_line(rep))
+    spec4 = spec_from_cli(bits=4, method=sizes.quant4_method)
     with story.phase("quantize_4bit", f"quantize the merged model to 4 bits ({spec4.label()})"):
         rep = quantize_path(merged, spec4, q4, log=story.detail, **measure)
         story.say(_delta_line(rep))

@@ -358,6 +358,7 @@ def merge_run(
     data_opts: dict[str, Any] | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    measure: bool = True,
     log: Log = _quiet,
 ) -> dict[str, Any]:
     """Merge a run's LoRA adapter into its base by the merge policy: full precision, or (``into_bits``)
@@ -367,6 +368,9 @@ def merge_run(
     :func:`bittune.artifacts.load` ``as_="merged"`` (the same weights ``bittune export`` writes). It is measured
     against the reference on the run's eval data (or ``data``; else the run's train data), and the change goes into
     ``out/merge_report.json``; ``report["warnings"]`` is non-empty when the change is large.
+
+    ``measure=False``: no measurement (the merged model is loaded once, the reference not at all), for a caller
+    that measures the merged model itself, as :func:`quantize_path`'s.
     """
     from bittune.artifacts import as_artifact, load
 
@@ -380,21 +384,25 @@ def merge_run(
             "--method/--group-size/--symmetric/--calib-tokens need --into-quantized BITS",
             hint="add --into-quantized 4",
         )
-    data, data_note = _eval_data(artifact, data, train_fallback=True)
+    data, data_note = _eval_data(artifact, data, train_fallback=True) if measure else (None, None)
     calib = calibration_data(artifact, spec, calib)
     preflight(artifact, spec, data, calib)
     from bittune.model import resolve_device
 
     dev = resolve_device(device)
-    log(f"loading {artifact.path} (adapter on its base, as trained) ...")
-    ref_model, tokenizer, task, rows, reference = _load_reference(
-        artifact, "adapter on base (as trained)", dev, data, data_opts, batch_size
-    )
-    del ref_model
-    gc.collect()
+    reference_name = "adapter on base (as trained)"
+    if measure:
+        log(f"loading {artifact.path} (adapter on its base, as trained) ...")
+        ref_model, tokenizer, task, rows, reference = _load_reference(
+            artifact, reference_name, dev, data, data_opts, batch_size
+        )
+        del ref_model
+        gc.collect()
+    else:
+        tokenizer, rows, reference = None, None, {"name": reference_name, "size_mb": source_size_mb(artifact)}
     base_q = artifact.training_quant
     log("merging the adapter in float32" + (f" into its dequantized {base_q.label()} base" if base_q else "") + " ...")
-    merged = load(artifact, as_="merged", device=dev, tokenizer=tokenizer).model
+    merged, tokenizer, task = load(artifact, as_="merged", device=dev, tokenizer=tokenizer)
     return _write_merge(artifact, adapter, merged, tokenizer, task, rows, reference, out, spec=spec, data=data,
                         data_note=data_note, calib=calib, data_opts=data_opts, batch_size=batch_size, dev=dev,
                         log=log)  # fmt: skip
@@ -428,8 +436,10 @@ def _write_merge(
 
     base_q, run_dir = artifact.training_quant, artifact.path
     fp_name = "merged fp32" + (f" (dequantized {base_q.method.upper()} base)" if base_q else "")
-    fp_entry = {"name": fp_name, **measure(merged, tokenizer, task, rows, batch_size=batch_size)}
-    fp_entry["delta"] = quality_delta(reference, fp_entry, task)
+    fp_entry: dict[str, Any] = {"name": fp_name}
+    if rows is not None:  # measured (merge_run's measure=True)
+        fp_entry.update(measure(merged, tokenizer, task, rows, batch_size=batch_size))
+        fp_entry["delta"] = quality_delta(reference, fp_entry, task)
     label_names = _label_names(merged, task)
     report: dict[str, Any] = {}
 
@@ -451,8 +461,12 @@ def _write_merge(
             )
             merged = None
             gc.collect()
-            log("reloading the merged quantized model and measuring it ...")
-            entries.append(_measure_saved(tmp, f"merged {spec.label()}", tokenizer, rows, dev, batch_size, reference))
+            name = f"merged {spec.label()}"
+            if rows is None:
+                entries.append(_saved_entry(tmp, name))
+            else:
+                log("reloading the merged quantized model and measuring it ...")
+                entries.append(_measure_saved(tmp, name, tokenizer, rows, dev, batch_size, reference))
         final = entries[-1]
         warnings = []
         if final.get("delta", {}).get("large"):
