@@ -79,25 +79,62 @@ def label_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("labels") / "colors.jsonl", label_rows(24))
 
 
-def test_label_ranking_with_cache_equals_full_forward(tiny_llama_dir: Path):
+def _full_forward_logprobs(loaded, prompts, labels, system_prompt=None) -> list[list[float]]:
+    """Each label's summed log-probability after each prompt, from one plain forward of prompt + label."""
     import torch
 
-    from bittune.evaluation.generation import encode_prompts, label_logprobs
+    from bittune.evaluation.generation import encode_prompts
+
+    tok, out = loaded.tokenizer, []
+    for ids in encode_prompts(tok, prompts, "auto", system_prompt):
+        row = []
+        for lab in labels:
+            cont = tok(tok.decode(ids) + lab, add_special_tokens=False)["input_ids"][len(ids) :]
+            with torch.no_grad():
+                logits = loaded.model(input_ids=torch.tensor([ids + cont])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            row.append(sum(float(logp[len(ids) - 1 + k, c]) for k, c in enumerate(cont)))
+        out.append(row)
+    return out
+
+
+def test_label_ranking_with_cache_equals_full_forward(tiny_llama_dir: Path):
+    from bittune.evaluation.generation import label_logprobs
     from bittune.evaluation.loading import load_model
 
     loaded = load_model(str(tiny_llama_dir), device="cpu")
     prompts = [[{"role": "user", "content": f"What color is the {t}?"}] for t in THINGS[:5]]
     labels = ["red", "blue green", "yellow"]
     got = label_logprobs(loaded.model, loaded.tokenizer, prompts, labels, batch_size=3)
-    tok = loaded.tokenizer
-    for p, ids in zip(prompts, encode_prompts(tok, prompts, "auto", None)):
-        for j, lab in enumerate(labels):
-            cont = tok(tok.decode(ids) + lab, add_special_tokens=False)["input_ids"][len(ids) :]
-            full = torch.tensor([ids + cont])
-            with torch.no_grad():
-                logp = torch.log_softmax(loaded.model(input_ids=full).logits[0].float(), -1)
-            want = sum(float(logp[len(ids) - 1 + k, c]) for k, c in enumerate(cont))
-            assert got[prompts.index(p)][j] == pytest.approx(want, abs=1e-4)
+    want = _full_forward_logprobs(loaded, prompts, labels)
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-4)
+
+
+def test_label_ranking_runs_the_prompts_shared_prefix_once(tiny_llama_dir: Path):
+    """Prompts that begin alike (system prompt, instruction) share one forward of that beginning; each prompt's own
+    tokens and the labels then run against its cached keys and values, with the same scores."""
+    from bittune.evaluation.generation import encode_prompts, label_logprobs
+    from bittune.evaluation.loading import load_model
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    system = "Name the color of the thing in one or two words, like red or blue green, and nothing else."
+    prompts = [[{"role": "user", "content": f"What color is the {t}?"}] for t in THINGS[:6]]
+    labels = ["red", "blue green", "yellow"]
+    rows_seen: list[int] = []
+
+    def count(module, args, kwargs, out):
+        rows_seen.append(kwargs["input_ids"].numel())
+
+    hook = loaded.model.model.register_forward_hook(count, with_kwargs=True)
+    got = label_logprobs(loaded.model, loaded.tokenizer, prompts, labels, system_prompt=system, batch_size=6)
+    hook.remove()
+    prompt_tokens = sum(len(ids) for ids in encode_prompts(loaded.tokenizer, prompts, "auto", system))
+    assert rows_seen[0] < prompt_tokens / len(prompts)  # the shared beginning, as a batch of one
+    assert sum(rows_seen[:2]) < prompt_tokens / 2  # then every prompt's own tokens
+    want = _full_forward_logprobs(loaded, prompts, labels, system)
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-4)
 
 
 def test_eval_scores_a_label_task_by_generation_and_ranking(tiny_llama_dir: Path, label_file: Path):
@@ -197,3 +234,24 @@ def test_token_metrics_run_the_head_at_targets_only_with_the_plain_loss(tiny_lla
     assert got["eval_loss"] == pytest.approx(total / targets, rel=1e-5)
     assert sum(head_rows) == targets  # the head saw the label positions, not every position of every row
     assert 1 in body_batches  # the shared prompt prefix ran once, as a batch of one
+
+
+def test_generation_runs_the_prompts_shared_prefix_once_with_the_same_replies(tiny_llama_dir: Path):
+    """Greedy replies of a batch whose prompts share their beginning (run once, cached) equal each prompt's own."""
+    from bittune.evaluation.generation import Decoding, generate_replies
+    from bittune.evaluation.loading import load_model
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    decoding = Decoding(max_new_tokens=6, system_prompt="Name the color of the thing in one or two words only.")
+    prompts = [[{"role": "user", "content": f"What color is the {t}?"}] for t in THINGS[:6]]
+    rows_seen: list[int] = []
+
+    def count(module, args, kwargs, out):
+        rows_seen.append(kwargs["input_ids"].shape[0])
+
+    hook = loaded.model.model.register_forward_hook(count, with_kwargs=True)
+    batched = generate_replies(loaded.model, loaded.tokenizer, prompts, decoding, batch_size=6)
+    hook.remove()
+    assert rows_seen[0] == 1  # the shared beginning, once
+    alone = [generate_replies(loaded.model, loaded.tokenizer, [p], decoding, batch_size=1)[0] for p in prompts]
+    assert batched == alone and any(batched)

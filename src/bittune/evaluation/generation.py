@@ -64,7 +64,8 @@ def generate_replies(
     batch_size: int = 32,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Greedy replies to ``prompts`` (batched with left padding, shortest first; returned in input order)."""
+    """Greedy replies to ``prompts`` (batched with left padding, shortest first; returned in input order; on CPU
+    a batch's common beginning runs once, :func:`_prompt_batch`)."""
     import torch
 
     encoded = encode_prompts(tokenizer, prompts, decoding.template, decoding.system_prompt)
@@ -75,10 +76,11 @@ def generate_replies(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask = _left_pad([encoded[i] for i in idx], pad)
+            ids, mask, cache, _ = _prompt_batch(model, [encoded[i] for i in idx], pad, device)
             out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,  # the shared beginning's, when there is one: generation runs the rest
                 max_new_tokens=decoding.max_new_tokens,
                 do_sample=decoding.do_sample,
                 pad_token_id=pad,
@@ -107,6 +109,63 @@ def _continuations(tokenizer: Any, prompt_ids: list[int], labels: Sequence[str])
     return out
 
 
+def _shared_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens all ``rows`` share, leaving each at least one of its own; 0 where sharing would save
+    under 10% of the batch's tokens (:data:`bittune.training.shared_prefix.MIN_SAVED`)."""
+    from bittune.training.shared_prefix import MIN_SAVED
+
+    if len(rows) < 2:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    for k in range(n):
+        if any(r[k] != rows[0][k] for r in rows):
+            n = k
+            break
+    saved = (len(rows) - 1) * n / sum(len(r) for r in rows)
+    return n if n > 0 and saved >= MIN_SAVED else 0
+
+
+def _prompt_batch(model: Any, rows: list[list[int]], pad: int, device: Any) -> tuple[Any, Any, Any, int]:
+    """Prompts ``rows`` laid out for one batch: ``(ids, mask, cache, prefix)``.
+
+    Each row's tokens end at the same column (padding goes before them), so what follows lines up. On CPU the
+    rows' common beginning (system prompt, instruction) runs here once, as a batch of one: ``cache`` holds its keys
+    and values for every row (a view), ``ids`` is ``[prefix][padding][row's own tokens]`` and ``prefix`` its
+    length. Elsewhere, or when too little is shared, the rows are left-padded whole (``cache`` None, ``prefix`` 0):
+    a GPU's forward is bound by kernel launches, not tokens.
+    """
+    import torch
+
+    from bittune.training.shared_prefix import expandable_cache
+
+    prefix = _shared_prefix(rows) if torch.device(device).type == "cpu" else 0
+    cache = None
+    if prefix:
+        cache = model(input_ids=torch.tensor([rows[0][:prefix]], device=device), use_cache=True).past_key_values
+        if not expandable_cache(cache):  # e.g. sliding-window layers: no sharing
+            cache, prefix = None, 0
+    if cache is not None:
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(len(rows), -1, -1, -1)
+            layer.values = layer.values.expand(len(rows), -1, -1, -1)
+    own, own_mask = _left_pad([r[prefix:] for r in rows], pad)
+    head = torch.tensor([rows[0][:prefix]], dtype=own.dtype).expand(len(rows), -1)
+    ids = torch.cat([head, own], 1).to(device)
+    mask = torch.cat([torch.ones_like(head), own_mask], 1).to(device)
+    return ids, mask, cache, prefix
+
+
+def _prefill(model: Any, rows: list[list[int]], pad: int, device: Any) -> tuple[Any, Any, Any]:
+    """Run the prompts ``rows`` (:func:`_prompt_batch`); returns the logits at each one's last token, the cache and
+    its attention mask. Positions count real tokens only."""
+    ids, mask, cache, prefix = _prompt_batch(model, rows, pad, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
+    # Only the last position's logits are needed: skip the output head everywhere else.
+    out = model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)  # fmt: skip
+    return out.logits[:, -1], out.past_key_values, mask
+
+
 def label_logprobs(
     model: Any,
     tokenizer: Any,
@@ -120,8 +179,9 @@ def label_logprobs(
 ) -> list[list[float]]:
     """Summed log-probability of each label as the reply to each prompt: ``[prompt][label]``.
 
-    Each prompt batch runs once; every label is then scored on the prompt's cached keys and values (the cache is
-    cropped back after each label), so ranking L labels costs about one forward pass, not L.
+    Each prompt batch runs once (its common beginning once for all, on CPU: :func:`_prefill`); every label is then
+    scored on the prompt's cached keys and values (the cache is cropped back after each label), so ranking L labels
+    costs about one forward pass, not L.
     """
     import torch
 
@@ -133,13 +193,9 @@ def label_logprobs(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask = _left_pad([encoded[i] for i in idx], pad)
-            ids, mask = ids.to(device), mask.to(device)
+            logits, cache, mask = _prefill(model, [encoded[i] for i in idx], pad, device)
             lengths = mask.sum(-1)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            # Only the last position's logits are needed: skip the output head everywhere else.
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-            cache, first = out.past_key_values, torch.log_softmax(out.logits[:, -1].float(), -1)
+            first = torch.log_softmax(logits.float(), -1)
             conts = [_continuations(tokenizer, encoded[i], labels) for i in idx]
             for j in range(len(labels)):
                 rows = [c[j] for c in conts]

@@ -44,7 +44,7 @@ def shared_prefix_length(
     return prefix if prefix > 0 and saved >= min_saved else 0
 
 
-def _expandable(cache: Any) -> bool:
+def expandable_cache(cache: Any) -> bool:
     """A cache of plain full-attention layers (sliding-window or linear-attention layers are not shared)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -62,7 +62,7 @@ def shared_prefix_hidden(
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, width = ids.shape
     cache = body(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True).past_key_values
-    if not _expandable(cache):
+    if not expandable_cache(cache):
         return None
     for layer in cache.layers:  # a view per layer: backward sums the rows' gradients into the prefix
         layer.keys = layer.keys.expand(batch, -1, -1, -1)
