@@ -3,10 +3,10 @@
 SmolLM2-135M-Instruct on the demo's TREC rows (chat template; the rows share the system prompt and the instruction,
 41 of ~60 tokens), LoRA r=16/alpha 32/dropout 0.05 on all linear layers. Three set-ups, as ``bittune train`` builds
 them on CPU: LoRA in float32 (fused LoRA linears), LoRA under bf16 autocast (frozen base in bf16, float32 attention,
-fused LoRA), QLoRA (NF4 + double quant, float32 compute, PEFT's LoRA). For each set-up and batch size, forward +
-backward of the same micro-batch through ``causal_lm_target_loss_sum`` with ``share_prefix`` off and on, alternating,
-``--reps`` times after one warm-up each; the fastest repetition counts. Peak RSS of each variant: the process's
-``VmHWM`` window reset before its repetitions (after ``malloc_trim``).
+fused LoRA), QLoRA (NF4 + double quant, float32 compute, LoRA fused over the 4-bit layers). For each set-up and
+batch size, forward + backward of the same micro-batch through ``causal_lm_target_loss_sum`` with ``share_prefix``
+off and on, alternating, ``--reps`` times after one warm-up each; the fastest repetition counts. Peak RSS of each
+variant: the process's ``VmHWM`` window reset before its repetitions (after ``malloc_trim``).
 
     python bench/shared_prefix.py                     # writes bench/results/shared_prefix.{json,md}
     python bench/shared_prefix.py --batches 4 --setups lora-fp32 --reps 2    # quick
@@ -60,9 +60,9 @@ def build(setup: str, path: str) -> Any:
     else:
         model = load_model(path, task="causal-lm", dtype=torch.float32)
     model = attach_lora(model, task="causal-lm", r=16, alpha=32, dropout=0.05, target_modules="all-linear")
-    if setup != "qlora-nf4":
-        apply_speedups(model, device=torch.device("cpu"), mixed_precision=setup.split("-")[1].replace("fp32", "no"),
-                       lora=True)  # fmt: skip
+    # As setup_model does for every LoRA run, QLoRA included (its LoRA is fused over the 4-bit layers on CPU).
+    mixed_precision = "bf16" if setup == "lora-bf16" else "no"
+    apply_speedups(model, device=torch.device("cpu"), mixed_precision=mixed_precision, lora=True)
     return model.train()
 
 
