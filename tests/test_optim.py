@@ -80,7 +80,7 @@ def test_eval_batch_size_sets_the_rows_per_eval_forward_and_not_the_result(
 ):
     from transformers import LlamaModel
 
-    # The body's forward: evaluation (full logits) and the training step (head only at label positions) both run it.
+    # The body's forward: evaluation and the training step (both with the head only at label positions) run it.
     seen: list[tuple[bool, int]] = []
     real = LlamaModel.forward
 
@@ -97,8 +97,9 @@ def test_eval_batch_size_sets_the_rows_per_eval_forward_and_not_the_result(
                          train={"max_steps": 2, "batch_size": 8, "eval_batch_size": eval_bs})  # fmt: skip
         seen.clear()
         results[eval_bs] = train(config_from_dict(raw), progress=False).final_metrics["eval_loss"]
+        # The final eval over the 11 held-out rows; each batch's shared prompt prefix runs first, as 1 row (CPU).
         evals = [n for training, n in seen if not training]
-        assert evals == ([8, 3] if eval_bs is None else [4, 4, 3]), seen  # the final eval over the 11 held-out rows
+        assert evals == ([1, 8, 1, 3] if eval_bs is None else [1, 4, 1, 4, 1, 3]), seen
         # each training step: the rows' shared prompt prefix once (1 row, train.shared_prefix on CPU), then the 8 rows
         assert [n for training, n in seen if training] == [1, 8, 1, 8]
     assert results[4] == pytest.approx(results[None], rel=1e-5)
