@@ -136,18 +136,14 @@ def _prompt_batch(model: Any, rows: list[list[int]], pad: int, device: Any) -> t
     """
     import torch
 
-    from bittune.training.shared_prefix import expandable_cache
+    from bittune.training.shared_prefix import expand_cache
 
     prefix = _shared_prefix(rows) if torch.device(device).type == "cpu" else 0
     cache = None
     if prefix:
         cache = model(input_ids=torch.tensor([rows[0][:prefix]], device=device), use_cache=True).past_key_values
-        if not expandable_cache(cache):  # e.g. sliding-window layers: no sharing
+        if not expand_cache(cache, len(rows)):  # e.g. sliding-window layers: no sharing
             cache, prefix = None, 0
-    if cache is not None:
-        for layer in cache.layers:
-            layer.keys = layer.keys.expand(len(rows), -1, -1, -1)
-            layer.values = layer.values.expand(len(rows), -1, -1, -1)
     own, own_mask = _left_pad([r[prefix:] for r in rows], pad)
     head = torch.tensor([rows[0][:prefix]], dtype=own.dtype).expand(len(rows), -1)
     ids = torch.cat([head, own], 1).to(device)

@@ -44,12 +44,24 @@ def shared_prefix_length(
     return prefix if prefix > 0 and saved >= min_saved else 0
 
 
-def expandable_cache(cache: Any) -> bool:
+def _expandable(cache: Any) -> bool:
     """A cache of plain full-attention layers (sliding-window or linear-attention layers are not shared)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     layers = getattr(cache, "layers", None)
     return isinstance(cache, DynamicCache) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def expand_cache(cache: Any, batch: int) -> bool:
+    """Make ``cache``, one row's keys and values, serve ``batch`` rows: a view per layer (under autograd, backward
+    sums the rows' gradients into it). False, the cache untouched, where it cannot be shared (sliding-window or
+    linear-attention layers)."""
+    if not _expandable(cache):
+        return False
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1)
+        layer.values = layer.values.expand(batch, -1, -1, -1)
+    return True
 
 
 def shared_prefix_hidden(
@@ -62,11 +74,8 @@ def shared_prefix_hidden(
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, width = ids.shape
     cache = body(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True).past_key_values
-    if not expandable_cache(cache):
+    if not expand_cache(cache, batch):
         return None
-    for layer in cache.layers:  # a view per layer: backward sums the rows' gradients into the prefix
-        layer.keys = layer.keys.expand(batch, -1, -1, -1)
-        layer.values = layer.values.expand(batch, -1, -1, -1)
     positions = torch.arange(prefix, width, device=ids.device).unsqueeze(0).expand(batch, -1)
     out = body(
         input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
