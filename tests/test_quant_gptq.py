@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bittune.quant import quantize
-from bittune.quant.gptq import HessianCollector, gptq_quantize_weight, layer_output_error
+from bittune.quant.gptq import HessianCollector, gptq_quantize_weight, inverse_cholesky_upper, layer_output_error
 from bittune.quant.intq import dequantize, quantize_codes, quantize_dequantize, quantize_int
 from bittune.quant.spec import GptqSpec, IntSpec, spec_from_cli
 from tiny import color_chat_rows, run_cli, run_inproc, write_jsonl
@@ -35,6 +35,17 @@ def test_hessian_collector_is_two_over_n_xtx() -> None:
     x = correlated_inputs(n=1234, d=16)
     expected = 2 / x.shape[0] * x.double().T @ x.double()
     assert torch.allclose(hessian_of(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_inverse_cholesky_upper_is_the_upper_cholesky_factor_of_the_inverse() -> None:
+    h = hessian_of(correlated_inputs(d=96))
+    h += torch.eye(96, dtype=h.dtype) * 0.01 * torch.diag(h).mean()
+    u = inverse_cholesky_upper(h)
+    assert torch.equal(u, u.triu()) and bool((torch.diagonal(u) > 0).all())
+    assert torch.allclose(u.T @ u, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
+    # The textbook construction (Cholesky of the explicit inverse), which this replaces.
+    textbook = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    assert torch.allclose(u, textbook, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])

@@ -64,13 +64,14 @@ def test_hqq_scales_and_zeros_are_float16_exact() -> None:
         assert torch.equal(t.half().float(), t)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_quantized_linear_fast_unpack_matches_unpack_codes(bits: int) -> None:
     from bittune.quant.linear import _unpack
 
-    codes = torch.randint(0, 2**bits, (1000,), dtype=torch.uint8)
+    codes = torch.randint(0, 2**bits, (1003,), dtype=torch.uint8)  # not a whole number of 8-code words
     packed = pack_codes(codes, bits)
-    assert torch.equal(_unpack(packed, bits, 1000), unpack_codes(packed, bits, 1000))
+    assert torch.equal(_unpack(packed, bits, 1003), codes)
+    assert torch.equal(_unpack(packed, bits, 1003), unpack_codes(packed, bits, 1003))
 
 
 def test_quantized_linear_computes_with_the_dequantized_weight() -> None:

@@ -78,7 +78,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Float32 ``[out, in]`` weight from grouped codes (drops the padding of the last group)."""
     out_features, in_features = shape
-    w = (codes.float() - zero) * scale
+    w = codes.to(torch.float32, copy=True).sub_(zero).mul_(scale)  # in place: one float32 buffer, not three
     return w.reshape(out_features, -1)[:, :in_features]
 
 
