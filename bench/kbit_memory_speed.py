@@ -42,6 +42,7 @@ KBIT = {name: CONFIGS[name] for name in ("full fp32", "LoRA fp32", "LoRA 8-bit b
 KBIT["LoRA fp32"] = {**CONFIGS["LoRA fp32"], "train": {"mixed_precision": "no"}}
 KBIT["LoRA auto"] = dict(CONFIGS["LoRA fp32"])
 KBIT["QLoRA NF4 + grad ckpt"] = CONFIGS["QLoRA NF4 + grad ckpt"]
+KBIT["QLoRA NF4, no grad ckpt"] = CONFIGS["QLoRA NF4, no grad ckpt"]
 
 
 def main() -> None:

@@ -37,8 +37,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "full fp32": {"method": "full", "train": {"lr": 1e-5}},
     "LoRA fp32": {"method": "lora"},
     "LoRA 8-bit base": {"method": "qlora", "quant": {"bits": 8}},
-    "QLoRA NF4": {"method": "qlora", "quant": NF4},
+    "QLoRA NF4": {"method": "qlora", "quant": NF4},  # gradient checkpointing: auto, which is on for a k-bit base
     "QLoRA NF4 + grad ckpt": {"method": "qlora", "quant": NF4, "train": {"gradient_checkpointing": True}},
+    "QLoRA NF4, no grad ckpt": {"method": "qlora", "quant": NF4, "train": {"gradient_checkpointing": False}},
 }
 # CPU only: the same runs with glibc's mmap threshold fixed at 1 MiB, so freed activation blocks go back to the
 # kernel instead of staying in the heap (bittune plan models both allocator behaviours).

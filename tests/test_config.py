@@ -95,6 +95,18 @@ def test_empty_and_missing_files(tmp_path):
         load_config(tmp_path / "e.yaml")
 
 
+def test_gradient_checkpointing_auto_is_on_for_a_kbit_base_only():
+    """QLoRA is chosen for memory: auto turns checkpointing on there (as peft's prepare_model_for_kbit_training
+    does) and nowhere else; an explicit value is kept; the resolved bool is what the run config records."""
+    assert config_from_dict({**minimal(), "method": "qlora"}).train.gradient_checkpointing is True
+    assert config_from_dict(minimal()).train.gradient_checkpointing is False
+    assert config_from_dict({**minimal(), "method": "full"}).train.gradient_checkpointing is False
+    kept = config_from_dict({**minimal(), "method": "qlora"}, ["train.gradient_checkpointing=false"])
+    assert kept.train.gradient_checkpointing is False
+    assert config_from_dict(minimal(), ["train.gradient_checkpointing=true"]).train.gradient_checkpointing is True
+    assert "gradient_checkpointing: true" in dump_config(config_from_dict({**minimal(), "method": "qlora"}))
+
+
 def test_resolved_config_round_trips():
     cfg = config_from_dict(minimal(), ["train.max_steps=7"])
     again = RunConfig.model_validate(yaml.safe_load(dump_config(cfg)))

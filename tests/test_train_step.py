@@ -208,7 +208,7 @@ def test_shared_prefix_setting_resolves_by_device_and_checkpointing():
     assert share_prefix(TrainConfig(), cpu) and not share_prefix(TrainConfig(), cuda)
     assert share_prefix(TrainConfig(shared_prefix=True), cuda)
     assert not share_prefix(TrainConfig(shared_prefix=False), cpu)
-    assert not share_prefix(TrainConfig(shared_prefix=True, gradient_checkpointing=True), cpu)
+    assert share_prefix(TrainConfig(gradient_checkpointing=True), cpu)  # the checkpointed layers read its cache
     assert TaskLoss("classification", head_at_targets=True, share_prefix=True).share_prefix is False
 
 

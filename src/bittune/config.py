@@ -211,7 +211,12 @@ class TrainConfig(_Section):
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto",
+        description="Recompute each decoder layer's activations in backward instead of keeping them: much less "
+        "activation memory for ~a third more forward compute. auto: on for a k-bit base (method: qlora), where "
+        "memory is why one picks it (as peft's prepare_model_for_kbit_training does), off otherwise.",
+    )
     max_tokens_per_pass: PositiveInt | Literal["auto"] | None = Field(
         "auto",
         description="Pool each optimizer step's rows and run them as forward passes of at most this many padded "
@@ -224,7 +229,7 @@ class TrainConfig(_Section):
         description="Run a micro-batch's common prompt prefix (system prompt, instruction) once, not once per row: "
         "same loss and gradients; with LoRA dropout the prefix draws one mask for all rows. auto: on CPU (measured "
         "there; a GPU's step is bound by kernel launches, which a second forward adds). Padded causal-LM batches "
-        "only: not with packing, distillation or gradient checkpointing.",
+        "only: not with packing or distillation.",
     )
     eval_every: int | None = Field(None, gt=0, description="Steps between evals; default: at the end only.")
     save_every: int | None = Field(None, gt=0, description="Steps between checkpoints; default: none.")
@@ -366,6 +371,8 @@ class RunConfig(_Section):
             problems.append("data.packing only applies to causal-lm training")
         if self.method == "qlora" and self.quant is None:
             self.__dict__["quant"] = BnbSpec()  # defaults: 4-bit NF4 with double quant
+        if self.train.gradient_checkpointing == "auto":  # resolved here, so every reader sees a bool
+            self.train.__dict__["gradient_checkpointing"] = self.method == "qlora"
         if self.method in ADAPTER_METHODS and self.lora is None:
             self.__dict__["lora"] = LoraConfig()
         if self.quant is not None and self.method != "qlora":

@@ -329,8 +329,19 @@ def prepare_kbit_base(model: PreTrainedModel, *, gradient_checkpointing: bool) -
         if param.dtype == torch.float16 and param.ndim == 1:
             param.data = param.data.float()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing on every decoder layer: each keeps only its input and recomputes the rest in
+    backward. Non-reentrant (``torch.utils.checkpoint``'s recommended mode), which also replays dropout draws and
+    passes gradients to tensors a layer reads without taking them as inputs (the shared prefix's keys and values)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.22; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

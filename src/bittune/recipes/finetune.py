@@ -356,8 +356,9 @@ def setup_loss(cfg: RunConfig, rt: Runtime) -> Any:
 
 def share_prefix(t: Any, device: Any) -> bool:
     """Whether the step runs a micro-batch's common prompt prefix once (``train.shared_prefix``; auto: on CPU,
-    where it was measured to pay; never with gradient checkpointing, which turns the model's cache off)."""
-    if t.gradient_checkpointing or t.shared_prefix is False:
+    where it was measured to pay). Gradient checkpointing keeps it: the checkpointed layers read the prefix's
+    cache (:func:`bittune.training.shared_prefix.shared_prefix_hidden`)."""
+    if t.shared_prefix is False:
         return False
     return t.shared_prefix is True or device.type == "cpu"
 
@@ -377,7 +378,14 @@ def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -
         (model, QatHook or None, sizes: trainable/total parameters, the weights' bytes by dtype, the compute
         dtype choice and the speed levers applied)
     """
-    from bittune.model import attach_lora, count_parameters, load_model, prepare_kbit_base, resolve_dtype
+    from bittune.model import (
+        attach_lora,
+        count_parameters,
+        enable_checkpointing,
+        load_model,
+        prepare_kbit_base,
+        resolve_dtype,
+    )
     from bittune.quant.api import bnb_config
     from bittune.training.memory import release_free_memory, weights_footprint
     from bittune.training.speedups import apply_speedups, compute_choice
@@ -405,7 +413,7 @@ def setup_model(cfg: RunConfig, checked: Checked, rt: Runtime, plan: StepPlan) -
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         model = prepare_kbit_base(model, gradient_checkpointing=t.gradient_checkpointing)
     elif t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if lora is not None:
         model = attach_lora(
             model, task=m.task, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
@@ -559,14 +567,15 @@ def open_logs(
 
 
 def levers(run: Run) -> dict[str, Any]:
-    """The speed levers on in this run: the model's (:func:`bittune.training.speedups.apply_speedups`), the
-    loss's shared prompt prefix and the step's token-budgeted passes."""
+    """The speed and memory levers on in this run: the model's (:func:`bittune.training.speedups.apply_speedups`),
+    the loss's shared prompt prefix, the step's token-budgeted passes and gradient checkpointing."""
     shared = bool(getattr(run.loss_fn, "share_prefix", False))
     budget = tokens_per_pass(run.cfg.train, run.rt)
     return {
         **run.sizes["speedups"],
         **({"shared_prefix": True} if shared else {}),
         **({"tokens_per_pass": budget} if budget else {}),
+        **({"gradient_checkpointing": True} if run.cfg.train.gradient_checkpointing else {}),
     }
 
 

@@ -10,11 +10,18 @@ unbiased draw; ``train.shared_prefix: false`` restores per-row masks).
 
 Only the prefix in which no position's logits are needed is shared (the loss is computed over the rest), so the
 head-at-targets loss (:func:`bittune.training.loss.causal_lm_target_loss_sum`) applies unchanged to the suffix.
+
+Under gradient checkpointing (QLoRA's default) the prefix still runs once: its pass of one row keeps its
+activations, and the rows' checkpointed layers read its keys and values from a cache that stores nothing, so the
+recompute in backward sees exactly what the forward saw.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 
@@ -69,15 +76,154 @@ def shared_prefix_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The body's last hidden states of every row's tokens after ``prefix``, and the labels they go with.
 
+    Under activation checkpointing the prefix pass (one row) runs whole, and the rows' checkpointed layers read the
+    prefix's keys and values from a cache they never write (:func:`read_only_prefix`), so their recompute in
+    backward sees what their forward saw.
+
     Returns None when the model gave back no cache it can share (the caller then runs the plain forward).
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     batch, width = ids.shape
-    cache = body(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True).past_key_values
-    if not expand_cache(cache, batch):
+    layers, models = _checkpointing(body)
+    if layers and not _layers_can_keep_the_cache():
         return None
-    positions = torch.arange(prefix, width, device=ids.device).unsqueeze(0).expand(batch, -1)
-    out = body(
-        input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-    )
-    return out.last_hidden_state, labels[:, prefix:]
+    with _set_on(layers + models, "gradient_checkpointing", False):
+        cache = body(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True).past_key_values
+    packed = _packed_rows(body, ids, mask, labels, prefix)
+    shared = read_only_prefix(cache, 1 if packed is not None else batch)
+    if shared is None:
+        return None
+    if packed is not None:
+        rows = {"input_ids": packed.ids, "attention_mask": packed.mask, "position_ids": packed.positions}
+    else:
+        positions = torch.arange(prefix, width, device=ids.device).unsqueeze(0).expand(batch, -1)
+        rows = {"input_ids": ids[:, prefix:], "attention_mask": mask, "position_ids": positions}
+    # The layers stay checkpointed, with transformers' opt-in for layers that only read the cache
+    # (GradientCheckpointingLayer); a model whose own forward drops the cache when checkpointing (GPT-2) has its
+    # flag off for this pass: it only decides whether the layers get the cache.
+    with _set_on(layers, "_can_checkpoint_with_cache", True), _set_on(models, "gradient_checkpointing", False):
+        out = body(**rows, past_key_values=shared)
+    if not all(layer.read for layer in shared.layers):  # a model that dropped the cache: not the rows' states
+        return None
+    return out.last_hidden_state, (packed.labels if packed is not None else labels[:, prefix:])
+
+
+class _Packed(NamedTuple):
+    ids: torch.Tensor  # [1, n]: every row's own tokens, one row after another
+    positions: torch.Tensor  # [1, n]: each token's position in its own row
+    mask: torch.Tensor  # [1, 1, n, prefix + n]: the prefix, then causal within the token's own row
+    labels: torch.Tensor  # [1, n]: labels[0, t + 1] is hidden t's target (-100 at each row's last token)
+
+
+def _packed_rows(
+    body: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix: int
+) -> _Packed | None:
+    """The rows' own tokens (after the shared prefix) packed into one row without their padding, with the mask that
+    keeps each row to the prefix and its own tokens; None where the padded layout costs less (or cannot be packed).
+
+    On short-answer chat data a third of the padded rows' tokens can be padding (rows of 5 to 25 own tokens padded
+    to the longest); packed, no linear layer runs on them. Attention then spans all packed tokens (masked), so
+    packing is chosen by arithmetic: per token the layer's matmuls, per attended pair ``4 * hidden`` FLOPs.
+    Needs an attention that takes a boolean 4-D mask (sdpa) and right-padded rows.
+    """
+    from bittune.training.precision import FP32_SDPA
+
+    config = getattr(body, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", FP32_SDPA):
+        return None
+    own = mask[:, prefix:].bool()
+    batch, width = own.shape
+    counts = own.sum(1)
+    steps = torch.arange(width, device=own.device)
+    if not bool((own == (steps < counts[:, None])).all()):  # not right-padded
+        return None
+    n = int(counts.sum())
+    hidden = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    token_flops, pair_flops = 2 * (4 * hidden * hidden + 3 * hidden * inner), 4 * hidden
+    padded_cost = batch * width * token_flops + batch * width * (prefix + width) * pair_flops
+    packed_cost = n * token_flops + n * (prefix + n) * pair_flops
+    if packed_cost >= padded_cost:
+        return None
+    row = torch.arange(batch, device=own.device)[:, None].expand(batch, width)[own]
+    pos = (steps + prefix)[None].expand(batch, width)[own]
+    attend = (row[:, None] == row[None, :]) & (pos[:, None] >= pos[None, :])
+    full = torch.cat([attend.new_ones(n, prefix), attend], dim=1)
+    # hidden t predicts its own row's next label; a row's last token predicts nothing (its next is padding)
+    nxt = torch.full_like(labels[:, prefix:], -100)
+    nxt[:, :-1] = labels[:, prefix + 1 :].masked_fill(~own[:, 1:], -100)
+    targets = nxt[own]
+    shifted = torch.cat([targets.new_full((1,), -100), targets[:-1]])
+    return _Packed(ids[:, prefix:][own][None], pos[None], full[None, None], shifted[None])
+
+
+def read_only_prefix(cache: Any, batch: int) -> Any:
+    """A cache serving ``cache``'s one row of keys and values to ``batch`` rows (a view) that returns each layer's
+    prefix with the rows' own keys and values appended and stores nothing; None where ``cache`` cannot be shared."""
+    if not _expandable(cache):
+        return None
+    from transformers.cache_utils import DynamicCache
+
+    shared = DynamicCache()
+    prefix_layer = _prefix_layer_class()
+    shared.layers = [
+        prefix_layer(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
+        for layer in cache.layers
+    ]
+    return shared
+
+
+@functools.cache
+def _prefix_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        """One layer's shared prefix: ``update`` returns it with the new states appended and keeps nothing."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self.keys, self.values = keys, values
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self.read = False
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.read = True
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return PrefixLayer
+
+
+def _checkpointing(body: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """The body's modules under activation checkpointing in this (training) pass: its layers, and the others with
+    the flag (the model itself)."""
+    if not (body.training and torch.is_grad_enabled()):
+        return [], []
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    flagged = [m for m in body.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    layers = [m for m in flagged if isinstance(m, GradientCheckpointingLayer)]
+    return layers, [m for m in flagged if not isinstance(m, GradientCheckpointingLayer)]
+
+
+def _layers_can_keep_the_cache() -> bool:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+
+
+@contextlib.contextmanager
+def _set_on(modules: list[torch.nn.Module], name: str, value: Any) -> Iterator[None]:
+    """``module.name = value`` on each of ``modules`` inside the block, their own values (or none) restored after."""
+    missing = object()
+    before = [m.__dict__.get(name, missing) for m in modules]
+    for m in modules:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, before, strict=True):
+            if old is missing:
+                delattr(m, name)
+            else:
+                setattr(m, name, old)
