@@ -338,7 +338,7 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     backward. Non-reentrant (``torch.utils.checkpoint``'s recommended mode), which also replays dropout draws and
     passes gradients to tensors a layer reads without taking them as inputs (the shared prefix's keys and values)."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.22; the old name warns there
+    if hasattr(model, "activation_checkpointing_enable"):  # the new name (5.23 has it); the old one warns there
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
