@@ -165,16 +165,13 @@ def _packed_rows(
 def read_only_prefix(cache: Any, batch: int) -> Any:
     """A cache serving ``cache``'s one row of keys and values to ``batch`` rows (a view) that returns each layer's
     prefix with the rows' own keys and values appended and stores nothing; None where ``cache`` cannot be shared."""
-    if not _expandable(cache):
+    if not expand_cache(cache, batch):
         return None
     from transformers.cache_utils import DynamicCache
 
     shared = DynamicCache()
     prefix_layer = _prefix_layer_class()
-    shared.layers = [
-        prefix_layer(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
-        for layer in cache.layers
-    ]
+    shared.layers = [prefix_layer(layer.keys, layer.values) for layer in cache.layers]
     return shared
 
 
