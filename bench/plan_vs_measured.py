@@ -6,7 +6,12 @@ the estimate for the same config comes from :func:`bittune.plan.estimate`. Resul
 ``bench/results/plan_vs_measured.md`` (and ``.json``).
 
     python bench/plan_vs_measured.py                      # CPU: ~5-8 minutes on 2 cores
+    python bench/plan_vs_measured.py --data trec --batch 8 --seq 128 --only "LoRA fp32" "QLoRA NF4, no grad ckpt"
     python bench/plan_vs_measured.py --device cuda --paged  # GPU: bf16 compute, paged optimizers for k-bit
+
+``--data trec`` trains on the demo's TREC questions instead (short chat rows, unpacked, as ``make demo`` does):
+there the rows are far shorter than ``--seq``, and each config is estimated twice, from its config alone (every row
+``--seq`` tokens) and from its rows (``bittune plan`` reading the data).
 
 ``--model DIR`` uses another local model folder (default: SmolLM2 converted from the bundled GGUF);
 ``--random-init`` replaces its weights with random ones of the same shape (memory and speed do not depend on the
@@ -108,7 +113,7 @@ def run_config(model: Path, data: Path, out: Path, overrides: dict[str, Any], ar
     raw: dict[str, Any] = {
         "model": {"path": str(model)},
         "lora": dict(LORA),
-        "data": {"train": str(data), "format": "chat", "max_length": args.seq, "packing": True},
+        "data": {"train": str(data), "format": "chat", "max_length": args.seq, "packing": args.data != "trec"},
         "train": {
             "max_steps": args.steps,
             "batch_size": args.batch,
@@ -205,6 +210,12 @@ def parse_args(description: str, default_out: str, *, repeat: bool = False) -> a
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--paged", action="store_true", help="GPU: paged AdamW (8-bit for NF4, 32-bit for int8)")
     parser.add_argument("--only", nargs="*", help="run only these config names")
+    parser.add_argument(
+        "--data",
+        choices=("synthetic", "trec"),
+        default="synthetic",
+        help="synthetic packed chat rows (default), or the demo's TREC questions, unpacked",
+    )
     parser.add_argument("--work", default="/tmp/bittune-bench")
     parser.add_argument("--out", default=default_out)
     args = parser.parse_args()
@@ -224,6 +235,10 @@ def setup(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = resolve_model(args.model, args.random_init, work, args.device)
+    if getattr(args, "data", "synthetic") == "trec":
+        from bittune.demo.trec import build_trec
+
+        return work, model, build_trec(work / "trec", n_train=args.batch * args.steps * 4).train
     data = make_chat_data(work / "chat.jsonl")
     return work, model, data
 
@@ -248,6 +263,7 @@ def main() -> None:
     from bittune.config import config_from_dict
     from bittune.plan import device as probe
     from bittune.plan import estimate
+    from bittune.preflight import preflight
 
     work, model, data = setup(args)
     rows = []
@@ -259,12 +275,19 @@ def main() -> None:
         saved = dict(os.environ)
         os.environ.update(env)  # the estimate reads the allocator setting from the environment, as the run will
         try:
-            report = estimate(config_from_dict(json.loads(json.dumps(raw))), device=args.device)
+            cfg = config_from_dict(json.loads(json.dumps(raw)))
+            report = estimate(cfg, device=args.device)
+            if args.data == "trec":  # and from the rows themselves, as `bittune plan` does when the data is here
+                rows_read = preflight(cfg, cheap=True, read_data=True).data
+                probe.matmul_flops.cache_clear()
+                with_data = estimate(cfg, device=args.device, data=rows_read)
         finally:
             os.environ.clear()
             os.environ.update(saved)
         measured = train_and_measure(raw, work, name, env)
         rows.append({"name": name, "estimate": report.as_dict(), "measured": measured})
+        if args.data == "trec":
+            rows[-1]["estimate_from_rows"] = with_data.as_dict()
         est_s, meas_s = report.seconds_per_step, measured.get("s_per_step_median")
         print(
             f"{name}: est {report.peak_mb:,.0f} MB / measured {measured.get('peak_mb', float('nan')):,.0f} MB; "
@@ -275,6 +298,32 @@ def main() -> None:
     write_results(args, rows, model)
 
 
+def rows_table(rows: list[dict]) -> list[str]:
+    """``--data trec``: each config's estimate from its config alone and from its rows, against the run."""
+    lines = [
+        "| config | measured peak RSS (MB) | est. from config | est. from rows | measured s/step (median) "
+        "| est. from config | est. from rows |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        meas, plain, data = row["measured"], row["estimate"], row.get("estimate_from_rows")
+        if "error" in meas or data is None:
+            continue
+        mem, sec = meas["peak_mb"], meas["s_per_step_median"]
+        lines.append(
+            f"| {row['name']} | {mem:,.0f} | {plain['peak_mb']:,.0f} ({pct(plain['peak_mb'], mem)}) "
+            f"| {data['peak_mb']:,.0f} ({pct(data['peak_mb'], mem)}) | {sec:.2f} "
+            f"| {plain['seconds_per_step']:.2f} ({pct(plain['seconds_per_step'], sec)}) "
+            f"| {data['seconds_per_step']:.2f} ({pct(data['seconds_per_step'], sec)}) |"
+        )
+    w = next((r["estimate_from_rows"]["workload"] for r in rows if r.get("estimate_from_rows")), None)
+    if w:
+        lines += ["", f"The rows: {w['real_tokens']:,.0f} real tokens per step on average; the passes compute "
+                      f"{w['computed_tokens']:,.0f} of them (prompt prefixes once, rows packed); largest pass "
+                      f"{w['max_pass_tokens']:,.0f} tokens."]  # fmt: skip
+    return lines
+
+
 def write_results(args: argparse.Namespace, rows: list[dict], model: Path) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,9 +332,15 @@ def write_results(args: argparse.Namespace, rows: list[dict], model: Path) -> No
         f"# bittune plan vs measured ({args.device})",
         "",
         f"Machine: {machine(args.device)}. Model: {model.name}"
-        f"{' (random weights)' if args.random_init else ''}; {args.batch} x {args.seq} packed chat tokens per step, "
-        f"{args.steps} steps per config, LoRA r=16 on all linear layers, each config in its own process.",
+        f"{' (random weights)' if args.random_init else ''}; "
+        + (
+            f"{args.batch} x {args.seq} packed chat tokens per step"
+            if args.data != "trec"
+            else f"{args.batch} TREC questions per step (max_length {args.seq}, unpacked)"
+        )
+        + f", {args.steps} steps per config, LoRA r=16 on all linear layers, each config in its own process.",
         "",
+        *([*rows_table(rows), "", "From the config alone:", ""] if args.data == "trec" else []),
         f"| config | est. {peak} (MB) | measured (MB) | error | est. s/step | measured s/step (median; min) "
         "| error (median) |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -312,8 +367,9 @@ def write_results(args: argparse.Namespace, rows: list[dict], model: Path) -> No
         comps = {c["name"]: c["mb"] for c in row["estimate"]["components"]}
         lines.append(f"| {row['name']} | " + " | ".join(f"{comps.get(n, 0):,.0f}" for n in names) + " |")
     lines += ["", f"Command: `{command_line()}`", ""]
-    (out / f"plan_vs_measured{'_cuda' if args.device == 'cuda' else ''}.md").write_text("\n".join(lines))
-    (out / f"plan_vs_measured{'_cuda' if args.device == 'cuda' else ''}.json").write_text(json.dumps(rows, indent=2))
+    stem = "plan_vs_measured" + ("_cuda" if args.device == "cuda" else "") + ("_trec" if args.data == "trec" else "")
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
 
 

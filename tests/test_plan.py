@@ -334,6 +334,41 @@ def test_cli_plan_prints_a_table(tmp_path):
     assert json.loads(proc.stdout)["batch_size"] == 2
 
 
+def test_cli_plan_counts_the_rows_of_a_data_file_that_is_here(tiny_llama_dir, tmp_path, capsys):
+    """With the data file here, the plan replays its first epoch: the step's time follows the rows' own tokens
+    (short chat rows, far under max_length), the activations the largest pass; ``--no-data`` keeps every row at
+    max_length. A data file that is not here with ``--data`` is one clear error."""
+    from tiny import run_cli
+
+    data = write_jsonl(tmp_path / "chat.jsonl", color_chat_rows(24))
+    raw = {
+        "model": {"path": str(tiny_llama_dir)},
+        "method": "lora",
+        "data": {"train": str(data), "format": "chat", "max_length": 256},
+        "train": {"batch_size": 4, "grad_accum": 2, "device": "cpu"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    cfg = _write_yaml(tmp_path / "cfg.yaml", raw)
+    args = ["plan", str(cfg), "--matmul-tflops", "0.1", "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    code, out, err = run_cli([*args, "--no-data"], capsys)
+    assert code == 0, err
+    full = json.loads(out)
+    work = rows["workload"]
+    assert full["workload"] is None and full["tokens_per_step"] == 4 * 256 * 2
+    assert work["steps"] == 3 and 0 < work["real_tokens"] < 4 * 64 * 2  # short rows: well under max_length
+    assert rows["tokens_per_step"] == round(work["real_tokens"])
+    assert work["computed_tokens"] < work["real_tokens"]  # the chat template's system prompt runs once per pass
+    assert rows["flops_per_step"] < full["flops_per_step"] / 4
+    assert rows["seconds_per_step"] < full["seconds_per_step"] / 4
+    acts = {c["name"]: c["mb"] for c in rows["components"]}["activations"]
+    assert 0 < acts < {c["name"]: c["mb"] for c in full["components"]}["activations"]
+    code, out, err = run_cli(["plan", str(cfg), "--data", "--set", f"data.train={tmp_path / 'gone.jsonl'}"], capsys)
+    assert code != 0 and "gone.jsonl" in err and "Traceback" not in err
+
+
 @pytest.mark.e2e
 def test_estimate_is_near_a_real_runs_peak(tiny_llama_dir, tmp_path):
     """A tiny LoRA run in its own process: the estimate is within a loose factor of the measured peak RSS.

@@ -269,6 +269,14 @@ def plan(
         float | None, typer.Option(help="Matmul rate to plan with (default: measured on this device).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    read_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--data/--no-data",
+            help="Count the run's own rows (default: when data.train is a file here); --no-data sizes every row "
+            "at data.max_length.",
+        ),
+    ] = None,
 ) -> None:
     """Estimate peak memory and time per step of CONFIG before training, and whether it fits."""
     from bittune.config import load_config
@@ -276,8 +284,14 @@ def plan(
     from bittune.preflight import preflight
 
     cfg = load_config(config, set_ or [])
-    preflight(cfg, cheap=True).raise_problems()  # model path and LoRA targets; no data, no device
-    report = estimate(cfg, device=device, matmul_flops=matmul_tflops * 1e12 if matmul_tflops else None)
+    if read_data is None:
+        read_data = Path(cfg.data.train).expanduser().is_file()
+    # The model path and LoRA targets, and the data when it is read; no device (a plan may be for another one).
+    checked = preflight(cfg, cheap=True, read_data=read_data)
+    checked.raise_problems()
+    report = estimate(
+        cfg, device=device, matmul_flops=matmul_tflops * 1e12 if matmul_tflops else None, data=checked.data
+    )
     print(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
 
 

@@ -138,7 +138,9 @@ def prepare_run_data(cfg: RunConfig, tokenizer: Any) -> Any:
     )
 
 
-def preflight(cfg: RunConfig, *, resume: bool | None = False, cheap: bool = False) -> Checked:
+def preflight(
+    cfg: RunConfig, *, resume: bool | None = False, cheap: bool = False, read_data: bool | None = None
+) -> Checked:
     """Check everything ``cfg`` needs before weights are loaded, and report all problems at once.
 
     Args:
@@ -147,6 +149,8 @@ def preflight(cfg: RunConfig, *, resume: bool | None = False, cheap: bool = Fals
             ``output_dir`` that already holds a run is a warning, not a problem.
         cheap: Only what needs no data, tokenizer or teacher (``bittune plan``): the model path and the LoRA
             targets. Devices are not checked either (a plan may be for another machine).
+        read_data: Load the tokenizer and read the data (default: unless ``cheap``); ``bittune plan`` reads them
+            when the files are here, to count the rows' own tokens.
 
     Returns:
         A :class:`Checked`; call :meth:`Checked.raise_problems` to stop on problems.
@@ -159,7 +163,7 @@ def preflight(cfg: RunConfig, *, resume: bool | None = False, cheap: bool = Fals
         _check_output_dir(c, cfg, resume)
         _check_device(c, cfg)
     model_ok = c.run("model.path", _check_model_path, cfg) is not None
-    if model_ok and not cheap:
+    if model_ok and (not cheap if read_data is None else read_data):
         from bittune.model import load_tokenizer
 
         checked.tokenizer = c.run(

@@ -70,6 +70,11 @@ def count_targets(task: str, labels: Any) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def count_tokens(batch: dict[str, Any]) -> int:
+    """Input tokens of a collated batch that are not padding."""
+    return int(batch.get("attention_mask", batch["input_ids"]).ne(0).sum())
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``model(**...)`` from a collated batch: everything but ``labels``.
 

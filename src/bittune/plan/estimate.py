@@ -8,9 +8,9 @@ bandwidth. Constants that come from measurement say where they were measured.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bittune.errors import BittuneError
 from bittune.plan.activations import ActivationSpec, activation_bytes, layer_bytes_per_token, logits_bytes
@@ -26,6 +26,7 @@ from bittune.plan.shapes import ModelShape, load_model_config, model_shape
 
 if TYPE_CHECKING:
     from bittune.config import RunConfig
+    from bittune.plan.workload import Workload
 
 # RSS of a training process before its weights are touched: Python + torch + transformers + peft + accelerate
 # + bittune + tokenizer + tokenized data. Measured on this project's CPU box (torch 2.13, transformers 5.23):
@@ -124,9 +125,16 @@ class _Run:
     tokens: int  # per micro-batch (the step's compute is grad_accum of these)
     spec: ActivationSpec
     pass_tokens: int  # per forward pass: what is alive at once (a micro-batch, or the pooled pass of the budget)
+    workload: Workload | None = None  # the data's own tokens per step (None: every row at max_length)
 
 
-def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float | None = None) -> PlanReport:
+def estimate(
+    cfg: RunConfig,
+    *,
+    device: str | None = None,
+    matmul_flops: float | None = None,
+    data: Any = None,
+) -> PlanReport:
     """Estimate peak memory and time per optimizer step of ``cfg``, loading no weights.
 
     Args:
@@ -134,6 +142,10 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
         device: ``cpu`` or ``cuda``; default: ``train.device`` (``auto``: cuda when visible).
         matmul_flops: Matmul rate in FLOP/s to plan with; default: measured here (float32 on CPU, bf16 on a
             GPU) when the device is present, else the time is not estimated.
+        data: The run's tokenized rows (``bittune.data.PreparedData``, as preflight prepares them): the time then
+            follows the mean step of their first epoch and the activations its largest pass, counted as the
+            training step runs them (:func:`bittune.plan.workload.replay_epoch`). None: every row is
+            ``data.max_length`` tokens (the worst case).
 
     Returns:
         A :class:`PlanReport`; ``peak_mb`` is comparable with ``summary.json``'s ``peak_rss_mb`` (CPU) or
@@ -187,7 +199,9 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
         seq=seq,
         checkpointing=cfg.train.gradient_checkpointing,
     )
-    run = _Run(kind, weights_dtype, act_bytes, autocast, full, bits, batch * seq, spec, _pass_rows(cfg, kind) * seq)
+    workload = _workload(cfg, data, kind, shape) if data is not None else None
+    pass_tokens = workload.max_pass_tokens if workload is not None else _pass_rows(cfg, kind) * seq
+    run = _Run(kind, weights_dtype, act_bytes, autocast, full, bits, batch * seq, spec, pass_tokens, workload)
     by_dtype = weight_bytes_by_dtype(
         shape,
         dtype_bytes=wbytes,
@@ -211,7 +225,8 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
     seconds, breakdown, rate = _time(cfg, run, shape, trainable, probe, info, matmul_flops, notes)
     if info.available_mb is not None and need > info.available_mb:
         notes.append(f"needs more than is free now ({info.available_mb:,.0f} MiB of {info.total_mb:,.0f} MiB)")
-    flops = _step_flops(shape, tokens=run.tokens, full=full, lora_params=trainable.adapters, spec=spec)
+    tokens, keys, _ = _step_work(cfg, run)
+    flops = _step_flops(shape, tokens=tokens, keys=keys, full=full, lora_params=trainable.adapters, spec=spec)
     return PlanReport(
         model=cfg.model.path,
         method=cfg.method + (f" ({bits}-bit {cfg.quant.method if bits == 4 else 'int8'})" if bits else ""),
@@ -231,11 +246,12 @@ def estimate(cfg: RunConfig, *, device: str | None = None, matmul_flops: float |
         available_mb=None if info.available_mb is None else round(info.available_mb, 1),
         total_mb=None if info.total_mb is None else round(info.total_mb, 1),
         fits=None if info.available_mb is None else need <= info.available_mb,
-        flops_per_step=flops * cfg.train.grad_accum,
+        flops_per_step=flops,
         matmul_flops=rate,
         seconds_per_step=seconds,
         time_breakdown={k: round(v, 3) for k, v in breakdown.items()},
         notes=notes,
+        workload=None if workload is None else {k: round(float(v), 2) for k, v in asdict(workload).items()},
     )
 
 
@@ -299,11 +315,20 @@ def _memory(cfg: RunConfig, run: _Run, shape: ModelShape, trainable: Trainable, 
     return comps
 
 
+def _step_work(cfg: RunConfig, run: _Run) -> tuple[float, float, float]:
+    """(tokens through the body, keys each one's query meets, forward calls) per optimizer step: the data's own
+    mean step when it was read, else ``grad_accum`` micro-batches of ``batch x max_length``."""
+    w = run.workload
+    if w is None:
+        return run.tokens * cfg.train.grad_accum, run.spec.seq, cfg.train.grad_accum
+    return w.computed_tokens, w.keys_per_token, w.forwards
+
+
 def _time(cfg, run: _Run, shape: ModelShape, trainable: Trainable, probe, info, matmul_flops, notes) -> tuple:
     """(seconds per optimizer step, breakdown, matmul rate); seconds is None without a rate."""
     present = info.total_mb is not None
-    # The model's MLP product at this step's token count (capped: larger products only run faster).
-    m = min(run.tokens, 4096)
+    # The model's MLP product at one pass's token count (capped: larger products only run faster).
+    m = min(run.pass_tokens if run.workload is not None else run.tokens, 4096)
     k, n = shape.hidden or 2048, shape.intermediate or 4 * (shape.hidden or 512)
     rate = matmul_flops or (probe.matmul_flops(run.kind, m, k, n) if present else None)
     if not rate:
@@ -311,11 +336,12 @@ def _time(cfg, run: _Run, shape: ModelShape, trainable: Trainable, probe, info, 
         return None, {}, None
     spec = run.spec
     bw = probe.memory_bandwidth(run.kind) if present else NOMINAL_GPU_BANDWIDTH
-    flops = _step_flops(shape, tokens=run.tokens, full=run.full, lora_params=trainable.adapters, spec=spec)
+    tokens, keys, forwards = _step_work(cfg, run)
+    flops = _step_flops(shape, tokens=tokens, keys=keys, full=run.full, lora_params=trainable.adapters, spec=spec)
     # Checkpointing writes every block's activations twice (no-grad forward, then the recompute).
-    touched = shape.layers * layer_bytes_per_token(shape, spec) * run.tokens * (2 if spec.checkpointing else 1)
+    touched = shape.layers * layer_bytes_per_token(shape, spec) * tokens * (2 if spec.checkpointing else 1)
     vocab = shape.head.out_features if shape.head is not None and cfg.model.task == "causal-lm" else 0
-    logits_copy = run.tokens * vocab * 4
+    logits_copy = tokens * vocab * 4
     parts = {
         "matmul": flops / (rate * MATMUL_EFFICIENCY[run.kind]),
         "memory-bound": (ACT_PASSES * touched + LOGIT_PASSES * logits_copy) / bw,
@@ -323,8 +349,7 @@ def _time(cfg, run: _Run, shape: ModelShape, trainable: Trainable, probe, info, 
     if run.bits:
         per_weight = probe.kbit_seconds_per_weight(run.kind, run.bits) if present else 0.0
         calls = 3 if spec.checkpointing else 2  # forward, backward (input gradient), recompute
-        parts["k-bit dequant"] = per_weight * shape.linear_params * calls
-    parts = {k: v * cfg.train.grad_accum for k, v in parts.items()}
+        parts["k-bit dequant"] = per_weight * shape.linear_params * calls * forwards
     param_bytes = _dtype_bytes(run.weights_dtype) if run.full else 4
     parts["optimizer"] = OPTIM_PASSES * trainable.count * param_bytes / bw
     if run.kind == "cpu":
@@ -337,9 +362,10 @@ def _logits(cfg: RunConfig, run: _Run, shape: ModelShape) -> float:
     # One process trains with the head at label positions (recipes.finetune.setup_loss); distillation needs the
     # student's full logits.
     at_targets = cfg.distill is None
+    w = run.workload
     return logits_bytes(
         shape,
-        tokens=run.pass_tokens,
+        tokens=w.max_pass_targets if w is not None and at_targets else run.pass_tokens,
         act_bytes=run.act_bytes,
         classification=classification,
         head_at_targets=at_targets,
@@ -368,6 +394,29 @@ def _pass_rows(cfg: RunConfig, kind: str) -> int:
     return max(1, min(pooled, budget // cfg.data.max_length))
 
 
+def _workload(cfg: RunConfig, data: Any, kind: str, shape: ModelShape) -> Workload:
+    """The data's own tokens per step, batched as one process of this run would batch them."""
+    from bittune.data import make_collator
+    from bittune.data.collate import pass_budget
+    from bittune.plan.workload import replay_epoch
+    from bittune.training.shared_prefix import prefix_sharing
+
+    t, causal = cfg.train, cfg.model.task == "causal-lm"
+    return replay_epoch(
+        data.train,
+        make_collator(cfg.model.task, 0, data.packed),  # the pad id changes no count: the masks say what is padding
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        seed=t.seed,
+        max_tokens_per_pass=pass_budget(t.max_tokens_per_pass, kind),
+        # The prefix runs once on the head-at-targets loss only (distillation keeps the full logits).
+        share_prefix=causal and cfg.distill is None and prefix_sharing(t.shared_prefix, kind),
+        hidden=shape.hidden or 0,
+        inner=shape.intermediate,
+        max_steps=t.max_steps,
+    )
+
+
 def _heap_retention(*, full: bool, bits: int | None, checkpointing: bool) -> float:
     """Fraction of a step's block activations that the CPU allocator keeps after freeing them."""
     import sys
@@ -385,18 +434,20 @@ def _heap_retention(*, full: bool, bits: int | None, checkpointing: bool) -> flo
     return CPU_HEAP_RETENTION["lora"]
 
 
-def _step_flops(shape: ModelShape, *, tokens: int, full: bool, lora_params: int, spec: ActivationSpec) -> float:
-    """Matmul FLOPs of one micro-batch: forward, backward, and the checkpointing recompute.
+def _step_flops(
+    shape: ModelShape, *, tokens: float, keys: float, full: bool, lora_params: int, spec: ActivationSpec
+) -> float:
+    """Matmul FLOPs of ``tokens`` tokens through the model: forward, backward, and the checkpointing recompute.
 
     Forward is 2 FLOPs per weight per token. Backward computes input gradients (2 per weight per token) for every
     layer, and weight gradients (2 more) only for trained weights, so frozen bases cost ~4N per token and full
-    fine-tuning ~6N. Attention adds 4 * seq * (heads * head_dim) per token per layer forward (QK^T and AV over
-    the whole row: a block-diagonal mask of packed rows skips nothing), twice that backward.
+    fine-tuning ~6N. Attention adds 4 * keys * (heads * head_dim) per token per layer forward (QK^T and AV over
+    the ``keys`` positions of its pass: a mask skips nothing), twice that backward.
     """
     block = shape.layers * sum(lin.in_features * lin.out_features for lin in shape.layer_linears)
     block += sum(lin.in_features * lin.out_features for lin in shape.other_linears)
     head = shape.head.in_features * shape.head.out_features if shape.head is not None else 0
-    attn = 4 * spec.seq * shape.heads * shape.head_dim * shape.layers
+    attn = 4 * keys * shape.heads * shape.head_dim * shape.layers
     fwd = 2 * tokens * (block + head + lora_params) + attn * tokens
     if full:
         bwd = 2 * fwd

@@ -55,6 +55,8 @@ class PlanReport:
         seconds_per_step: Estimated wall time of one optimizer step.
         time_breakdown: Seconds per step by part (matmul, memory-bound ops, k-bit dequantization, optimizer).
         notes: Caveats worth reading.
+        workload: What the data's own rows compute per step (:class:`bittune.plan.workload.Workload` as a dict);
+            None when the plan was made without reading the data (every row at ``seq_len``).
     """
 
     model: str
@@ -80,9 +82,13 @@ class PlanReport:
     seconds_per_step: float | None
     time_breakdown: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    workload: dict[str, float] | None = None
 
     @property
     def tokens_per_step(self) -> int:
+        """Real (non-padding) tokens per step: the data's mean when it was read, else every row full."""
+        if self.workload is not None:
+            return round(self.workload["real_tokens"])
         return self.batch_size * self.seq_len * self.grad_accum
 
     @property
@@ -120,6 +126,14 @@ class PlanReport:
             lines.append(f"  {'needs free':<{width}}{self.need_mb:>10,.1f}")
         weights = ", ".join(f"{k} {v:,.1f}" for k, v in self.weights_mb_by_dtype.items())
         lines.append(f"  weights by dtype (MiB): {weights}")
+        if self.workload is not None:
+            w = self.workload
+            lines.append(
+                f"  data: {w['real_tokens']:,.0f} real tokens per step on average ({w['steps']:,.0f} steps of its "
+                f"first epoch); the passes compute {w['computed_tokens']:,.0f} (shared prompt prefixes once, rows "
+                f"packed where that pays), of {self.batch_size * self.seq_len * self.grad_accum:,} at max_length; "
+                f"largest pass {w['max_pass_tokens']:,.0f} tokens"
+            )
         lines.append("")
         if self.fits is None:
             lines.append("  fits: unknown (the device's free memory cannot be read here)")

@@ -129,7 +129,7 @@ def train_step(
             padded tokens, rows grouped by length (:func:`bittune.data.collate.step_passes`); the gradients are the
             step's own. One process only: collectives and DeepSpeed's step boundary count micro-batches.
     """
-    from bittune.data.collate import step_passes
+    from bittune.data.collate import count_tokens, step_passes
     from bittune.training.distributed import OneProcess
     from bittune.training.evaluate import model_inputs
     from bittune.training.loss import micro_batch_loss
@@ -166,11 +166,6 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     task_loss = procs.total(task_loss) if task_loss is not None else None
     return StepStats(step_loss, grad_norm, lr, tokens, task_loss, nonfinite)
-
-
-def count_tokens(batch: dict[str, Any]) -> int:
-    """Input tokens of a collated batch that are not padding."""
-    return int(batch.get("attention_mask", batch["input_ids"]).ne(0).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,9 +353,9 @@ def share_prefix(t: Any, device: Any) -> bool:
     """Whether the step runs a micro-batch's common prompt prefix once (``train.shared_prefix``; auto: on CPU,
     where it was measured to pay). Gradient checkpointing keeps it: the checkpointed layers read the prefix's
     cache (:func:`bittune.training.shared_prefix.shared_prefix_hidden`)."""
-    if t.shared_prefix is False:
-        return False
-    return t.shared_prefix is True or device.type == "cpu"
+    from bittune.training.shared_prefix import prefix_sharing
+
+    return prefix_sharing(t.shared_prefix, device.type)
 
 
 def tokens_per_pass(t: Any, rt: Runtime) -> int | None:

@@ -35,6 +35,13 @@ import torch
 MIN_SAVED = 0.1
 
 
+def prefix_sharing(setting: bool | str, device_type: str) -> bool:
+    """``train.shared_prefix`` resolved: ``auto`` shares on CPU, where it was measured to pay."""
+    if setting is False:
+        return False
+    return setting is True or device_type == "cpu"
+
+
 def shared_prefix_length(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *, min_saved: float = MIN_SAVED
 ) -> int:
@@ -120,6 +127,18 @@ class _Packed(NamedTuple):
     labels: torch.Tensor  # [1, n]: labels[0, t + 1] is hidden t's target (-100 at each row's last token)
 
 
+def packing_pays(own: list[int], width: int, prefix: int, hidden: int, inner: int | None = None) -> bool:
+    """Whether rows of ``own`` tokens each after a ``prefix`` (padded to ``width``) cost fewer FLOPs packed into one
+    row than padded: per token the layer's matmuls (``inner``: the MLP width, default ``4 * hidden``), per attended
+    pair ``4 * hidden`` (a packed row attends over all its tokens, masked)."""
+    inner = inner or 4 * hidden
+    batch, n = len(own), sum(own)
+    token_flops, pair_flops = 2 * (4 * hidden * hidden + 3 * hidden * inner), 4 * hidden
+    padded_cost = batch * width * token_flops + batch * width * (prefix + width) * pair_flops
+    packed_cost = n * token_flops + n * (prefix + n) * pair_flops
+    return packed_cost < padded_cost
+
+
 def _packed_rows(
     body: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix: int
 ) -> _Packed | None:
@@ -144,11 +163,7 @@ def _packed_rows(
         return None
     n = int(counts.sum())
     hidden = config.hidden_size
-    inner = getattr(config, "intermediate_size", None) or 4 * hidden
-    token_flops, pair_flops = 2 * (4 * hidden * hidden + 3 * hidden * inner), 4 * hidden
-    padded_cost = batch * width * token_flops + batch * width * (prefix + width) * pair_flops
-    packed_cost = n * token_flops + n * (prefix + n) * pair_flops
-    if packed_cost >= padded_cost:
+    if not packing_pays(counts.tolist(), width, prefix, hidden, getattr(config, "intermediate_size", None)):
         return None
     row = torch.arange(batch, device=own.device)[:, None].expand(batch, width)[own]
     pos = (steps + prefix)[None].expand(batch, width)[own]
