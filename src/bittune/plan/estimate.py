@@ -151,7 +151,6 @@ def estimate(
         A :class:`PlanReport`; ``peak_mb`` is comparable with ``summary.json``'s ``peak_rss_mb`` (CPU) or
         ``peak_cuda_allocated_mb`` (GPU).
     """
-    from bittune.config import LoraConfig
     from bittune.model import model_source
     from bittune.plan import device as probe
 
@@ -161,31 +160,9 @@ def estimate(
     config = load_model_config(source, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision)
     task = cfg.model.task
     shape = model_shape(config, task=task, num_labels=cfg.model.num_labels or 2)
-    notes: list[str] = []
-    if shape.source == "meta":
-        notes.append(f"'{shape.model_type}' is counted on a meta-device model; its activation formula is generic")
-    if task == "classification" and not cfg.model.num_labels:
-        notes.append("classification head sized for 2 labels (the real count comes from the data)")
-    if cfg.qat is not None:
-        notes.append("QAT's fake-quantized weight copies (one per linear while it runs) are not counted")
-    if cfg.distill is not None:
-        notes.append("the distillation teacher (its weights and logits) is not counted")
+    notes = _caveats(cfg, shape)
     full, bits = cfg.lora is None, (cfg.quant.bits if cfg.quant is not None else None)  # full / QAT: no adapter
-    lora = cfg.lora or LoraConfig()  # (unused for full fine-tuning)
-    trainable = trainable_tensors(
-        shape,
-        method="full" if full else cfg.method,
-        task=task,
-        r=lora.r,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        modules_to_save=lora.modules_to_save,
-    )
-    rank_per_layer = 0
-    if not full:
-        in_blocks = {lin.name for lin in shape.layer_linears}
-        targets = lora_targets(shape, lora.target_modules)
-        rank_per_layer = lora.r * sum(lin.name in in_blocks for lin in targets) // max(shape.layers, 1)
+    trainable, rank_per_layer = _trainable(cfg, shape, full)
     wbytes = _dtype_bytes(weights_dtype)
     act_bytes = _dtype_bytes(compute_dtype) if (autocast or bits) else wbytes
     batch, seq = cfg.train.batch_size, cfg.data.max_length
@@ -253,6 +230,41 @@ def estimate(
         notes=notes,
         workload=None if workload is None else {k: round(float(v), 2) for k, v in asdict(workload).items()},
     )
+
+
+def _caveats(cfg: RunConfig, shape: ModelShape) -> list[str]:
+    """What the estimate of ``cfg`` leaves out or guesses, in a line each."""
+    notes: list[str] = []
+    if shape.source == "meta":
+        notes.append(f"'{shape.model_type}' is counted on a meta-device model; its activation formula is generic")
+    if cfg.model.task == "classification" and not cfg.model.num_labels:
+        notes.append("classification head sized for 2 labels (the real count comes from the data)")
+    if cfg.qat is not None:
+        notes.append("QAT's fake-quantized weight copies (one per linear while it runs) are not counted")
+    if cfg.distill is not None:
+        notes.append("the distillation teacher (its weights and logits) is not counted")
+    return notes
+
+
+def _trainable(cfg: RunConfig, shape: ModelShape, full: bool) -> tuple[Trainable, int]:
+    """The trained tensors, and the LoRA rank summed over one block's adapted linears (0 for full fine-tuning)."""
+    from bittune.config import LoraConfig
+
+    lora = cfg.lora or LoraConfig()  # (unused for full fine-tuning)
+    trainable = trainable_tensors(
+        shape,
+        method="full" if full else cfg.method,
+        task=cfg.model.task,
+        r=lora.r,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
+    )
+    if full:
+        return trainable, 0
+    in_blocks = {lin.name for lin in shape.layer_linears}
+    targets = lora_targets(shape, lora.target_modules)
+    return trainable, lora.r * sum(lin.name in in_blocks for lin in targets) // max(shape.layers, 1)
 
 
 def _memory(cfg: RunConfig, run: _Run, shape: ModelShape, trainable: Trainable, weights: int, config: object) -> list:
