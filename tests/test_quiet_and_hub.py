@@ -88,6 +88,37 @@ def test_eval_of_an_unreachable_hub_id_fails_before_loading(online, monkeypatch,
     assert exc.value.code == 2 and "cannot reach the Hugging Face Hub" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "validate", "plan", "generate", "export", "quantize"])
+def test_every_command_on_an_unreachable_hub_id_fails_in_seconds(command, online, monkeypatch, tmp_path, capsys):
+    """Not only eval: whatever loads the model (training's preflight, export, quantize, generate, the plan's
+    config.json) probes the hub once instead of waiting through the loaders' retries."""
+    import time
+
+    import yaml
+
+    from tiny import color_chat_rows, run_cli, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", color_chat_rows(4))
+    cfg = tmp_path / "cfg.yaml"
+    raw = {"model": {"path": "owner/model"}, "method": "lora", "data": {"train": str(data), "format": "chat"},
+           "output_dir": str(tmp_path / "run")}  # fmt: skip
+    cfg.write_text(yaml.safe_dump(raw))
+    argv = {
+        "train": ["train", str(cfg)],
+        "validate": ["validate", str(cfg)],
+        "plan": ["plan", str(cfg), "--device", "cpu"],
+        "generate": ["generate", "owner/model", "--prompt", "hi"],
+        "export": ["export", "owner/model", "--out", str(tmp_path / "m.gguf")],
+        "quantize": ["quantize", "owner/model", "--out", str(tmp_path / "q"), "--bits", "4", "--method", "int"],
+    }[command]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    t0 = time.perf_counter()
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "cannot reach the Hugging Face Hub" in err and "Traceback" not in err, err
+    assert time.perf_counter() - t0 < 30  # one probe, not the loaders' minute of retries
+    assert not (tmp_path / "run").exists() and not (tmp_path / "q").exists() and not (tmp_path / "m.gguf").exists()
+
+
 def test_third_party_output_is_quiet_unless_debug(tiny_llama_dir, tmp_path):
     """What a person reads: bittune's own lines; transformers' bars only with --debug."""
     import os

@@ -15,6 +15,7 @@ from bittune.errors import ModelLoadError
 
 PROBE_TIMEOUT_S = 4.0
 DEFAULT_ENDPOINT = "https://huggingface.co"
+_answered: set[str] = set()  # probe URLs the hub answered in this process (every loader asks; one probe each)
 
 
 def offline() -> bool:
@@ -42,10 +43,14 @@ def require_reachable(repo_id: str, *, timeout: float = PROBE_TIMEOUT_S) -> None
         return
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
     url = f"{endpoint}/api/models/{repo_id}"
+    if url in _answered:
+        return
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            _answered.add(url)
             return
     except urllib.error.HTTPError:
+        _answered.add(url)
         return
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

@@ -135,6 +135,9 @@ def model_source(path: str) -> str:
         raise ModelLoadError(
             f"model.path {path} does not exist", hint="fix the path, or use a hub id like 'owner/name'"
         )
+    from bittune.hub import require_reachable
+
+    require_reachable(path)  # every loader comes through here: seconds, not the loaders' minute of retries
     return path
 
 
