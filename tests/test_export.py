@@ -274,19 +274,32 @@ def test_hf_export_of_a_lora_run_reloads_with_the_same_outputs_and_a_card(lora_r
     export_model(str(lora_run), fmt="hf", out=out)
 
 
-def test_card_includes_a_quantization_report(lora_run: Path, tmp_path: Path) -> None:
-    import shutil
+def test_card_of_a_quantize_or_merge_folder_carries_its_measured_report(lora_run: Path, tmp_path: Path) -> None:
+    """An HF export of a ``bittune quantize`` folder (and of a ``bittune merge --into-quantized`` one) puts the report
+    that command measured into the card: each model's size and quality change against its reference."""
+    from bittune.export.commands import export_model
+    from bittune.quant.flows import merge_run, quantize_path
+    from bittune.quant.spec import IntSpec
 
-    from bittune.export.card import model_card
+    data = str(lora_run / "chat.jsonl") if (lora_run / "chat.jsonl").is_file() else None
+    quantize_path(str(lora_run), IntSpec(bits=4, group_size=16), tmp_path / "q", data=data, device="cpu")
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    export_model(str(tmp_path / "q"), fmt="hf", out=tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Quantization" in card and "int4-g16 quantization of run, as measured by bittune" in card, card
+    quantized = report["models"][-1]
+    assert quantized["name"] == "int4-g16" and quantized["delta"], report  # measured: the card shows its change
+    row = next(line for line in card.splitlines() if line.startswith("| int4-g16 |"))
+    assert f"{quantized['size_mb']:.2f}" in row and f"{quantized['delta']['perplexity_pct']:+.2f}% ppl" in row
+    assert "/tmp" not in card and "chat.jsonl" in card  # local paths are reduced to their names in a card
 
-    run = tmp_path / "run"
-    shutil.copytree(lora_run, run)
-    (run / "quantization").mkdir()
-    report = {"method": "int4 group 32", "eval_loss": {"before": 2.5, "after": 2.61}}
-    (run / "quantization" / "report.json").write_text(json.dumps(report))
-    card = model_card(name="a/b", base="owner/base", task="causal-lm", run_dir=run, merged=True)
-    assert "## Quantization" in card and "| eval_loss.after | 2.61 |" in card and "| method | int4 group 32 |" in card
-    assert "base_model: owner/base" in card
+    merge_run(str(lora_run), tmp_path / "mq", into_bits=4, method="int", group_size=16, device="cpu")
+    export_model(str(tmp_path / "mq"), fmt="hf", out=tmp_path / "hf-merged")
+    card = (tmp_path / "hf-merged" / "README.md").read_text()
+    assert "## Quantization" in card and "| merged int4-g16 |" in card, card
+    # A plain run's export has no such section.
+    export_model(str(lora_run), fmt="hf", out=tmp_path / "hf-run")
+    assert "## Quantization" not in (tmp_path / "hf-run" / "README.md").read_text()
 
 
 def hf_api_binder() -> Callable[..., dict[str, Any]]:

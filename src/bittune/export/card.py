@@ -1,10 +1,10 @@
 """The model card (README.md) of an export: base model, method, data, hyperparameters, metrics, quantization.
 
 Everything comes from the run directory: ``run_config.yaml`` (what was asked), ``summary.json`` (what came out)
-and ``metrics.jsonl`` (the loss curve). Local paths are reduced to file names: a card is meant to be published,
-and the layout of the machine it was trained on is nobody's business. A quantization report, when the run has
-one (``quantization/report.json``, ``quantization_report.json`` or ``quantization.json`` in the run directory),
-is shown as a table of its fields, whatever they are.
+and ``metrics.jsonl`` (the loss curve), and ``report/report.json`` (the measured evidence). Local paths are reduced
+to file names: a card is meant to be published, and the layout of the machine it was trained on is nobody's
+business. An export of a ``bittune quantize`` or ``bittune merge`` folder also shows the report that command wrote
+there (``quant_report.json`` / ``merge_report.json``): each model's size and measured quality change.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import yaml
 from bittune.model import looks_like_hub_id
 from bittune.quant.spec import BnbSpec
 
-QUANT_REPORTS = ("quantization/report.json", "quantization_report.json", "quantization.json")
 _HYPER_KEYS = (
     "epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_steps", "warmup_ratio",
     "weight_decay", "optimizer", "max_grad_norm", "seed", "gradient_checkpointing", "mixed_precision",
@@ -48,35 +47,21 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
     return ["| | |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in rows), ""]
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """run_config.yaml (validated: :func:`bittune.config.read_run_config`), summary.json, metrics.jsonl and a
-    quantization report of a run, where present."""
+    """run_config.yaml (validated: :func:`bittune.config.read_run_config`), summary.json and metrics.jsonl of a
+    run, where present."""
     from bittune.config import read_run_config
     from bittune.sidecars import RUN_CONFIG_FILE
     from bittune.training.metrics import read_metrics
 
     run_dir = Path(run_dir)
-    out: dict[str, Any] = {"config": {}, "summary": {}, "metrics": [], "quantization": None}
+    out: dict[str, Any] = {"config": {}, "summary": {}, "metrics": []}
     if (run_dir / RUN_CONFIG_FILE).is_file():
         out["config"] = read_run_config(run_dir).model_dump(mode="json")
     if (run_dir / "summary.json").is_file():
         out["summary"] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     if (run_dir / "metrics.jsonl").is_file():
         out["metrics"] = read_metrics(run_dir / "metrics.jsonl")
-    for rel in QUANT_REPORTS:
-        if (run_dir / rel).is_file():
-            out["quantization"] = json.loads((run_dir / rel).read_text(encoding="utf-8"))
-            break
     return out
 
 
@@ -171,6 +156,7 @@ def model_card(
     merged: bool = False,
     quantized: str | None = None,
     base_model: str | None = None,
+    quant_report: dict[str, Any] | None = None,
 ) -> str:
     """The README.md text for an export.
 
@@ -183,8 +169,10 @@ def model_card(
         merged: Whether a LoRA adapter was merged into the weights.
         quantized: The method label of a ``bittune quantize`` folder whose values were dequantized for export.
         base_model: The Hub id of the base, when ``base`` is not one (a local folder or a ``.gguf`` file).
+        quant_report: The report of the exported ``bittune quantize`` / ``merge`` folder
+            (:func:`bittune.quant.report.read_folder_report`), if any.
     """
-    run = read_run(run_dir) if run_dir else {"config": {}, "summary": {}, "metrics": [], "quantization": None}
+    run = read_run(run_dir) if run_dir else {"config": {}, "summary": {}, "metrics": []}
     cfg, summary = run["config"], run["summary"]
     method = cfg.get("method", "lora" if merged else "export")
     source = str((cfg.get("model") or {}).get("path") or base)
@@ -258,10 +246,8 @@ def model_card(
     if results:
         lines += ["## Results", "", *_table(results)]
 
-    quant = run["quantization"]
-    if quant:
-        lines += ["## Quantization", "", "From the run's quantization report:", ""]
-        lines += _table(_flatten(quant) if isinstance(quant, dict) else [("report", quant)])
+    if quant_report:
+        lines += _quantization(quant_report, task)
 
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     if task == "classification":
@@ -308,3 +294,24 @@ def _results(summary: dict[str, Any], metrics: list[dict[str, Any]]) -> list[tup
     if summary.get("best_eval_loss") is not None:
         rows.append(("best eval loss", f"{summary['best_eval_loss']:.4g} (step {summary.get('best_step')})"))
     return [(k, v) for k, v in rows if v is not None]
+
+
+def _quantization(report: dict[str, Any], task: str) -> list[str]:
+    """The card's section for the report a ``bittune quantize`` / ``merge`` folder carries: what was done, each
+    model's size and measured quality change, and the report's notes."""
+    from bittune.quant.report import table
+
+    lines = ["## Quantization", "", f"{_local_names(str(report.get('title') or 'quantization'))}, as measured by "
+             "bittune:", "", table(report.get("models") or [], task), ""]  # fmt: skip
+    if report.get("data"):
+        lines += [f"Quality measured on `{_name(report['data'])}`.", ""]
+    notes = [f"- {_local_names(str(note))}" for note in report.get("notes") or []]
+    return [*lines, *notes, ""] if notes else lines
+
+
+def _local_names(text: str) -> str:
+    """``text`` with each local absolute path reduced to its last part (a card is published; the machine's layout
+    is nobody's business)."""
+    import re
+
+    return re.sub(r"(?<![\w.])(?:~|/)[^\s'\"`,;()]*", lambda m: Path(m.group(0)).name or m.group(0), text)

@@ -211,6 +211,7 @@ def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quie
     from bittune.artifacts import load, resolve
     from bittune.export.card import model_card
     from bittune.export.hf import check_out_dir, save_hf_folder
+    from bittune.quant.report import read_folder_report
     from bittune.storage import atomic_dir
 
     out = check_out_dir(out)
@@ -226,6 +227,7 @@ def export_hf(path: str, out: Path, *, name: str | None = None, log: Log = _quie
         kbit=artifact.training_quant,
         merged=artifact.adapter is not None,
         quantized=quantized,
+        quant_report=read_folder_report(artifact.path),
     )
     info = {"source": Path(path).name, "merged_adapter": artifact.adapter is not None, "task": artifact.task}
     if quantized:

@@ -124,6 +124,18 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+FOLDER_REPORTS = ("quant_report.json", "merge_report.json")  # what `bittune quantize` / `bittune merge` write
+
+
+def read_folder_report(path: str | Path) -> dict[str, Any] | None:
+    """The report ``bittune quantize`` or ``bittune merge`` wrote into its output folder ``path`` (None: none)."""
+    for name in FOLDER_REPORTS:
+        f = Path(path).expanduser() / name
+        if f.is_file():
+            return {"path": str(path), **json.loads(f.read_text(encoding="utf-8"))}
+    return None
+
+
 def table(entries: list[dict[str, Any]], task: str) -> str:
     """A markdown table: one row per measured model (``name``, ``size_mb`` and :func:`measure`'s keys)."""
     quality = ["eval_accuracy", "eval_loss"] if task == "classification" else ["eval_perplexity", "eval_loss"]

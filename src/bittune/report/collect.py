@@ -200,6 +200,7 @@ def collect(run_dir: Path, options: ReportOptions = ReportOptions(), *, log: Log
     """
     from bittune.evaluation.loading import describe
     from bittune.inference import run_data
+    from bittune.quant.report import read_folder_report
 
     run = read_run(run_dir)
     task = describe(str(run_dir)).task  # a run without final weights fails here, before anything loads
@@ -227,7 +228,7 @@ def collect(run_dir: Path, options: ReportOptions = ReportOptions(), *, log: Log
         run["gguf"] = {"path": str(options.gguf), "replies": replies}
         if replies is None:
             log("report: llama-cpp-python is not installed; the GGUF column is left out (make llamacpp)")
-    run["quantization"] = [_quant_report(p) for p in compare if _quant_report(p)]
+    run["quantization"] = [r for r in map(read_folder_report, compare) if r]
     return run
 
 
@@ -246,11 +247,3 @@ def _reusable(
             raise BittuneError(f"{name} ({entry.get('path')}) was measured on other data or prompts than the report's")
         out[name] = entry
     return out
-
-
-def _quant_report(path: str) -> dict[str, Any] | None:
-    for name in ("quant_report.json", "merge_report.json"):
-        f = Path(path) / name
-        if f.is_file():
-            return {"path": path, **json.loads(f.read_text(encoding="utf-8"))}
-    return None
