@@ -311,3 +311,45 @@ def test_checkpoint_integrity_check_catches_each_truncated_file(tmp_path, victim
     (ckpt / victim).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} is corrupt"):
         verify_checkpoint_files(ckpt)
+
+
+def test_keep_last_also_keeps_the_best_checkpoint_by_eval_loss(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    """``keep_last: 1`` with an eval after every step: the newest checkpoint and the one of the lowest eval loss
+    (step 2 here, scripted) survive pruning; the summary names that step."""
+    import bittune.training.evaluate as evaluate_module
+
+    losses = iter([3.0, 1.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # step 1, 2, ... then the final eval
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: {"eval_loss": next(losses)})
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", data={"eval": str(chat_file)},
+                     train={"max_steps": 6, "eval_every": 1, "save_every": 1, "keep_last": 1})  # fmt: skip
+    train(config_from_dict(raw), progress=False)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-2", "step-5"], kept  # the best and the newest (the last step writes the final adapter)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_step"] == 2 and summary["best_eval_loss"] == 1.0
+
+
+def test_resume_with_other_lora_targets_is_refused(tiny_llama_dir, chat_file, tmp_path):
+    """The checkpoint holds adapters for the run's own targets; a resume that adapts other layers would load only
+    some of them (the rest untrained, silently): refused, naming the checkpoint, and nothing final is written."""
+    from bittune.errors import CheckpointError
+
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 6, "save_every": 2})
+    with stop_after(4):
+        train(config_from_dict(raw), progress=False)
+    raw["lora"]["target_modules"] = ["q_proj"]
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        train(config_from_dict(raw), resume=True, progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-4").is_dir()  # the finished checkpoint is still there
+
+
+def test_epochs_set_the_run_length_without_max_steps(tiny_llama_dir, tmp_path):
+    """No ``max_steps``: ``epochs`` x steps per epoch (rows / batch, rounded up, / grad_accum, rounded up)."""
+    data = write_jsonl(tmp_path / "chat.jsonl", color_chat_rows(20))
+    raw = run_config(tiny_llama_dir, data, tmp_path / "run", train={"max_steps": None, "epochs": 2, "batch_size": 4,
+                                                                     "grad_accum": 2})  # fmt: skip
+    train(config_from_dict(raw), progress=False)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert steps[-1] == 2 * 3  # 20 rows: 5 micro-batches of 4, 3 steps of 2 (the last has one) per epoch
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
