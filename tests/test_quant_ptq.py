@@ -396,6 +396,39 @@ def test_merge_into_gptq_calibrates_on_the_runs_train_file(lora_run: Path, chat_
 
 
 @pytest.mark.e2e
+def test_gptq_calibrates_on_the_train_file_and_quality_is_measured_on_the_eval_file(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A run with a train and an eval file of its own: GPTQ calibrates on the train rows (never on the rows it is
+    then measured on), quantize and merge measure on the eval rows; a run without an eval file is merged and
+    measured on its train file, and says so."""
+    from bittune.config import config_from_dict
+    from bittune.quant.flows import merge_run, quantize_path
+    from bittune.recipes.finetune import train
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", color_chat_rows(16, seed=1))
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", color_chat_rows(8, seed=2))
+    raw = {
+        "model": {"path": str(tiny_llama_dir)},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(train_file), "eval": str(eval_file), "format": "chat", "max_length": 64},
+        "train": {"max_steps": 2, "batch_size": 8, "lr": 2e-2, "seed": 1, "device": "cpu"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    run = train(config_from_dict(raw), progress=False).run_dir
+    q = quantize_path(str(run), GptqSpec(bits=3, group_size=16), tmp_path / "q", device="cpu")
+    assert q["calibration"]["data"] == str(train_file) and q["data"] == str(eval_file)
+    m = merge_run(str(run), tmp_path / "m", into_bits=3, method="gptq", group_size=16, device="cpu")
+    assert m["data"] == str(eval_file) and m["calibration"]["data"] == str(train_file)
+    del raw["data"]["eval"]
+    raw["output_dir"] = str(tmp_path / "run-no-eval")
+    bare = train(config_from_dict(raw), progress=False).run_dir
+    fallback = merge_run(str(bare), tmp_path / "m2", device="cpu")
+    assert fallback["data"] == str(train_file) and any("train file" in n for n in fallback["notes"]), fallback
+
+
+@pytest.mark.e2e
 def test_quantize_path_measures_on_the_runs_eval_file_unless_told_not_to(lora_run: Path, tmp_path: Path) -> None:
     from bittune.quant.flows import quantize_path
 

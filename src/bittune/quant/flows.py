@@ -455,6 +455,7 @@ def _write_merge(
         else:
             log(f"re-quantizing the merged model: {spec.label()} ...")
             batches = _calibration_batches(artifact, spec, calib, tokenizer, task, merged, data_opts or {})
+            report["calibration"] = _calibration_note(calib, batches)
             quantize(merged, spec, calibration=batches, log=log)
             save_quantized(
                 merged, tmp, spec=spec, task=task, tokenizer=tokenizer, source=run_dir, label_names=label_names
@@ -479,6 +480,7 @@ def _write_merge(
             base_quantization=base_q.model_dump() if base_q else None,
             spec=spec.model_dump() if spec else None,
             data=data,
+            calibration=report.get("calibration"),
             device=str(dev),
             models=entries,
             warnings=warnings,
