@@ -187,3 +187,65 @@ def test_every_config_key_is_documented_in_the_readme():
     }
     missing = [f"{s}.{k}" for s, m in sections.items() for k in m.model_fields if f"`{s}.{k}`" not in readme]
     assert not missing, f"README config reference lacks: {missing}"
+
+
+def test_readme_config_defaults_are_the_code_defaults():
+    """The README's config table states each key's default; every one that is a plain value (a number, a bool,
+    a word, none) must be the pydantic field's default (a changed default with a stale README misleads silently)."""
+    import re
+
+    from bittune.config import (
+        DataConfig,
+        DistillConfig,
+        DistributedConfig,
+        LoraConfig,
+        ModelConfig,
+        QatConfig,
+        RunConfig,
+        TrackingConfig,
+        TrainConfig,
+    )
+    from bittune.quant.spec import BnbSpec
+
+    sections = {"model": ModelConfig, "lora": LoraConfig, "quant": BnbSpec, "qat": QatConfig,
+                "distill": DistillConfig, "data": DataConfig, "train": TrainConfig, "distributed": DistributedConfig,
+                "tracking": TrackingConfig}  # fmt: skip
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+
+    def value(cell: str):
+        cell = cell.strip().strip("`")
+        if cell in ("none", "null"):
+            return None
+        if cell in ("true", "false"):
+            return cell == "true"
+        try:
+            return int(cell) if re.fullmatch(r"-?\d+", cell) else float(cell)
+        except ValueError:
+            return cell if re.fullmatch(r"[a-z][a-z0-9_-]*", cell) else ...  # ...: not a plain value
+
+    checked, wrong = 0, []
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        keys = re.findall(r"`([a-z_]+)\.([a-z_0-9]+)`", cells[0])
+        defaults = [d for d in re.split(r",\s*", cells[1])]
+        if not keys or len(defaults) != len(keys):
+            continue
+        for (section, key), cell in zip(keys, defaults, strict=True):
+            model = sections.get(section) or RunConfig
+            field = model.model_fields.get(key)
+            want = value(cell)
+            if field is None or want is ... or field.default_factory is not None or field.is_required():
+                continue
+            checked += 1
+            have = field.default
+            if want is None and have == "none":  # a field whose values are words, one of them "none"
+                continue
+            if have is None and want in ("all", "batch_size"):  # null, stated by what it means
+                continue
+            close = isinstance(have, float) and isinstance(want, (int, float)) and abs(have - want) < 1e-12
+            if not (have == want or close):
+                wrong.append(f"{section}.{key}: README {cell!r}, code {have!r}")
+    assert checked >= 30, checked  # the table was found and read
+    assert not wrong, "\n".join(wrong)

@@ -95,7 +95,9 @@ def test_spec_from_cli_defaults_and_refusals() -> None:
     from bittune.errors import ConfigError
 
     assert spec_from_cli(bits=4) == BnbSpec(method="nf4")
+    assert spec_from_cli(bits=8) == BnbSpec(method="llm-int8")
     assert spec_from_cli(bits=16) == CastSpec(method="fp16")
+    assert spec_from_cli(bits=3, method="gptq").calibration_tokens == 8192  # the README's and --help's default
     # The data-free default at 3 and 2 bits is round-to-nearest, chosen by bench/quant_float_causal.py (README).
     assert spec_from_cli(bits=3) == IntSpec(bits=3, group_size=64)
     assert spec_from_cli(bits=2) == IntSpec(bits=2, group_size=64)
