@@ -259,3 +259,46 @@ def test_cli_refuses_an_incompatible_teacher(tiny_llama_dir, tiny_bert_dir, chat
     assert err.startswith("error: distill.teacher") and expect in err and "fix:" in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_cli_refuses_a_classifier_teacher_whose_labels_are_in_another_order(
+    tiny_bert_dir, sentiment_file, tmp_path, capsys
+):
+    """A teacher that predicts the student's labels in another order would teach each class the other's name."""
+    import yaml
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = tmp_path / "teacher"
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert_dir, num_labels=2, id2label={0: "pos", 1: "neg"}, label2id={"pos": 0, "neg": 1}
+    ).save_pretrained(teacher)
+    make_tokenizer().save_pretrained(teacher)
+    raw = config(tiny_bert_dir, sentiment_file, tmp_path / "run", method="lora", qat=None,
+                 model={"task": "classification"}, data={"format": "classification"},
+                 distill={"teacher": str(teacher)})  # fmt: skip
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    code, err = run_cli(["train", str(cfg_file)], capsys)
+    assert code == 2 and "predicts the labels ['pos', 'neg']" in err and "['neg', 'pos']" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_teacher_with_another_output_size(tiny_llama_dir, chat_file, tmp_path, capsys):
+    """Same tokenizer, but the teacher's output embedding was resized (padded to a multiple of 64): its logits
+    cover other token ids than the student's. Refused once the weights are loaded, before the first step; the
+    run directory is not left behind."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    teacher = tmp_path / "teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.resize_token_embeddings(model.config.vocab_size + 1, pad_to_multiple_of=64)
+    model.save_pretrained(teacher)
+    make_tokenizer().save_pretrained(teacher)
+    raw = config(tiny_llama_dir, chat_file, tmp_path / "run", method="lora", qat=None,
+                 distill={"teacher": str(teacher)})  # fmt: skip
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    code, err = run_cli(["train", str(cfg_file)], capsys)
+    assert code == 2 and "logits per token, the student" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()  # a retry with a fixed teacher needs no --resume
