@@ -948,3 +948,21 @@ def test_eval_of_a_classifier_folder_with_default_labels(
         logits = model(**tok(["good movie", "bad movie"], return_tensors="pt", padding=True)).logits
     assert result["eval_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
     assert result["eval_accuracy"] == float((logits.argmax(-1) == labels).float().mean())
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train"], "Missing argument"),
+        (["validate", "c.yaml", "--foo"], "No such option: --foo"),
+        (["trian", "c.yaml"], "No such command 'trian'"),
+        (["eval", "m", "--data", "d.jsonl", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+        (["compare", "a", "b"], "Missing option '--data'"),
+    ],
+    ids=["missing-argument", "unknown-option", "unknown-command", "not-an-integer", "missing-option"],
+)
+def test_command_line_usage_errors_are_a_usage_line_and_exit_2(argv, needle, capsys):
+    """Mistakes in the command line itself: the usage and one error line, exit 2, no traceback, before anything
+    is read or loaded."""
+    code, err = run_inproc(argv, capsys)
+    assert code == 2 and needle in err and "Traceback" not in err and "Usage: " in err, err

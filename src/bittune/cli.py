@@ -551,10 +551,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        if _usage_error(exc):  # a missing argument, an unknown option or command, a value of the wrong type
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _usage_error(exc: Exception) -> bool:
+    """A command-line usage error: click's ``ClickException``, or the one of the copy of click that typer ships
+    (typer >= 0.22 raises its own, which is not click's class)."""
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__)
