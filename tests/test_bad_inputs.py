@@ -958,8 +958,24 @@ def test_eval_of_a_classifier_folder_with_default_labels(
         (["trian", "c.yaml"], "No such command 'trian'"),
         (["eval", "m", "--data", "d.jsonl", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
         (["compare", "a", "b"], "Missing option '--data'"),
+        (["eval", "m", "--data", "d.jsonl", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["generate", "m", "-p", "hi", "--max-new-tokens", "-5"], "Invalid value for '--max-new-tokens'"),
+        (["generate", "m", "-p", "hi", "--temperature", "-1"], "Invalid value for '--temperature'"),
+        (["plan", "c.yaml", "--matmul-tflops", "-5"], "Invalid value for '--matmul-tflops'"),
+        (["quantize", "m", "--out", "q", "--max-rows", "0"], "Invalid value for '--max-rows'"),
     ],
-    ids=["missing-argument", "unknown-option", "unknown-command", "not-an-integer", "missing-option"],
+    ids=[
+        "missing-argument",
+        "unknown-option",
+        "unknown-command",
+        "not-an-integer",
+        "missing-option",
+        "zero-batch-size",
+        "negative-new-tokens",
+        "negative-temperature",
+        "negative-rate",
+        "zero-rows",
+    ],
 )
 def test_command_line_usage_errors_are_a_usage_line_and_exit_2(argv, needle, capsys):
     """Mistakes in the command line itself: the usage and one error line, exit 2, no traceback, before anything

@@ -153,8 +153,8 @@ def eval_(
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder to apply on MODEL.")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="Data format (default: the run's).")] = None,
     template: Annotated[str | None, typer.Option(help="Chat template (default: the run's, or auto).")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Token limit per row.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Token limit per row.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 8,
     labels: LabelsOption = None,
     tasks: Annotated[
         str | None,
@@ -163,8 +163,10 @@ def eval_(
             "(trec_mc, vader_sentiment, chatterbot_trivia) or any lm-eval task name (needs a network)."
         ),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="lm-eval: examples per task at most.")] = None,
-    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples (default: the task's).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="lm-eval: examples per task at most.")] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(min=0, help="lm-eval: few-shot examples (default: the task's).")
+    ] = None,
     chat_template: Annotated[
         bool | None,
         typer.Option(
@@ -219,8 +221,8 @@ def generate(
     model: Annotated[str, typer.Argument(help="Run directory, model folder or hub id.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user message (or raw text with --raw).")],
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder to apply on MODEL.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     template: Annotated[str, typer.Option(help="auto (the tokenizer's), chatml, llama2 or alpaca.")] = "auto",
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as plain text, without a template.")] = False,
@@ -266,7 +268,7 @@ def plan(
     set_: SetOption = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: the config's train.device).")] = None,
     matmul_tflops: Annotated[
-        float | None, typer.Option(help="Matmul rate to plan with (default: measured on this device).")
+        float | None, typer.Option(min=1e-6, help="Matmul rate to plan with (default: measured on this device).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     read_data: Annotated[
@@ -316,7 +318,9 @@ def export_(
         str | None,
         typer.Option(help="Importance matrix for llama.cpp types: auto (the run's train file) or a data file."),
     ] = None,
-    imatrix_tokens: Annotated[int | None, typer.Option(help="Tokens the importance matrix is computed on.")] = None,
+    imatrix_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Tokens the importance matrix is computed on.")
+    ] = None,
 ) -> None:
     """Export MODEL as GGUF for llama.cpp, a run's adapter as a GGUF LoRA, or a merged Hugging Face folder."""
     from bittune.export.commands import export_model
@@ -348,17 +352,18 @@ def push(
 DataOption = Annotated[str | None, typer.Option("--eval", help="Data to measure quality on (default: the run's eval).")]
 FormatOption = Annotated[str | None, typer.Option("--format", help="Data format (default: the run's, else chat).")]
 TemplateOption = Annotated[str | None, typer.Option(help="Chat template (default: the run's, or auto).")]
-MaxLengthOption = Annotated[int | None, typer.Option(help="Token limit per row.")]
-MaxRowsOption = Annotated[int | None, typer.Option(help="Measure on the first N rows only.")]
+MaxLengthOption = Annotated[int | None, typer.Option(min=1, help="Token limit per row.")]
+MaxRowsOption = Annotated[int | None, typer.Option(min=1, help="Measure on the first N rows only.")]
 GroupSizeOption = Annotated[int | None, typer.Option(help="int/hqq/gptq: columns per group (default 64; -1 per row).")]
 SymmetricOption = Annotated[bool, typer.Option("--symmetric", help="int/gptq: symmetric codes (fixed zero point).")]
-BatchSizeOption = Annotated[int, typer.Option(help="Rows per forward pass when measuring.")]
+BatchSizeOption = Annotated[int, typer.Option(min=1, help="Rows per forward pass when measuring.")]
 CalibOption = Annotated[
     str | None,
     typer.Option("--calib", help="gptq: calibration text, any data format (default: a run's train file)."),
 ]
 CalibTokensOption = Annotated[
-    int | None, typer.Option("--calib-tokens", help="gptq: tokens of --calib to calibrate on (default 8192).")
+    int | None,
+    typer.Option("--calib-tokens", min=1, help="gptq: tokens of --calib to calibrate on (default 8192)."),
 ]
 
 
@@ -471,7 +476,7 @@ def compare(
     template: TemplateOption = None,
     max_length: MaxLengthOption = None,
     max_rows: MaxRowsOption = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 8,
     device: DeviceOption = "auto",
     labels: LabelsOption = None,
 ) -> None:
