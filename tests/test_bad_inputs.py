@@ -758,6 +758,30 @@ def _export_out_dir(env: Env) -> Scenario:
     )  # fmt: skip
 
 
+@case("export-over-a-user-file")
+def _export_over_user_file(env: Env) -> Scenario:
+    mine = env.tmp / "mine"
+    mine.mkdir()
+    (mine / "notes.gguf").write_text("my notes, not a model")
+    return Scenario(
+        ["export", str(env.tiny_llama_dir), "--out", str(mine / "notes.gguf")], f"--out {mine / 'notes.gguf'}",
+        ["is not a GGUF file", "new file name"], protected=mine,
+    )  # fmt: skip
+
+
+@case("export-over-the-gguf-it-reads")
+def _export_over_source(env: Env) -> Scenario:
+    from bittune.export.commands import export_model
+
+    mine = env.tmp / "mine"
+    mine.mkdir()
+    export_model(str(env.tiny_llama_dir), fmt="gguf", qtype="f32", out=mine / "m.gguf")
+    return Scenario(
+        ["export", str(mine / "m.gguf"), "--out", str(mine / "m.gguf"), "--type", "q8_0"], f"--out {mine / 'm.gguf'}",
+        ["is the model this export reads", "new file"], protected=mine,
+    )  # fmt: skip
+
+
 @case("export-out-folder-missing")
 def _export_out_parent(env: Env) -> Scenario:
     out = env.tmp / "no" / "such" / "m.gguf"

@@ -196,6 +196,9 @@ def test_gguf_of_a_lora_run_holds_the_merged_weights(lora_run: Path, tmp_path: P
     q = merged["model.layers.1.self_attn.q_proj.weight"].numpy()
     np.testing.assert_allclose(_unpermute(tensors["blk.1.attn_q.weight"][0], 4), q, atol=1e-6)
     assert torch.is_tensor(merged[name])
+    # Exported again to the same file: an earlier GGUF there is replaced (a user's other file never is).
+    again = export_model(str(lora_run), fmt="gguf", qtype="q8_0", out=tmp_path / "run.gguf")
+    assert again["path"] == str(tmp_path / "run.gguf") and gguf.GGUFReader(str(tmp_path / "run.gguf")).tensors
 
 
 def test_qwen2_keeps_qk_layout_and_biases_mistral_maps_to_llama(tmp_path: Path, tokenizer) -> None:

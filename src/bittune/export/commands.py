@@ -135,7 +135,7 @@ def export_gguf(
     from bittune.export.kquants import LLAMACPP_TYPES, require_llamacpp
     from bittune.export.tokenizer_meta import check_tokenizer
 
-    out = check_output(out)
+    out = check_output(out)  # before any work; then once the model and its base are known (below)
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -154,6 +154,7 @@ def export_gguf(
 
         imatrix_file = imatrix_data(path, imatrix)
     artifact = resolve(path)
+    check_output(out, sources=(path, artifact.base))
     if artifact.task != "causal-lm":
         raise ModelLoadError(
             f"{path} is a sequence classifier; GGUF export is for causal language models",

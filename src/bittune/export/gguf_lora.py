@@ -146,6 +146,7 @@ def export_gguf_lora(path: str, out: Path, *, qtype: str = "f16", verify: bool =
 
         require_llama_cpp()
     source = resolve(path)
+    check_output(out, sources=(path, source.base))
     if source.adapter is None:
         raise BittuneError(
             f"{path} has no LoRA adapter: --format gguf-lora writes a LoRA run's adapter",

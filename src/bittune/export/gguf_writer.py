@@ -21,6 +21,8 @@ from bittune.storage import atomic_file
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -66,11 +68,32 @@ def check_architecture(config: dict[str, Any], what: str) -> ArchSpec:
     return spec
 
 
-def check_output(out: Path, *, suffix: str | None = None) -> Path:
-    """Refuse an output path that cannot be written, before any work is done (an existing file is replaced)."""
+def check_output(out: Path, *, suffix: str | None = None, sources: tuple[str | None, ...] = ()) -> Path:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    An earlier GGUF file there is replaced (an export written again). Any other file is the user's and is never
+    written over, and neither is one of ``sources`` (the model being exported, or its base: a run trained from a
+    ``.gguf`` must not overwrite the file it came from).
+    """
+    from bittune.errors import StorageError
     from bittune.storage import check_output_path
 
-    return check_output_path(out, file="model.gguf", suffix=suffix, may_replace=True, parent_must_exist=True)
+    out = check_output_path(out, file="model.gguf", suffix=suffix, may_replace=True, parent_must_exist=True)
+    if not out.is_file():
+        return out
+    with open(out, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise StorageError(
+                f"--out {out} already exists and is not a GGUF file",
+                hint="choose a new file name (bittune only replaces an earlier .gguf export there)",
+            )
+    for source in sources:
+        if source and Path(source).expanduser().is_file() and Path(source).expanduser().resolve() == out.resolve():
+            raise StorageError(
+                f"--out {out} is the model this export reads ({source})",
+                hint="write the export to a new file; the one it comes from is kept",
+            )
+    return out
 
 
 def permute_for_rotary(w: Any, n_heads: int) -> Any:
