@@ -670,6 +670,34 @@ def _disk_full(env: Env) -> Scenario:
 
 
 # --- eval and generate ------------------------------------------------------------------------------------------
+@case("report-folder-holds-a-users-file", needs=("finished_run",))
+def _report_over_user_file(env: Env) -> Scenario:
+    run = env.copy_run(env.finished_run)
+    (run / "report").mkdir()
+    (run / "report" / "my_notes.txt").write_text("mine")
+    return Scenario(
+        ["report", str(run), "--no-base"], f"the report folder {run / 'report'}",
+        ["already holds other files", "my_notes.txt"], protected=run,
+    )  # fmt: skip
+
+
+@case("train-output-dir-under-a-file")
+def _output_dir_under_file(env: Env) -> Scenario:
+    (env.tmp / "afile").write_text("mine")
+    cfg = env.config({**env.run_config(), "output_dir": str(env.tmp / "afile" / "run")})
+    return Scenario(["train", str(cfg)], "output_dir", ["is a file, not a folder"], protected=env.tmp / "afile")
+
+
+@case("quantize-out-under-a-file")
+def _quantize_out_under_file(env: Env) -> Scenario:
+    (env.tmp / "afile").write_text("mine")
+    out = env.tmp / "afile" / "q"
+    return Scenario(
+        ["quantize", str(env.tiny_llama_dir), "--out", str(out), "--bits", "4", "--method", "int",
+         "--group-size", "16"], f"--out {out}", ["is a file, not a folder"],
+    )  # fmt: skip
+
+
 @case("eval-without-data", needs=("finished_run",))
 def _eval_no_data(env: Env) -> Scenario:
     run = env.copy_run(env.finished_run)

@@ -82,7 +82,10 @@ def atomic_dir(final: Path, write: Callable[[Path], None], *, marker: bool = Tru
         StorageError: when the disk is full or not writable; the previous ``final`` is untouched.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # callers check the path first (check_output_path); this is the race, or /proc-like
+        raise StorageError(f"cannot create {final.parent}: {exc.strerror}", hint="choose a writable location") from None
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -223,8 +226,11 @@ def check_output_path(
     parent = out.parent
     if parent_must_exist and not parent.is_dir():
         raise error(f"{flag} {out}: the folder {parent} does not exist", hint=f"create it first (mkdir -p {parent})")
-    if parent.is_dir() and not os.access(parent, os.W_OK):
-        raise error(f"{flag} {out}: the folder {parent} is not writable", hint="choose a writable location")
+    nearest = next((p for p in out.parents if p.exists()), None)  # where the missing folders would be made
+    if nearest is not None and not nearest.is_dir():
+        raise error(f"{flag} {out}: {nearest} is a file, not a folder", hint="choose a path under a folder")
+    if nearest is not None and not os.access(nearest, os.W_OK):
+        raise error(f"{flag} {out}: the folder {nearest} is not writable", hint="choose a writable location")
     if file:
         if out.exists() and not may_replace:
             raise error(f"{flag} {out} already exists", hint=replace_hint or "choose a new file name or delete it")

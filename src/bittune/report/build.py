@@ -11,6 +11,8 @@ from typing import Any
 from bittune.report.collect import ReportOptions, collect
 
 REPORT_DIR = "report"
+# What a report folder holds: bittune writes these, and replaces them with the next report.
+REPORT_FILES = ("report.md", "report.html", "report.json", "curves.png", "quality.png", "confusion.png", "COMPLETE")
 Log = Callable[[str], None]
 
 
@@ -85,10 +87,12 @@ def write_report(run_dir: Path, options: ReportOptions = ReportOptions(), *, log
     Returns:
         The report folder.
     """
-    from bittune.storage import atomic_dir
+    from bittune.storage import atomic_dir, check_output_path
 
-    collected = collect(Path(run_dir), options, log=log)
     out = Path(run_dir) / REPORT_DIR
+    # An earlier report is replaced; a file of the user's put into the folder is not lost with it.
+    check_output_path(out, flag="the report folder", noun="a report", ours=REPORT_FILES, may_replace=True)
+    collected = collect(Path(run_dir), options, log=log)
     atomic_dir(out, lambda tmp: render_report(collected, tmp))
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return out
