@@ -698,6 +698,52 @@ def _quantize_out_under_file(env: Env) -> Scenario:
     )  # fmt: skip
 
 
+def _truncated_model(env: Env) -> Path:
+    """A copy of the tiny Llama whose weights file was cut short (an interrupted copy or download)."""
+    model = env.tmp / "trunc"
+    shutil.copytree(env.tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+for _command in ("train", "validate", "plan"):
+
+    def _build(env: Env, command: str = _command) -> Scenario:
+        model = _truncated_model(env)
+        cfg = env.config(env.run_config(model={"path": str(model)}))
+        return Scenario([command, str(cfg)], str(model / "model.safetensors"),
+                        ["damaged or incomplete", "again"], out=env.tmp / "out", protected=model)  # fmt: skip
+
+    CASES[f"truncated-weights-{_command}"] = Case(_build)
+
+
+@case("model-folder-without-its-tokenizer")
+def _no_tokenizer(env: Env) -> Scenario:
+    model = env.tmp / "no-tok"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(env.tiny_llama_dir / name, model / name)
+    cfg = env.config(env.run_config(model={"path": str(model)}))
+    return Scenario(["validate", str(cfg)], str(model), ["could not load the model folder", "incomplete or damaged"],
+                    protected=model)  # fmt: skip
+
+
+@case("truncated-weights-export")
+def _truncated_export(env: Env) -> Scenario:
+    model = _truncated_model(env)
+    return Scenario(["export", str(model), "--out", str(env.tmp / "m.gguf")], str(model / "model.safetensors"),
+                    ["damaged or incomplete"], out=env.tmp / "m.gguf", protected=model)  # fmt: skip
+
+
+@case("truncated-adapter-generate", needs=("finished_run",))
+def _truncated_adapter(env: Env) -> Scenario:
+    run = env.copy_run(env.finished_run)
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])
+    return Scenario(["generate", str(run), "--prompt", "hi"], str(adapter), ["damaged or incomplete"], protected=run)
+
+
 @case("eval-without-data", needs=("finished_run",))
 def _eval_no_data(env: Env) -> Scenario:
     run = env.copy_run(env.finished_run)

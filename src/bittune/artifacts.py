@@ -335,12 +335,14 @@ def load(
     """
     import torch
 
-    from bittune.model import resolve_device
+    from bittune.model import check_weight_files, resolve_device
     from bittune.quant.merge import dequantize_bnb_linears, dequantize_grid_linears
 
     artifact = as_artifact(artifact)
     if as_ not in ("trained", "merged"):
         raise ValueError(f"as_ must be 'trained' or 'merged', not {as_!r}")
+    if artifact.adapter is not None:  # before the base loads (the base's own files: model_source checks them)
+        check_weight_files(Path(artifact.adapter))
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer_of(artifact, trust_remote_code=trust_remote_code)
     merged = as_ == "merged"

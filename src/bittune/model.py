@@ -130,6 +130,7 @@ def model_source(path: str) -> str:
                 f"model.path {path} has no config.json, so it is not a Hugging Face model folder",
                 hint="point model.path at the folder written by save_pretrained (or a bittune run's model/)",
             )
+        check_weight_files(p)
         return path
     if not looks_like_hub_id(path):
         raise ModelLoadError(
@@ -141,6 +142,32 @@ def model_source(path: str) -> str:
     return path
 
 
+def check_weight_files(folder: Path) -> None:
+    """Refuse a folder whose ``.safetensors`` files are cut short or damaged, from their headers alone.
+
+    A safetensors file is an 8-byte header length, a JSON header with each tensor's byte range, then the data: a
+    file shorter than its last range (an interrupted copy or download) would otherwise fail deep inside the
+    loader, after the command had started, or load as garbage.
+    """
+    import json
+    import struct
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            whole = f.stat().st_size >= 8 + length + end
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, MemoryError):
+            whole = False
+        if not whole:
+            raise ModelLoadError(
+                f"{f} is damaged or incomplete (cut short?)",
+                hint="copy or download the model again (or save it again with save_pretrained)",
+            )
+
+
 def looks_like_hub_id(text: str) -> bool:
     """``owner/name`` that is not a local path."""
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
@@ -148,6 +175,12 @@ def looks_like_hub_id(text: str) -> bool:
 
 def hub_error(path: str, exc: Exception) -> ModelLoadError:
     """The message for a model or tokenizer that from_pretrained could not load (offline, missing, malformed)."""
+    if Path(path).expanduser().is_dir():  # a local folder: what it lacks, not the hub's cache
+        return ModelLoadError(
+            f"could not load the model folder {path} ({type(exc).__name__}: {exc})",
+            hint="the folder is incomplete or damaged (tokenizer files, config.json, weights): save it again with "
+            "save_pretrained, or copy it again",
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(exc).__name__}: {exc}"
     return ModelLoadError(
