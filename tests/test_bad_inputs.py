@@ -681,6 +681,14 @@ def _report_over_user_file(env: Env) -> Scenario:
     )  # fmt: skip
 
 
+@case("report-of-a-run-with-a-damaged-summary", needs=("finished_run",))
+def _report_damaged_summary(env: Env) -> Scenario:
+    run = env.copy_run(env.finished_run)
+    (run / "summary.json").write_text('{"steps": 2,\n "memory": {bad')
+    return Scenario(["report", str(run), "--no-base"], f"{run / 'summary.json'}:2", ["not valid JSON", "restore"],
+                    protected=run)  # fmt: skip
+
+
 @case("train-output-dir-under-a-file")
 def _output_dir_under_file(env: Env) -> Scenario:
     (env.tmp / "afile").write_text("mine")

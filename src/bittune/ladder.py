@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bittune.errors import BittuneError, ConfigError
+from bittune.storage import read_json
 
 RUNGS = ("qlora", "lora", "full")
 LADDER_FILE = "ladder.json"
@@ -137,7 +138,7 @@ def run_ladder(
         run_dir = Path(configs[rung].output_dir)
         metrics = evaluate_path(str(run_dir), labels=labels, device=configs[rung].train.device)
         value = _value(metrics, goal, cfg.model.task)
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = read_json(run_dir / "summary.json")
         mem = summary.get("memory") or {}
         entry = {
             "rung": rung,

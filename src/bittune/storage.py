@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from bittune.errors import BittuneError, StorageError
 
@@ -157,6 +158,23 @@ def is_complete(path: Path, *required: str) -> bool:
     """Whether ``path`` was finished by :func:`atomic_dir` (its ``COMPLETE`` marker) and holds ``required`` files."""
     path = Path(path)
     return (path / COMPLETE).is_file() and all((path / name).is_file() for name in required)
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path`` (a file bittune wrote: a summary, a report, a sidecar), or one clear error naming the
+    file and the line where it stops being JSON (edited by hand, cut short by a full disk)."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise StorageError(
+            f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})",
+            hint="restore the file (bittune wrote it; a copy, or the run that wrote it, has it whole)",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StorageError(f"{path} is unreadable ({type(exc).__name__}: {exc})", hint="restore the file") from None
 
 
 def remove_dir(path: Path) -> None:

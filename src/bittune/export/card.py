@@ -17,6 +17,7 @@ import yaml
 
 from bittune.model import looks_like_hub_id
 from bittune.quant.spec import BnbSpec
+from bittune.storage import read_json
 
 _HYPER_KEYS = (
     "epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_steps", "warmup_ratio",
@@ -59,7 +60,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if (run_dir / RUN_CONFIG_FILE).is_file():
         out["config"] = read_run_config(run_dir).model_dump(mode="json")
     if (run_dir / "summary.json").is_file():
-        out["summary"] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        out["summary"] = read_json(run_dir / "summary.json")
     if (run_dir / "metrics.jsonl").is_file():
         out["metrics"] = read_metrics(run_dir / "metrics.jsonl")
     return out
@@ -98,7 +99,7 @@ def headline(run_dir: Path | None) -> dict[str, Any] | None:
     f = Path(run_dir) / "report" / "report.json" if run_dir else None
     if f is None or not f.is_file():
         return None
-    data = json.loads(f.read_text(encoding="utf-8"))
+    data = read_json(f)
     return {"data": data.get("data"), "task": data.get("task"), "models": data.get("models") or []}
 
 

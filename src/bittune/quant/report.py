@@ -132,7 +132,9 @@ def read_folder_report(path: str | Path) -> dict[str, Any] | None:
     for name in FOLDER_REPORTS:
         f = Path(path).expanduser() / name
         if f.is_file():
-            return {"path": str(path), **json.loads(f.read_text(encoding="utf-8"))}
+            from bittune.storage import read_json
+
+            return {"path": str(path), **read_json(f)}
     return None
 
 

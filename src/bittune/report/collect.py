@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bittune.errors import BittuneError
+from bittune.storage import read_json
 
 Log = Callable[[str], None]
 N_SAMPLES = 4
@@ -35,7 +36,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
     def js(rel: str) -> Any:
         f = run_dir / rel
-        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+        return read_json(f) if f.is_file() else None
 
     return {
         "run_dir": str(run_dir),
