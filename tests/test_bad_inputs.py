@@ -423,9 +423,18 @@ def _set_unknown(env: Env) -> Scenario:
     return Scenario(
         ["train", str(cfg), "--set", "train.max_step=5"],
         "train.max_step",
-        [str(cfg), "unknown key (did you mean 'max_steps'?)"],
+        [str(cfg), "--set train.max_step=5: train.max_step: unknown key (did you mean 'max_steps'?)"],
         out=env.tmp / "out",
     )
+
+
+@case("config-key-written-twice")
+def _key_twice(env: Env) -> Scenario:
+    raw = env.run_config()
+    text = yaml.safe_dump(raw, sort_keys=False).replace("  r: 4\n", "  r: 4\n  alpha: 8\n  r: 64\n", 1)
+    cfg = env.config(text)
+    line = text.splitlines().index("  r: 64") + 1
+    return Scenario(["train", str(cfg)], f"{cfg}:{line}", ["lora.r is set twice", "keep one"], out=env.tmp / "out")
 
 
 @case("config-file-missing")
@@ -687,6 +696,27 @@ def _report_damaged_summary(env: Env) -> Scenario:
     (run / "summary.json").write_text('{"steps": 2,\n "memory": {bad')
     return Scenario(["report", str(run), "--no-base"], f"{run / 'summary.json'}:2", ["not valid JSON", "restore"],
                     protected=run)  # fmt: skip
+
+
+@case("report-gguf-missing", needs=("finished_run",))
+def _report_gguf_missing(env: Env) -> Scenario:
+    run = env.copy_run(env.finished_run)
+    gone = env.tmp / "gone.gguf"
+    return Scenario(["report", str(run), "--no-base", "--gguf", str(gone)], f"--gguf {gone}", ["does not exist"],
+                    protected=run)  # fmt: skip
+
+
+@case("config-path-is-a-directory")
+def _config_dir(env: Env) -> Scenario:
+    return Scenario(["validate", str(env.tmp)], f"config file {env.tmp}", ["is a directory"])
+
+
+@case("export-out-under-a-file")
+def _export_out_under_file(env: Env) -> Scenario:
+    (env.tmp / "afile").write_text("mine")
+    out = env.tmp / "afile" / "m.gguf"
+    return Scenario(["export", str(env.tiny_llama_dir), "--out", str(out)], f"--out {out}",
+                    ["is a file, not a folder"])  # fmt: skip
 
 
 @case("train-output-dir-under-a-file")

@@ -328,6 +328,7 @@ class RunConfig(_Section):
     # Where the config came from (file and the line of every key), for messages that point into the YAML.
     _source: str | None = PrivateAttr(None)
     _lines: dict[tuple[str, ...], int] = PrivateAttr(default_factory=dict)
+    _overridden: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)  # key path -> its --set item
 
     @field_validator("output_dir")
     @classmethod
@@ -350,8 +351,12 @@ class RunConfig(_Section):
         return type(other) is type(self) and self.__dict__ == other.__dict__
 
     def locate(self, key: str) -> str | None:
-        """``file:line`` of a dotted key (or of its closest parent present) in the YAML this config came from."""
+        """``file:line`` of a dotted key (or of its closest parent present) in the YAML this config came from, or
+        the ``--set`` that gave it its value."""
         parts = tuple(key.split("."))
+        for path, item in self._overridden.items():
+            if parts[: len(path)] == path:
+                return f"--set {item}"
         for n in range(len(parts), 0, -1):
             if parts[:n] in self._lines:
                 return f"{self._source}:{self._lines[parts[:n]]}"
@@ -455,27 +460,35 @@ class _LineLoader(yaml.SafeLoader):
     """A SafeLoader that remembers the line of every mapping key, for error messages."""
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+def _key_lines(text: str) -> tuple[dict[tuple[str, ...], int], list[tuple[tuple[str, ...], int, int]]]:
+    """The line of every mapping key, and the keys written twice in one mapping: (key, first line, second line)."""
     lines: dict[tuple[str, ...], int] = {}
+    twice: list[tuple[tuple[str, ...], int, int]] = []
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = (*path, str(key_node.value))
+                if key in lines:
+                    twice.append((key, lines[key], key_node.start_mark.line + 1))
                 lines[key] = key_node.start_mark.line + 1
                 walk(value_node, key)
 
     try:
         root = yaml.compose(text, Loader=_LineLoader)
     except yaml.YAMLError:
-        return lines
+        return lines, twice
     if root is not None:
         walk(root, ())
-    return lines
+    return lines, twice
 
 
 def _format_errors(
-    exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], raw: dict[str, Any]
+    exc: ValidationError,
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    raw: dict[str, Any],
+    overridden: dict[tuple[str, ...], str] | None = None,
 ) -> list[str]:
     out = []
     for err in exc.errors():
@@ -498,12 +511,13 @@ def _format_errors(
             msg = "required but missing"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
+        flag = next((item for key, item in (overridden or {}).items() if loc[: len(key)] == key), None)
         line = None
         for n in range(len(loc), 0, -1):
             if loc[:n] in lines:
                 line = lines[loc[:n]]
                 break
-        where = f"{source}:{line}: " if line else ""
+        where = f"--set {flag}: " if flag else f"{source}:{line}: " if line else ""
         out.append(f"{where}{dotted}: {msg}")
     return out
 
@@ -540,6 +554,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         ConfigError: listing every problem, each with its dotted path (and YAML line where known).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory", hint="pass the path of a YAML run config in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", hint="pass the path of a YAML run config")
     try:
@@ -557,10 +573,17 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         raise ConfigError(f"{path}: the file is empty", hint="see configs/ for complete examples")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    lines, twice = _key_lines(text)
+    if twice:  # YAML keeps the last one silently: the first setting would be ignored without a word
+        key, first, second = twice[0]
+        raise ConfigError(
+            f"{path}:{second}: {'.'.join(key)} is set twice (also on line {first}); only one of them would count",
+            hint="keep one of the two lines",
+        )
     recorded = recorded or path.name == "run_config.yaml"  # bittune.sidecars.RUN_CONFIG_FILE
     if recorded and raw.get("method") not in ADAPTER_METHODS:
         raw.pop("lora", None)
-    return config_from_dict(raw, overrides, source=str(path), lines=_key_lines(text), recorded=recorded)
+    return config_from_dict(raw, overrides, source=str(path), lines=lines, recorded=recorded)
 
 
 def config_from_dict(
@@ -573,16 +596,17 @@ def config_from_dict(
 ) -> RunConfig:
     """Validate a config given as a nested dict (after applying overrides). See :func:`load_config`."""
     raw = apply_overrides(raw, overrides)
+    overridden = {tuple(_parse_override(item)[0]): item for item in overrides}  # problems there: the --set's
     try:
         cfg = RunConfig.model_validate(raw, context={"recorded": recorded})
     except ValidationError as exc:
-        problems = _format_errors(exc, source, lines or {}, raw)
+        problems = _format_errors(exc, source, lines or {}, raw, overridden)
         n = len(problems)
         raise ConfigError(
             f"{source}: {n} problem{'s' if n > 1 else ''} in the config:\n" + "\n".join(f"  - {p}" for p in problems),
             hint="correct the keys listed above (see README 'Config reference')",
         ) from None
-    cfg._source, cfg._lines = source, dict(lines or {})
+    cfg._source, cfg._lines, cfg._overridden = source, dict(lines or {}), overridden
     return cfg
 
 

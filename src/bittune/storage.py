@@ -242,11 +242,11 @@ def check_output_path(
     if suffix and out.suffix != suffix:
         raise error(f"{flag} {out} does not end in {suffix}", hint=f"name the file like model{suffix}")
     parent = out.parent
-    if parent_must_exist and not parent.is_dir():
-        raise error(f"{flag} {out}: the folder {parent} does not exist", hint=f"create it first (mkdir -p {parent})")
     nearest = next((p for p in out.parents if p.exists()), None)  # where the missing folders would be made
     if nearest is not None and not nearest.is_dir():
         raise error(f"{flag} {out}: {nearest} is a file, not a folder", hint="choose a path under a folder")
+    if parent_must_exist and not parent.is_dir():
+        raise error(f"{flag} {out}: the folder {parent} does not exist", hint=f"create it first (mkdir -p {parent})")
     if nearest is not None and not os.access(nearest, os.W_OK):
         raise error(f"{flag} {out}: the folder {nearest} is not writable", hint="choose a writable location")
     if file:

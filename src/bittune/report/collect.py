@@ -208,6 +208,8 @@ def collect(run_dir: Path, options: ReportOptions = ReportOptions(), *, log: Log
     compare = list(options.compare or [])
     for path in compare:
         describe(path)
+    if options.gguf is not None and not Path(options.gguf).expanduser().is_file():
+        raise BittuneError(f"--gguf {options.gguf} does not exist", hint="pass the .gguf file bittune export wrote")
     inputs = report_inputs(run_data(str(run_dir)), task, data=options.data, where=str(run_dir), samples=options.samples)
     models: list[tuple[str, str]] = []
     base_path = (run["config"].get("model") or {}).get("path")
