@@ -698,6 +698,21 @@ def _report_damaged_summary(env: Env) -> Scenario:
                     protected=run)  # fmt: skip
 
 
+@case("merge-into-bits-its-method-does-not-store", needs=("finished_run",))
+def _merge_bits_method(env: Env) -> Scenario:
+    run = env.copy_run(env.finished_run)
+    out = env.tmp / "merged"
+    return Scenario(["merge", str(run), "--out", str(out), "--into-quantized", "3", "--method", "nf4"],
+                    "--method nf4", ["--into-quantized 4 with nf4"], out=out, protected=run)  # fmt: skip
+
+
+@case("set-value-not-yaml")
+def _set_not_yaml(env: Env) -> Scenario:
+    cfg = env.config(env.run_config())
+    item = "lora.target_modules=[q_proj"
+    return Scenario(["validate", str(cfg), "--set", item], f"--set '{item}'", ["not valid YAML"])
+
+
 @case("report-gguf-missing", needs=("finished_run",))
 def _report_gguf_missing(env: Env) -> Scenario:
     run = env.copy_run(env.finished_run)

@@ -436,7 +436,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"--set {item!r}: the value is not valid YAML ({problem})",
+            hint="write it as in the config file, e.g. --set 'lora.target_modules=[q_proj, v_proj]'",
+        ) from None
     return keys, value
 
 

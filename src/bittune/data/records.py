@@ -77,7 +77,7 @@ def read_records(source: str, split: str = "train", max_rows: int | None = None)
     if ext not in SUPPORTED_EXTENSIONS:
         raise DataError(f"{source}: unsupported data file extension '{ext or '(none)'}'", hint=_EXT_HINT)
     if path.stat().st_size == 0:
-        raise DataError(f"{source}: the file is empty", hint="add some rows, or point data.train at another file")
+        raise DataError(f"{source}: the file is empty", hint="add some rows, or use another file")
     if ext == ".parquet":
         records = _read_parquet(path, max_rows)
     else:
@@ -89,7 +89,7 @@ def read_records(source: str, split: str = "train", max_rows: int | None = None)
         else:
             records = _read_csv(text, source, max_rows)
     if not records:
-        raise DataError(f"{source}: the file has no rows", hint="add some rows, or point data.train at another file")
+        raise DataError(f"{source}: the file has no rows", hint="add some rows, or use another file")
     return records
 
 
@@ -137,7 +137,7 @@ def _read_jsonl(text: str, source: str, max_rows: int | None) -> list[Record]:
 
 def _read_json(text: str, source: str, max_rows: int | None) -> list[Record]:
     if not text.strip():
-        raise DataError(f"{source}: the file is empty", hint="add some rows, or point data.train at another file")
+        raise DataError(f"{source}: the file is empty", hint="add some rows, or use another file")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -81,7 +81,8 @@ def check_template(template: str, tokenizer: Any) -> None:
     """
     if template not in TEMPLATES:
         raise DataError(
-            f"unknown chat template '{template}'", hint=f"set data.template to one of: {', '.join(TEMPLATES)}"
+            f"unknown chat template '{template}'",
+            hint=f"use one of: {', '.join(TEMPLATES)} (data.template in a config, --template on the command line)",
         )
     if template == "auto" and not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "this model"
