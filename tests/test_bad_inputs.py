@@ -713,6 +713,13 @@ def _set_not_yaml(env: Env) -> Scenario:
     return Scenario(["validate", str(cfg), "--set", item], f"--set '{item}'", ["not valid YAML"])
 
 
+@case("distill-teacher-missing")
+def _teacher_missing(env: Env) -> Scenario:
+    gone = env.tmp / "no-teacher"
+    cfg = env.config(env.run_config(distill={"teacher": str(gone)}))
+    return Scenario(["train", str(cfg)], "distill.teacher", [str(gone), "does not exist"], out=env.tmp / "out")
+
+
 @case("report-gguf-missing", needs=("finished_run",))
 def _report_gguf_missing(env: Env) -> Scenario:
     run = env.copy_run(env.finished_run)

@@ -112,8 +112,12 @@ def check_teacher(
         ModelLoadError: when ``path`` is no model (or an unfinished run).
     """
     from bittune.artifacts import label_names_of, load_tokenizer_of, resolve
+    from bittune.errors import ModelLoadError
 
-    artifact = resolve(path)
+    try:
+        artifact = resolve(path)
+    except ModelLoadError as exc:  # named as the user wrote it: the config key
+        raise ModelLoadError(f"distill.teacher: {exc.message}", hint=exc.hint) from None
     if artifact.task != task:
         raise ConfigError(
             f"distill.teacher {path} is a {artifact.task} model but the student is trained for {task}",
