@@ -286,6 +286,17 @@ data_case(
 )  # fmt: skip
 
 
+@case("bad-rows-in-both-files-reported-together")
+def _bad_rows_together(env: Env) -> Scenario:
+    """validate lists every bad row of the train and eval files in one message, not only the first."""
+    bot = {"messages": [U, {"role": "bot", "content": "x"}]}
+    train = env.data("t.jsonl", jsonl({"messages": [U, A]}, bot, {"messages": [U, A]}, bot))
+    held = env.data("e.jsonl", jsonl(bot, {"messages": [U, A]}))
+    cfg = env.config(env.run_config(train_file=train, data={"eval": str(held)}))
+    return Scenario(["validate", str(cfg)], "3 problems in the data", [f"{train}:2", f"{train}:4", f"{held}:1",
+                    "role 'bot'"])  # fmt: skip
+
+
 @case("missing-data-file")
 def _missing_data_file(env: Env) -> Scenario:
     path = env.tmp / "nope.jsonl"

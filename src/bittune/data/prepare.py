@@ -159,8 +159,11 @@ def prepare_data(
         eval_records = read_records(eval, "validation")
     else:
         train_records, eval_records = split_eval(train_records, eval_fraction, seed)
-    train_ex = [parse_example(r, reader) for r in train_records]
-    eval_ex = [parse_example(r, reader) for r in eval_records]
+    problems: list[DataError] = []  # every bad row of both files, reported together
+    train_ex = _parse_rows(train_records, reader, problems)
+    eval_ex = _parse_rows(eval_records, reader, problems)
+    if problems:
+        raise _together(problems)
 
     if classification:
         train_cls = cast("list[ClassificationExample]", train_ex)
@@ -197,6 +200,33 @@ def prepare_data(
         eval_rows = pack_rows(eval_rows, max_length, pad_id)
         train_stats.packed_rows, eval_stats.packed_rows = len(train_rows), len(eval_rows)
     return PreparedData(train_rows, eval_rows, None, {"train": train_stats, "eval": eval_stats}, packing)
+
+
+MAX_PROBLEMS = 10  # bad rows listed at most: enough to see a pattern, short enough to read
+
+
+def _parse_rows(records: list[Record], reader: FieldReader, problems: list[DataError]) -> list[Example]:
+    """Each record as an example; a bad one is added to ``problems`` and the rest still checked (up to
+    :data:`MAX_PROBLEMS`), so one run of ``validate`` shows every row to fix, not only the first."""
+    out = []
+    for rec in records:
+        try:
+            out.append(parse_example(rec, reader))
+        except DataError as exc:
+            problems.append(exc)
+            if len(problems) >= MAX_PROBLEMS:
+                raise _together(problems) from None
+    return out
+
+
+def _together(problems: list[DataError]) -> DataError:
+    """One error for the data's problems: the problem itself when there is one, else a list of them."""
+    if len(problems) == 1:
+        return problems[0]
+    more = f" (the first {MAX_PROBLEMS}; there may be more)" if len(problems) >= MAX_PROBLEMS else ""
+    lines = "\n".join(f"  - {p.message}" for p in problems)
+    hints = list(dict.fromkeys(p.hint for p in problems if p.hint))
+    return DataError(f"{len(problems)} problems in the data{more}:\n{lines}", hint="; ".join(hints[:3]) or None)
 
 
 def _piece(ex: Example, tokenizer: Any, template: str, system_prompt: str | None) -> Piece:
