@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -160,7 +161,8 @@ def test_example_configs_validate(path):
     assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
 
 
-def test_every_config_key_is_documented_in_the_readme():
+def readme_sections() -> dict[str, Any]:
+    """Each config section's prefix in the README's config table, and its pydantic model."""
     from bittune.config import (
         DataConfig,
         DistillConfig,
@@ -173,19 +175,17 @@ def test_every_config_key_is_documented_in_the_readme():
     )
     from bittune.quant.spec import BnbSpec
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    sections = {
-        "model": ModelConfig,
-        "lora": LoraConfig,
-        "quant": BnbSpec,
-        "qat": QatConfig,
-        "distill": DistillConfig,
-        "data": DataConfig,
-        "train": TrainConfig,
-        "distributed": DistributedConfig,
-        "tracking": TrackingConfig,
-    }
-    missing = [f"{s}.{k}" for s, m in sections.items() for k in m.model_fields if f"`{s}.{k}`" not in readme]
+    return {"model": ModelConfig, "lora": LoraConfig, "quant": BnbSpec, "qat": QatConfig, "distill": DistillConfig,
+            "data": DataConfig, "train": TrainConfig, "distributed": DistributedConfig,
+            "tracking": TrackingConfig}  # fmt: skip
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_every_config_key_is_documented_in_the_readme():
+    readme = README.read_text()
+    missing = [f"{s}.{k}" for s, m in readme_sections().items() for k in m.model_fields if f"`{s}.{k}`" not in readme]
     assert not missing, f"README config reference lacks: {missing}"
 
 
@@ -194,23 +194,8 @@ def test_readme_config_defaults_are_the_code_defaults():
     a word, none) must be the pydantic field's default (a changed default with a stale README misleads silently)."""
     import re
 
-    from bittune.config import (
-        DataConfig,
-        DistillConfig,
-        DistributedConfig,
-        LoraConfig,
-        ModelConfig,
-        QatConfig,
-        RunConfig,
-        TrackingConfig,
-        TrainConfig,
-    )
-    from bittune.quant.spec import BnbSpec
-
-    sections = {"model": ModelConfig, "lora": LoraConfig, "quant": BnbSpec, "qat": QatConfig,
-                "distill": DistillConfig, "data": DataConfig, "train": TrainConfig, "distributed": DistributedConfig,
-                "tracking": TrackingConfig}  # fmt: skip
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    sections = readme_sections()
+    readme = README.read_text()
 
     def value(cell: str):
         cell = cell.strip().strip("`")
