@@ -202,3 +202,30 @@ def test_merging_a_qlora_run_into_4_bits_does_not_default_to_its_own_nf4_grid(ti
         "r/adapter", base=str(tiny_llama_dir), adapter="r/adapter", training_quant=BnbSpec(method="llm-int8")
     )
     assert merge_spec(int8, 4, None, None, False) == IntSpec(bits=4)
+
+
+def test_weight_files_are_checked_from_their_headers(tiny_llama_dir: Path, tmp_path: Path):
+    """A whole file passes; one cut short, one with a garbled header length, or one that is no safetensors at all
+    is refused naming the file; a valid file with no tensors passes."""
+    import shutil
+    import struct
+
+    from bittune.errors import ModelLoadError
+    from bittune.model import check_weight_files
+
+    check_weight_files(tiny_llama_dir)
+    weights = (tiny_llama_dir / "model.safetensors").read_bytes()
+    for name, content in {
+        "cut": weights[: len(weights) - 1],
+        "garbled": struct.pack("<Q", 2**60) + weights[8:],
+        "text": b"not a safetensors file",
+    }.items():
+        folder = tmp_path / name
+        shutil.copytree(tiny_llama_dir, folder)
+        (folder / "model.safetensors").write_bytes(content)
+        with pytest.raises(ModelLoadError, match=r"model.safetensors is damaged or incomplete"):
+            check_weight_files(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    check_weight_files(empty)

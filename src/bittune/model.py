@@ -154,11 +154,15 @@ def check_weight_files(folder: Path) -> None:
 
     for f in sorted(Path(folder).glob("*.safetensors")):
         try:
+            size = f.stat().st_size
             with open(f, "rb") as fh:
                 (length,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(length))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            whole = f.stat().st_size >= 8 + length + end
+                header = json.loads(fh.read(length)) if length <= size else None  # a garbled length
+            if header is None:
+                whole = False
+            else:
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                whole = size >= 8 + length + end
         except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, MemoryError):
             whole = False
         if not whole:
