@@ -353,3 +353,20 @@ def test_epochs_set_the_run_length_without_max_steps(tiny_llama_dir, tmp_path):
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert steps[-1] == 2 * 3  # 20 rows: 5 micro-batches of 4, 3 steps of 2 (the last has one) per epoch
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
+def test_resume_says_where_it_continues_from(tiny_llama_dir, chat_file, tmp_path, capsys):
+    """``--resume`` names the checkpoint it continues from; on a folder without one it says the run starts at
+    step 0 (a resume loop after a crash before the first checkpoint), instead of starting silently."""
+    import yaml
+
+    from tiny import run_inproc
+
+    raw = run_config(tiny_llama_dir, chat_file, tmp_path / "run", train={"max_steps": 4, "save_every": 2})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    with stop_after(2):
+        code, err = run_inproc(["train", str(cfg), "--resume"], capsys)
+    assert code == 0 and "--resume: no checkpoint here yet, so the run starts at step 0" in err, err
+    code, err = run_inproc(["train", str(cfg), "--resume"], capsys)
+    assert code == 0 and "resumed from step-2: step 2 of 4 done" in err, err

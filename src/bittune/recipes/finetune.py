@@ -207,7 +207,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
         log = open_logs(cfg, rt, stack, state, plan, resume=resume, label_names=data.label_names, progress=progress)
         run = Run(cfg, rt, data, collate, checked.tokenizer, plan, model, optimizer, scheduler, params, loss_fn,
                   qat, sizes, log, run_dir)  # fmt: skip
-        log.note(_start_note(run))
+        log.note(_start_note(run) + (_resume_note(checked.resume_from, state, plan) if resume else ""))
         if train_loop(run, state):  # stopped by the test seam
             return TrainResult(run_dir=run_dir, final_dir=None, steps=state.step, stopped_early=True)
         return save_final(run, state)
@@ -613,6 +613,13 @@ def _start_note(run: Run) -> str:
         if st.truncated or st.dropped:
             text += f"\n  {split}: {st.truncated} rows truncated to {cfg.data.max_length} tokens, {st.dropped} dropped"
     return text
+
+
+def _resume_note(resume_from: Path | None, state: RunState, plan: StepPlan) -> str:
+    """What ``--resume`` found: the checkpoint it continues from, or none yet (the run starts at step 0)."""
+    if resume_from is None:
+        return "\n  --resume: no checkpoint here yet, so the run starts at step 0"
+    return f"\n  resumed from {resume_from.name}: step {state.step} of {plan.total_steps} done"
 
 
 # ---------------------------------------------------------------------------------------------------------------
