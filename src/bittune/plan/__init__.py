@@ -1,4 +1,5 @@
-"""``bittune plan``: estimate a run's peak memory and time per step before training, from config.json alone.
+"""``bittune plan``: estimate a run's peak memory and time per step before training, from config.json and (when
+the files are here) the data's own rows; no weights are read.
 
 Light to import: torch and transformers are imported by the functions that need them.
 """

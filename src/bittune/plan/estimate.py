@@ -1,4 +1,5 @@
-"""``estimate``: peak memory and time per step of a run, from its config and the model's config.json alone.
+"""``estimate``: peak memory and time per step of a run, from its config, the model's config.json and, when given,
+the data's own rows (:mod:`bittune.plan.workload`).
 
 Memory is the sum of named components (runtime, weights, trainable state, activations, logits, and on CPU the
 allocator's retained heap); time is matmul FLOPs over a measured matmul rate plus memory-bound work over a measured
