@@ -394,3 +394,31 @@ def test_estimate_is_near_a_real_runs_peak(tiny_llama_dir, tmp_path):
     measured = json.loads((tmp_path / "run" / "summary.json").read_text())["memory"]["peak_rss_mb"]
     estimated = estimate(config_from_dict(raw), matmul_flops=1e11).peak_mb
     assert measured / 2 < estimated < measured * 2, (estimated, measured)
+
+
+def test_plan_sizes_a_classifier_head_by_the_labels_in_the_data(tiny_bert_dir, tmp_path, capsys):
+    """Read, the data says how many labels the head has (3 here); unread, the plan guesses 2 and says so."""
+    from tiny import run_cli
+
+    rows = [{"text": f"{w} movie number {i}", "label": w} for i, w in enumerate(["good", "bad", "meh"] * 6)]
+    data = write_jsonl(tmp_path / "three.jsonl", rows)
+    raw = {
+        "model": {"path": str(tiny_bert_dir), "task": "classification"},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"train": str(data), "format": "classification", "max_length": 32},
+        "train": {"batch_size": 4, "device": "cpu"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    cfg = _write_yaml(tmp_path / "cfg.yaml", raw)
+    args = ["plan", str(cfg), "--matmul-tflops", "0.1", "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    read = json.loads(out)
+    code, out, err = run_cli([*args, "--no-data"], capsys)
+    assert code == 0, err
+    guessed = json.loads(out)
+    hidden = 32  # the tiny BERT's; the head is trained (modules_to_save): hidden x labels + labels more per label
+    assert read["trainable_parameters"] - guessed["trainable_parameters"] == hidden + 1
+    assert not any("sized for 2 labels" in n for n in read["notes"])
+    assert any("sized for 2 labels" in n for n in guessed["notes"])

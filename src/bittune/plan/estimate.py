@@ -160,8 +160,9 @@ def estimate(
     source = model_source(mcfg.path)  # a .gguf file stands for its converted folder
     config = load_model_config(source, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision)
     task = cfg.model.task
-    shape = model_shape(config, task=task, num_labels=cfg.model.num_labels or 2)
-    notes = _caveats(cfg, shape)
+    labels = len(data.label_names) if data is not None and data.label_names else cfg.model.num_labels
+    shape = model_shape(config, task=task, num_labels=labels or 2)
+    notes = _caveats(cfg, shape, labels_known=bool(labels))
     full, bits = cfg.lora is None, (cfg.quant.bits if cfg.quant is not None else None)  # full / QAT: no adapter
     trainable, rank_per_layer = _trainable(cfg, shape, full)
     wbytes = _dtype_bytes(weights_dtype)
@@ -233,12 +234,12 @@ def estimate(
     )
 
 
-def _caveats(cfg: RunConfig, shape: ModelShape) -> list[str]:
+def _caveats(cfg: RunConfig, shape: ModelShape, *, labels_known: bool) -> list[str]:
     """What the estimate of ``cfg`` leaves out or guesses, in a line each."""
     notes: list[str] = []
     if shape.source == "meta":
         notes.append(f"'{shape.model_type}' is counted on a meta-device model; its activation formula is generic")
-    if cfg.model.task == "classification" and not cfg.model.num_labels:
+    if cfg.model.task == "classification" and not labels_known:
         notes.append("classification head sized for 2 labels (the real count comes from the data)")
     if cfg.qat is not None:
         notes.append("QAT's fake-quantized weight copies (one per linear while it runs) are not counted")

@@ -128,11 +128,12 @@ class PlanReport:
         lines.append(f"  weights by dtype (MiB): {weights}")
         if self.workload is not None:
             w = self.workload
+            how = "padding included" if w["computed_tokens"] > w["real_tokens"] else "prompt prefixes shared"
             lines.append(
                 f"  data: {w['real_tokens']:,.0f} real tokens per step on average ({w['steps']:,.0f} steps of its "
-                f"first epoch); the passes compute {w['computed_tokens']:,.0f} (shared prompt prefixes once, rows "
-                f"packed where that pays), of {self.batch_size * self.seq_len * self.grad_accum:,} at max_length; "
-                f"largest pass {w['max_pass_tokens']:,.0f} tokens"
+                f"first epoch); its passes compute {w['computed_tokens']:,.0f} ({how}) of the "
+                f"{self.batch_size * self.seq_len * self.grad_accum:,} at max_length; largest pass "
+                f"{w['max_pass_tokens']:,.0f} tokens"
             )
         lines.append("")
         if self.fits is None:
