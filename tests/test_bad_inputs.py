@@ -731,6 +731,12 @@ def _teacher_missing(env: Env) -> Scenario:
     return Scenario(["train", str(cfg)], "distill.teacher", [str(gone), "does not exist"], out=env.tmp / "out")
 
 
+@case("eval-labels-name-no-label")
+def _eval_labels_empty(env: Env) -> Scenario:
+    return Scenario(["eval", str(env.tiny_llama_dir), "--data", str(env.chat_file), "--labels", ","], "--labels ','",
+                    ["names 0 label(s)", "--labels a,b,c"])  # fmt: skip
+
+
 @case("report-gguf-missing", needs=("finished_run",))
 def _report_gguf_missing(env: Env) -> Scenario:
     run = env.copy_run(env.finished_run)

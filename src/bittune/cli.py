@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bittune.errors import BittuneError
+from bittune.errors import BittuneError, ConfigError
 
 app = typer.Typer(
     name="bittune",
@@ -77,7 +77,6 @@ def train(
 ) -> None:
     """Fine-tune a model as described by CONFIG."""
     from bittune.config import load_config
-    from bittune.errors import ConfigError
 
     cfg = load_config(config, set_ or [])  # errors now, once, before any process starts
     from bittune.training.distributed import launched_world_size, relaunch
@@ -143,7 +142,10 @@ LabelsOption = Annotated[
 def _labels(value: str | None) -> list[str] | str | None:
     if value is None or value == "auto":
         return value
-    return [x.strip() for x in value.split(",") if x.strip()]
+    labels = [x.strip() for x in value.split(",") if x.strip()]
+    if len(labels) < 2:  # one label or none ranks nothing: the label metrics would be left out silently
+        raise ConfigError(f"--labels {value!r} names {len(labels)} label(s)", hint="list two or more: --labels a,b,c")
+    return labels
 
 
 @app.command("eval")
