@@ -334,6 +334,18 @@ def test_cli_plan_prints_a_table(tmp_path):
     assert json.loads(proc.stdout)["batch_size"] == 2
 
 
+def plans_with_and_without_data(cfg: Path, capsys) -> tuple[dict, dict]:
+    """``bittune plan CFG --json`` reading the data, and with ``--no-data`` (a fixed matmul rate: no probe)."""
+    from tiny import run_cli
+
+    plans = []
+    for extra in ([], ["--no-data"]):
+        code, out, err = run_cli(["plan", str(cfg), "--matmul-tflops", "0.1", "--json", *extra], capsys)
+        assert code == 0, err
+        plans.append(json.loads(out))
+    return plans[0], plans[1]
+
+
 def test_cli_plan_counts_the_rows_of_a_data_file_that_is_here(tiny_llama_dir, tmp_path, capsys):
     """With the data file here, the plan replays its first epoch: the step's time follows the rows' own tokens
     (short chat rows, far under max_length), the activations the largest pass; ``--no-data`` keeps every row at
@@ -349,13 +361,7 @@ def test_cli_plan_counts_the_rows_of_a_data_file_that_is_here(tiny_llama_dir, tm
         "output_dir": str(tmp_path / "run"),
     }
     cfg = _write_yaml(tmp_path / "cfg.yaml", raw)
-    args = ["plan", str(cfg), "--matmul-tflops", "0.1", "--json"]
-    code, out, err = run_cli(args, capsys)
-    assert code == 0, err
-    rows = json.loads(out)
-    code, out, err = run_cli([*args, "--no-data"], capsys)
-    assert code == 0, err
-    full = json.loads(out)
+    rows, full = plans_with_and_without_data(cfg, capsys)
     work = rows["workload"]
     assert full["workload"] is None and full["tokens_per_step"] == 4 * 256 * 2
     assert work["steps"] == 3 and 0 < work["real_tokens"] < 4 * 64 * 2  # short rows: well under max_length
@@ -365,7 +371,7 @@ def test_cli_plan_counts_the_rows_of_a_data_file_that_is_here(tiny_llama_dir, tm
     assert rows["seconds_per_step"] < full["seconds_per_step"] / 4
     acts = {c["name"]: c["mb"] for c in rows["components"]}["activations"]
     assert 0 < acts < {c["name"]: c["mb"] for c in full["components"]}["activations"]
-    code, out, err = run_cli(["plan", str(cfg), "--data", "--set", f"data.train={tmp_path / 'gone.jsonl'}"], capsys)
+    code, _, err = run_cli(["plan", str(cfg), "--data", "--set", f"data.train={tmp_path / 'gone.jsonl'}"], capsys)
     assert code != 0 and "gone.jsonl" in err and "Traceback" not in err
 
 
@@ -398,7 +404,6 @@ def test_estimate_is_near_a_real_runs_peak(tiny_llama_dir, tmp_path):
 
 def test_plan_sizes_a_classifier_head_by_the_labels_in_the_data(tiny_bert_dir, tmp_path, capsys):
     """Read, the data says how many labels the head has (3 here); unread, the plan guesses 2 and says so."""
-    from tiny import run_cli
 
     rows = [{"text": f"{w} movie number {i}", "label": w} for i, w in enumerate(["good", "bad", "meh"] * 6)]
     data = write_jsonl(tmp_path / "three.jsonl", rows)
@@ -410,14 +415,7 @@ def test_plan_sizes_a_classifier_head_by_the_labels_in_the_data(tiny_bert_dir, t
         "train": {"batch_size": 4, "device": "cpu"},
         "output_dir": str(tmp_path / "run"),
     }
-    cfg = _write_yaml(tmp_path / "cfg.yaml", raw)
-    args = ["plan", str(cfg), "--matmul-tflops", "0.1", "--json"]
-    code, out, err = run_cli(args, capsys)
-    assert code == 0, err
-    read = json.loads(out)
-    code, out, err = run_cli([*args, "--no-data"], capsys)
-    assert code == 0, err
-    guessed = json.loads(out)
+    read, guessed = plans_with_and_without_data(_write_yaml(tmp_path / "cfg.yaml", raw), capsys)
     hidden = 32  # the tiny BERT's; the head is trained (modules_to_save): hidden x labels + labels more per label
     assert read["trainable_parameters"] - guessed["trainable_parameters"] == hidden + 1
     assert not any("sized for 2 labels" in n for n in read["notes"])
