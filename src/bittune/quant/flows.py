@@ -319,14 +319,14 @@ def merge_spec(
     """
     if method is None and bits == 4 and artifact.training_quant is not None:
         method = "int"
-    try:
-        return spec_from_cli(
-            bits=bits, method=method, group_size=group_size, symmetric=symmetric, calibration_tokens=calib_tokens
-        )
-    except ConfigError as exc:  # in merge's words: the bits are its --into-quantized
-        words = (exc.message, exc.hint or "")
-        message, hint = (w.replace("--bits", "--into-quantized") for w in words)
-        raise ConfigError(message, hint=hint or None) from None
+    return spec_from_cli(
+        bits=bits,
+        method=method,
+        group_size=group_size,
+        symmetric=symmetric,
+        calibration_tokens=calib_tokens,
+        bits_flag="--into-quantized",  # merge's name for the bits, in its messages
+    )
 
 
 def require_adapter(artifact: Artifact) -> str:

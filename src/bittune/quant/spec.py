@@ -225,7 +225,7 @@ FLAGS = {
     "calibration_tokens": "--calib-tokens",
 }
 _FLAG_HINTS = {
-    "bits": "use --bits 2, 3, 4 or 8 (or --method fp16 for 16 bits)",
+    "bits": "use {bits} 2, 3, 4 or 8 (or --method fp16 for 16 bits)",
     "group_size": "use a positive group size such as 32, 64 or 128 (or -1 for one group per row)",
     "calibration_tokens": "use 2048 or more (default 8192)",
 }
@@ -243,10 +243,12 @@ def spec_from_cli(
     group_size: int | None = None,
     symmetric: bool = False,
     calibration_tokens: int | None = None,
+    bits_flag: str = "--bits",
 ) -> Spec:
     """The spec for ``bittune quantize --bits B [--method M] [--group-size G] [--symmetric] [--calib-tokens N]``.
 
-    The flags given are validated by the spec models themselves; a problem is reported under its flag.
+    The flags given are validated by the spec models themselves; a problem is reported under its flag
+    (``bits_flag``: what the command calls the bits, e.g. merge's ``--into-quantized``).
 
     Raises:
         ConfigError: an unknown method, bits the method does not store, a flag the method does not take, or a
@@ -255,7 +257,7 @@ def spec_from_cli(
     if method is None:
         if bits not in DEFAULT_METHOD:
             raise ConfigError(
-                f"--bits {bits} is not supported", hint=f"use one of {', '.join(map(str, DEFAULT_METHOD))}"
+                f"{bits_flag} {bits} is not supported", hint=f"use one of {', '.join(map(str, DEFAULT_METHOD))}"
             )
         method = DEFAULT_METHOD[bits]
     raw: dict[str, Any] = {"method": method, "bits": bits}
@@ -268,28 +270,29 @@ def spec_from_cli(
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as exc:
-        raise _flag_error(exc, raw) from None
+        raise _flag_error(exc, raw, {**FLAGS, "bits": bits_flag}) from None
 
 
-def _flag_error(exc: ValidationError, raw: dict[str, Any]) -> ConfigError:
-    """The first problem of ``exc`` in the words of the command line."""
+def _flag_error(exc: ValidationError, raw: dict[str, Any], flags: dict[str, str]) -> ConfigError:
+    """The first problem of ``exc`` in the words of the command line (``flags``: each field's flag)."""
     err, method = exc.errors()[0], raw["method"]
     if err["type"] == "union_tag_invalid":
         return ConfigError(f"unknown --method '{method}'", hint=f"use one of: {', '.join(METHODS)}")
-    field = next((str(p) for p in reversed(err["loc"]) if p in FLAGS), None)
+    field = next((str(p) for p in reversed(err["loc"]) if p in flags), None)
     if err["type"] == "extra_forbidden" and field is not None:
         takes = "|".join(m for m in METHODS if field in _MODEL_OF[m].model_fields)
-        hint = f"drop {FLAGS[field]}" + (" (bitsandbytes uses 64)" if field == "group_size" else "")
+        hint = f"drop {flags[field]}" + (" (bitsandbytes uses 64)" if field == "group_size" else "")
         if field == "calibration_tokens":
             hint += ", or use --method gptq"
-        return ConfigError(f"{FLAGS[field]} applies to --method {takes}, not {method}", hint=hint)
+        return ConfigError(f"{flags[field]} applies to --method {takes}, not {method}", hint=hint)
     msg = err["msg"].removeprefix("Value error, ")
     if field is not None:
-        return ConfigError(f"{FLAGS[field]} {raw[field]}: {msg}", hint=_FLAG_HINTS.get(field))
-    fixed = _MODEL_OF[method]._bits_of(method)  # a fixed-bit method given other --bits
+        hint = _FLAG_HINTS.get(field)
+        return ConfigError(f"{flags[field]} {raw[field]}: {msg}", hint=hint and hint.format(bits=flags["bits"]))
+    fixed = _MODEL_OF[method]._bits_of(method)  # a fixed-bit method given other bits
     return ConfigError(
         f"--method {method} {msg}",
-        hint=f"use --bits {fixed} with {method}, or --method int|hqq|gptq for {raw['bits']} bits",
+        hint=f"use {flags['bits']} {fixed} with {method}, or --method int|hqq|gptq for {raw['bits']} bits",
     )
 
 
