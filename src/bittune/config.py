@@ -354,9 +354,9 @@ class RunConfig(_Section):
         """``file:line`` of a dotted key (or of its closest parent present) in the YAML this config came from, or
         the ``--set`` that gave it its value."""
         parts = tuple(key.split("."))
-        for path, item in self._overridden.items():
-            if parts[: len(path)] == path:
-                return f"--set {item}"
+        item = _set_of(parts, self._overridden)
+        if item is not None:
+            return f"--set {item}"
         for n in range(len(parts), 0, -1):
             if parts[:n] in self._lines:
                 return f"{self._source}:{self._lines[parts[:n]]}"
@@ -487,6 +487,11 @@ def _key_lines(text: str) -> tuple[dict[tuple[str, ...], int], list[tuple[tuple[
     return lines, twice
 
 
+def _set_of(key: tuple[str, ...], overridden: dict[tuple[str, ...], str]) -> str | None:
+    """The ``--set`` item that gave ``key`` (or a section above it) its value, if one did."""
+    return next((item for path, item in overridden.items() if key[: len(path)] == path), None)
+
+
 def _format_errors(
     exc: ValidationError,
     source: str,
@@ -515,7 +520,7 @@ def _format_errors(
             msg = "required but missing"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        flag = next((item for key, item in (overridden or {}).items() if loc[: len(key)] == key), None)
+        flag = _set_of(loc, overridden or {})
         line = None
         for n in range(len(loc), 0, -1):
             if loc[:n] in lines:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bittune.storage import read_json
+
 MB = 1024**2
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Above these the change is called out as large (about 2% perplexity, or one point of accuracy).
@@ -132,8 +134,6 @@ def read_folder_report(path: str | Path) -> dict[str, Any] | None:
     for name in FOLDER_REPORTS:
         f = Path(path).expanduser() / name
         if f.is_file():
-            from bittune.storage import read_json
-
             return {"path": str(path), **read_json(f)}
     return None
 

@@ -12,7 +12,7 @@ from bittune.report.collect import ReportOptions, collect
 
 REPORT_DIR = "report"
 # What a report folder holds: bittune writes these, and replaces them with the next report.
-REPORT_FILES = ("report.md", "report.html", "report.json", "curves.png", "quality.png", "confusion.png", "COMPLETE")
+REPORT_FILES = ("report.md", "report.html", "report.json", "curves.png", "quality.png", "confusion.png")
 Log = Callable[[str], None]
 
 
@@ -87,11 +87,12 @@ def write_report(run_dir: Path, options: ReportOptions = ReportOptions(), *, log
     Returns:
         The report folder.
     """
-    from bittune.storage import atomic_dir, check_output_path
+    from bittune.storage import COMPLETE, atomic_dir, check_output_path
 
     out = Path(run_dir) / REPORT_DIR
     # An earlier report is replaced; a file of the user's put into the folder is not lost with it.
-    check_output_path(out, flag="the report folder", noun="a report", ours=REPORT_FILES, may_replace=True)
+    ours = (*REPORT_FILES, COMPLETE)  # and atomic_dir's completion marker
+    check_output_path(out, flag="the report folder", noun="a report", ours=ours, may_replace=True)
     collected = collect(Path(run_dir), options, log=log)
     atomic_dir(out, lambda tmp: render_report(collected, tmp))
     log(f"report: {out / 'report.md'} and {out / 'report.html'}")
