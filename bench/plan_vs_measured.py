@@ -235,7 +235,7 @@ def setup(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = resolve_model(args.model, args.random_init, work, args.device)
-    if getattr(args, "data", "synthetic") == "trec":
+    if args.data == "trec":
         from bittune.demo.trec import build_trec
 
         return work, model, build_trec(work / "trec", n_train=args.batch * args.steps * 4).train
