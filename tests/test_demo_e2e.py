@@ -42,14 +42,15 @@ def test_converted_smollm2_reloads_and_generates(smollm2_dir: Path) -> None:
 def test_quick_demo(smollm2_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rich.console import Console
 
-    from bittune.demo.run import SIZES, run_demo
+    from bittune.demo.run import SIZES, run_demo, whole_story
 
     monkeypatch.setenv("BITTUNE_CACHE", str(cache))
     out = tmp_path / "demo"
     results = tmp_path / "results" / "demo.json"
     console = Console(width=120, record=True)
-    record = run_demo(out, quick=True, console=console, results_file=results)
-    quick = SIZES["quick"]
+    # Every phase at the quick sizes: `make demo-quick` leaves GPTQ, the GGUF's measurement and the classifier out.
+    quick = whole_story(SIZES["quick"])
+    record = run_demo(out, quick=True, console=console, results_file=results, sizes=quick)
     base, tuned = record["heldout_eval"]["base"], record["heldout_eval"]["tuned"]
     assert base["ranking"]["n"] == tuned["ranking"]["n"] == quick.n_eval
     # Tuning must beat the base on held-out questions by label ranking (the fair before/after: the base is not
@@ -90,7 +91,14 @@ def test_quick_demo(smollm2_dir: Path, cache: Path, tmp_path: Path, monkeypatch:
     assert record["sizes"]["steps"] == quick.steps and record["git_commit"]
     text = console.export_text()
     assert "report.html" in text and "confusion matrix" in text
-    # A second demo into the same folder replaces the demo's own earlier outputs.
-    again = run_demo(out, quick=True, console=Console(width=120))
-    assert again["heldout_eval"]["tuned"]["ranking"]["accuracy"] == tuned["ranking"]["accuracy"]
-    assert again["classifier"]["confusion"] == cls["confusion"]
+    # `make demo-quick` (the smoke) into the same folder: it replaces the demo's own earlier outputs, runs the main
+    # path only, and its tuned model is the same one (same data, steps and seed).
+    smoke = run_demo(out, quick=True, console=Console(width=120))
+    assert set(smoke["phases"]) == set(record["phases"]) - {"quantize_3bit", "classifier_train", "classifier_quantize"}
+    for name in ("base", "tuned"):
+        for how in ("ranking", "generation"):
+            assert smoke["heldout_eval"][name][how]["accuracy"] == record["heldout_eval"][name][how]["accuracy"]
+    assert [m["name"] for m in smoke["models"]] == names[:3] and smoke["classifier"] is None
+    assert (
+        not (out / "gptq-3bit").exists() and not (out / "sentiment").exists() and (out / "smollm2-trec.gguf").is_file()
+    )

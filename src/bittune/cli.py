@@ -251,7 +251,13 @@ def generate(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its run and report.")] = Path("runs/demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="A much smaller run, for a smoke test.")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="A one-minute smoke test: tiny sizes, the main path only (no GPTQ, GGUF measurement or classifier).",
+        ),
+    ] = False,
     fp32: Annotated[
         bool, typer.Option("--fp32", help="Compute in float32 even where bf16 is faster (the path to time it by).")
     ] = False,

