@@ -10,13 +10,12 @@ looks usable.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -141,38 +140,6 @@ def _skip_gguf_array(f: BinaryIO) -> None:
         raise ValueError(f"unknown GGUF array element type {etype}")
 
 
-@contextlib.contextmanager
-def _read_once() -> Iterator[None]:
-    """Within the block, gguf's file reader and tensor-name map are built once per file and per architecture.
-
-    transformers reads a GGUF file once for the tokenizer, once for the config and once for the weights, and builds
-    gguf's tensor-name map once per module of the model (each ``from gguf import ...`` at call time): for SmolLM2
-    that was ~3 s per reading of its 49k-token vocabulary and ~5 s of name maps (400 of them). Both are only read.
-    """
-    import gguf
-
-    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str], Any] = {}
-    maps: dict[tuple[Any, int], Any] = {}
-
-    def reader(path: Any, mode: str = "r") -> Any:
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = reader_class(path, mode)
-        return readers[key]
-
-    def tensor_name_map(arch: Any, n_blocks: int) -> Any:
-        if (arch, n_blocks) not in maps:
-            maps[arch, n_blocks] = name_map(arch, n_blocks)
-        return maps[arch, n_blocks]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
-
-
 def check_gguf(path: Path) -> str:
     """Refuse GGUF files whose architecture cannot be converted; returns the architecture."""
     arch = gguf_architecture(path)
@@ -217,14 +184,15 @@ def convert_gguf(gguf: Path, target: Path, log: Log = _quiet, *, name: str, eos_
 
     t0 = time.perf_counter()
     src, file = str(gguf.parent), gguf.name
-    with _read_once():  # the tokenizer, the config and the weights from one reading of the file
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file)
-        # dequantize=True explicitly: with the optional `kernels` package installed, transformers would otherwise
-        # keep the blocks packed, and such a model cannot be saved or fine-tuned.
-        quantization = GgufConfig(gguf_file=file, dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            src, gguf_file=file, dtype=torch.float32, quantization_config=quantization
-        )
+    # transformers reads the file three times here (tokenizer, config, weights; ~3 s each for SmolLM2's 49k-token
+    # vocabulary) and builds gguf's tensor-name map once per module (~5 s). Once per file: the result is cached.
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file)
+    # dequantize=True explicitly: with the optional `kernels` package installed, transformers would otherwise
+    # keep the blocks packed, and such a model cannot be saved or fine-tuned.
+    quantization = GgufConfig(gguf_file=file, dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=file, dtype=torch.float32, quantization_config=quantization
+    )
     tok_model, pre = gguf_tokenizer_kind(gguf)
     if tok_model == "gpt2":
         set_pre_tokenizer(tokenizer, pre)
