@@ -125,6 +125,19 @@ def test_a_damaged_sidecar_is_named_with_a_fix(tiny_llama_dir: Path, tmp_path: P
         resolve(q)
 
 
+def test_a_model_folders_json_cut_short_is_named_by_file_and_line(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "config.json").write_text('{\n  "architectures": ["LlamaForCausalLM"],\n  "hidden_size": ')
+    with pytest.raises(ModelLoadError, match=re.escape(f"{model / 'config.json'}:3: not valid JSON")) as err:
+        resolve(model)
+    assert err.value.hint
+    adapter = _adapter(tmp_path / "a", str(tiny_llama_dir))
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="adapter_config.json is not a JSON object"):
+        resolve(adapter)
+
+
 def test_qlora_config_speaks_the_quantize_vocabulary_and_translates_the_old_one() -> None:
     base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o", "method": "qlora"}
     new = config_from_dict({**base, "quant": {"method": "fp4", "double_quant": False}})

@@ -20,13 +20,12 @@ a distillation teacher):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
-from bittune.errors import ModelLoadError
+from bittune.errors import ModelLoadError, StorageError
 from bittune.model import looks_like_hub_id
 from bittune.quant.spec import BnbSpec
 from bittune.sidecars import (
@@ -39,6 +38,7 @@ from bittune.sidecars import (
     read_qat_settings,
     read_training_quant,
 )
+from bittune.storage import read_json
 
 if TYPE_CHECKING:
     from bittune.config import RunConfig
@@ -218,10 +218,12 @@ def _tuple(names: list[str] | None) -> tuple[str, ...] | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A model folder's JSON object, or :func:`bittune.storage.read_json`'s error as a ModelLoadError (what every
+    caller of the loader catches)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is unreadable ({type(exc).__name__}: {exc})", hint="restore the file") from None
+        data = read_json(path)
+    except StorageError as exc:
+        raise ModelLoadError(exc.message, hint=exc.hint) from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} is not a JSON object", hint="restore the file")
     return data
