@@ -353,14 +353,7 @@ class RunConfig(_Section):
     def locate(self, key: str) -> str | None:
         """``file:line`` of a dotted key (or of its closest parent present) in the YAML this config came from, or
         the ``--set`` that gave it its value."""
-        parts = tuple(key.split("."))
-        item = _set_of(parts, self._overridden)
-        if item is not None:
-            return f"--set {item}"
-        for n in range(len(parts), 0, -1):
-            if parts[:n] in self._lines:
-                return f"{self._source}:{self._lines[parts[:n]]}"
-        return None
+        return _where(tuple(key.split(".")), self._source, self._lines, self._overridden)
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> RunConfig:
@@ -492,11 +485,23 @@ def _set_of(key: tuple[str, ...], overridden: dict[tuple[str, ...], str]) -> str
     return next((item for path, item in overridden.items() if key[: len(path)] == path), None)
 
 
+def _where(
+    key: tuple[str, ...], source: str | None, lines: dict[tuple[str, ...], int], overridden: dict[tuple[str, ...], str]
+) -> str | None:
+    """Where ``key`` got its value: ``--set ITEM``, else ``file:line`` of it (or of its closest parent present)."""
+    item = _set_of(key, overridden)
+    if item is not None:
+        return f"--set {item}"
+    for n in range(len(key), 0, -1):
+        if key[:n] in lines:
+            return f"{source}:{lines[key[:n]]}"
+    return None
+
+
 def _format_errors(
     exc: ValidationError,
     source: str,
     lines: dict[tuple[str, ...], int],
-    raw: dict[str, Any],
     overridden: dict[tuple[str, ...], str] | None = None,
 ) -> list[str]:
     out = []
@@ -507,9 +512,6 @@ def _format_errors(
         dotted = ".".join(loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            parent = raw
-            for p in loc[:-1]:
-                parent = parent.get(p, {}) if isinstance(parent, dict) else {}
             model = _section_model(loc[:-1])
             known = list(model.model_fields) if model else []
             close = difflib.get_close_matches(loc[-1], known, n=1)
@@ -520,14 +522,8 @@ def _format_errors(
             msg = "required but missing"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        flag = _set_of(loc, overridden or {})
-        line = None
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in lines:
-                line = lines[loc[:n]]
-                break
-        where = f"--set {flag}: " if flag else f"{source}:{line}: " if line else ""
-        out.append(f"{where}{dotted}: {msg}")
+        where = _where(loc, source, lines, overridden or {})
+        out.append(f"{where}: {dotted}: {msg}" if where else f"{dotted}: {msg}")
     return out
 
 
@@ -609,7 +605,7 @@ def config_from_dict(
     try:
         cfg = RunConfig.model_validate(raw, context={"recorded": recorded})
     except ValidationError as exc:
-        problems = _format_errors(exc, source, lines or {}, raw, overridden)
+        problems = _format_errors(exc, source, lines or {}, overridden)
         n = len(problems)
         raise ConfigError(
             f"{source}: {n} problem{'s' if n > 1 else ''} in the config:\n" + "\n".join(f"  - {p}" for p in problems),
